@@ -1,0 +1,22 @@
+//! Types shared by the kernel programs and the userspace agent.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding fields, so each byte of a
+//! key is defined (a hash key with garbage in its padding never matches) and `bpftool map
+//! dump` shows every field by name. No `bool`, `Option` or enum: the layout is the ABI.
+//!
+//! Addresses are kept as the bytes on the wire (`[u8; 4]`), so dumps read as `[10,96,0,10]`;
+//! ports are in host byte order, so dumps read as `80`. IPv4 types carry a `4` suffix; the
+//! IPv6 maps will have the same shape with `[u8; 16]` addresses, as Cilium keeps one map per
+//! family.
+#![no_std]
+
+pub mod conntrack;
+pub mod maps;
+pub mod reply_filter;
+pub mod service;
+pub mod stats;
+
+/// IANA protocol numbers used in keys.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;

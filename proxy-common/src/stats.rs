@@ -1,0 +1,27 @@
+//! Indices of the per-CPU `stats` counters (a PERCPU_ARRAY of u64), so operators can see why
+//! packets took each path.
+
+pub const PASS_NOT_SERVICE: u32 = 0;
+pub const FORWARD_NEW: u32 = 1;
+pub const FORWARD_ESTABLISHED: u32 = 2;
+pub const REPLY: u32 = 3;
+pub const REJECT_NO_BACKEND: u32 = 4;
+pub const PASS_FRAGMENT: u32 = 5;
+pub const PASS_MALFORMED: u32 = 6;
+pub const ERR_CONNTRACK_FULL: u32 = 7;
+pub const ERR_BACKEND_MISSING: u32 = 8;
+pub const ERR_REWRITE: u32 = 9;
+pub const COUNT: u32 = 10;
+
+pub const NAMES: [&str; COUNT as usize] = [
+    "pass_not_service",
+    "forward_new",
+    "forward_established",
+    "reply",
+    "reject_no_backend",
+    "pass_fragment",
+    "pass_malformed",
+    "err_conntrack_full",
+    "err_backend_missing",
+    "err_rewrite",
+];

@@ -1,0 +1,5 @@
+//! The bpfproxy node agent: model (what the cluster wants), planner (what changes) and
+//! datapath (how it reaches the kernel).
+
+pub mod model;
+pub mod planner;

@@ -1,0 +1,117 @@
+//! What the cluster wants: a pure model of the desired services, built from Service and
+//! EndpointSlice objects with kube-proxy's rules. No kernel, no I/O: easy to unit-test.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+use proxy_common::{
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    service::{SCOPE_CLUSTER_IP, Svc4Key},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+            Protocol::Sctp => PROTO_SCTP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            PROTO_TCP => Some(Protocol::Tcp),
+            PROTO_UDP => Some(Protocol::Udp),
+            PROTO_SCTP => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+/// One address a service answers on: ClusterIP:port/protocol (NodePort and external
+/// addresses come as other scopes later).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl Frontend {
+    pub fn key(&self) -> Svc4Key {
+        Svc4Key {
+            addr: self.addr.octets(),
+            port: self.port,
+            proto: self.protocol.number(),
+            scope: SCOPE_CLUSTER_IP,
+        }
+    }
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+    }
+}
+
+/// kube-proxy's identity of a service port: namespace/name:port-name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// May be empty (a single unnamed port).
+    pub port_name: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+/// One backend of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// Only used because no ready endpoint was left (kube-proxy's terminating fallback).
+    pub terminating: bool,
+}
+
+/// One service port as the datapath should serve it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    pub frontend: Frontend,
+    pub name: ServicePortName,
+    /// Sorted and without duplicates, so equal sets compare equal.
+    pub endpoints: Vec<Endpoint>,
+    /// ClientIP session affinity; 0 = none.
+    pub affinity_timeout_s: u32,
+}
+
+/// Everything the cluster wants served, keyed by frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub services: BTreeMap<Frontend, DesiredService>,
+}
