@@ -1,0 +1,334 @@
+//! Typed handles on the maps, used both by the agent (maps of the loaded object) and by the
+//! CLI (maps opened from their pins, with no agent running).
+
+use std::{collections::BTreeSet, path::Path};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+};
+use proxy_common::{
+    conntrack::{Ct4Key, Ct4Value},
+    maps, reply_filter,
+    service::{Backend4, BackendSlotKey, Svc4Key, Svc4Value, SvcMeta},
+    stats,
+};
+
+use super::DatapathError;
+use crate::planner::{MapOp, MapState, Plan, ProgrammedService, Step};
+
+pub struct KernelMaps {
+    pub services: HashMap<MapData, Svc4Key, Svc4Value>,
+    pub backend_slots: HashMap<MapData, BackendSlotKey, Backend4>,
+    pub conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
+    pub meta: HashMap<MapData, u32, SvcMeta>,
+    pub reply_filter: Array<MapData, u64>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+/// What [`KernelMaps::apply`] did: steps that failed were rolled back and are named here.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub ops: usize,
+    pub failed: Vec<String>,
+}
+
+fn map_err(name: &str) -> impl FnOnce(MapError) -> DatapathError + '_ {
+    move |source| DatapathError::Map {
+        name: name.to_string(),
+        source,
+    }
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &str) -> Result<T, DatapathError> {
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl KernelMaps {
+    fn from_lookup(mut get: impl FnMut(&str) -> Result<Map, DatapathError>) -> Result<Self, DatapathError> {
+        Ok(KernelMaps {
+            services: typed(get(maps::SERVICES4)?, maps::SERVICES4)?,
+            backend_slots: typed(get(maps::BACKEND_SLOTS4)?, maps::BACKEND_SLOTS4)?,
+            conntrack: typed(get(maps::CONNTRACK4)?, maps::CONNTRACK4)?,
+            meta: typed(get(maps::SVC_META)?, maps::SVC_META)?,
+            reply_filter: typed(get(maps::REPLY_FILTER4)?, maps::REPLY_FILTER4)?,
+            stats: typed(get(maps::STATS)?, maps::STATS)?,
+        })
+    }
+
+    /// Takes the maps out of a loaded object (the programs keep their references).
+    pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        Self::from_lookup(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| DatapathError::MissingMap(name.to_string()))
+        })
+    }
+
+    /// Opens the maps an agent pinned under `dir`.
+    pub fn open_pinned(dir: &Path) -> Result<Self, DatapathError> {
+        if !dir.join(maps::SERVICES4).exists() {
+            return Err(DatapathError::NotPinned(dir.to_path_buf()));
+        }
+        Self::from_lookup(|name| {
+            let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        })
+    }
+
+    /// Reads what the service-side maps hold, for the planner.
+    pub fn read_state(&self) -> Result<MapState, DatapathError> {
+        let mut state = MapState::default();
+        for entry in self.services.iter() {
+            let (key, value) = entry.map_err(map_err(maps::SERVICES4))?;
+            let meta = self
+                .meta
+                .get(&value.svc_id, 0)
+                .unwrap_or_else(|_| empty_meta());
+            let mut backends = Vec::with_capacity(value.backend_count as usize);
+            for slot in 0..value.backend_count {
+                let key = BackendSlotKey {
+                    table: value.table,
+                    slot,
+                };
+                backends.push(
+                    self.backend_slots
+                        .get(&key, 0)
+                        .map_err(map_err(maps::BACKEND_SLOTS4))?,
+                );
+            }
+            state.services.insert(
+                key,
+                ProgrammedService {
+                    value,
+                    backends,
+                    meta,
+                },
+            );
+        }
+        state.reply_filter = (0..reply_filter::WORDS)
+            .map(|i| self.reply_filter.get(&i, 0).unwrap_or(0))
+            .collect();
+        Ok(state)
+    }
+
+    /// Deletes backend slots and metadata no live service refers to (left by an agent that
+    /// died halfway through a change).
+    pub fn remove_orphans(&mut self, state: &MapState) -> Result<usize, DatapathError> {
+        let live_slots: BTreeSet<BackendSlotKey> = state
+            .services
+            .values()
+            .flat_map(|s| {
+                (0..s.value.backend_count).map(move |slot| BackendSlotKey {
+                    table: s.value.table,
+                    slot,
+                })
+            })
+            .collect();
+        let live_ids: BTreeSet<u32> = state.services.values().map(|s| s.value.svc_id).collect();
+        let stale_slots: Vec<BackendSlotKey> = self
+            .backend_slots
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live_slots.contains(k))
+            .collect();
+        let stale_ids: Vec<u32> = self
+            .meta
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !live_ids.contains(id))
+            .collect();
+        for key in &stale_slots {
+            self.backend_slots
+                .remove(key)
+                .map_err(map_err(maps::BACKEND_SLOTS4))?;
+        }
+        for id in &stale_ids {
+            self.meta.remove(id).map_err(map_err(maps::SVC_META))?;
+        }
+        Ok(stale_slots.len() + stale_ids.len())
+    }
+
+    /// Applies a plan: prologue, then each step as a unit (a step that fails is rolled back
+    /// and reported by service name, the others go on), then the epilogue. `state` follows
+    /// every successful op, so it keeps mirroring the maps.
+    pub fn apply(&mut self, plan: &Plan, state: &mut MapState) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        for op in &plan.prologue {
+            self.apply_shared(op, state, &mut report);
+        }
+        for step in &plan.steps {
+            self.apply_step(step, state, &mut report);
+        }
+        for op in &plan.epilogue {
+            self.apply_shared(op, state, &mut report);
+        }
+        report
+    }
+
+    fn apply_shared(&mut self, op: &MapOp, state: &mut MapState, report: &mut ApplyReport) {
+        match self.write(op) {
+            Ok(()) => {
+                state.apply(op);
+                report.ops += 1;
+            }
+            Err(e) => report.failed.push(format!("{e}")),
+        }
+    }
+
+    fn apply_step(&mut self, step: &Step, state: &mut MapState, report: &mut ApplyReport) {
+        let mut undo: Vec<MapOp> = Vec::new();
+        for op in &step.ops {
+            let inverse = self.inverse(op);
+            match self.write(op) {
+                Ok(()) => {
+                    state.apply(op);
+                    report.ops += 1;
+                    undo.extend(inverse);
+                }
+                Err(e) => {
+                    tracing::error!(service = %step.name, error = %e, "could not program service; rolled back, what was serving stays");
+                    for op in undo.iter().rev() {
+                        if self.write(op).is_ok() {
+                            state.apply(op);
+                        }
+                    }
+                    report.failed.push(format!("{}: {e}", step.name));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The op that undoes `op`, from what the map holds now.
+    fn inverse(&self, op: &MapOp) -> Option<MapOp> {
+        match op {
+            MapOp::PutBackend { key, .. } | MapOp::DeleteBackend { key } => {
+                Some(match self.backend_slots.get(key, 0) {
+                    Ok(value) => MapOp::PutBackend { key: *key, value },
+                    Err(_) => MapOp::DeleteBackend { key: *key },
+                })
+            }
+            MapOp::PutMeta { svc_id, .. } | MapOp::DeleteMeta { svc_id } => {
+                Some(match self.meta.get(svc_id, 0) {
+                    Ok(meta) => MapOp::PutMeta {
+                        svc_id: *svc_id,
+                        meta,
+                    },
+                    Err(_) => MapOp::DeleteMeta { svc_id: *svc_id },
+                })
+            }
+            MapOp::PutService { key, .. } | MapOp::DeleteService { key } => {
+                Some(match self.services.get(key, 0) {
+                    Ok(value) => MapOp::PutService { key: *key, value },
+                    Err(_) => MapOp::DeleteService { key: *key },
+                })
+            }
+            MapOp::SetReplyFilterWord { index, .. } => {
+                self.reply_filter
+                    .get(index, 0)
+                    .ok()
+                    .map(|word| MapOp::SetReplyFilterWord {
+                        index: *index,
+                        word,
+                    })
+            }
+            // Dropped conntrack entries are not restored: clients simply pick anew.
+            MapOp::PurgeUdpConntrack { .. } => None,
+        }
+    }
+
+    fn write(&mut self, op: &MapOp) -> Result<(), DatapathError> {
+        match op {
+            MapOp::PutBackend { key, value } => self
+                .backend_slots
+                .insert(key, value, 0)
+                .map_err(map_err(maps::BACKEND_SLOTS4)),
+            MapOp::DeleteBackend { key } => ignore_missing(self.backend_slots.remove(key))
+                .map_err(map_err(maps::BACKEND_SLOTS4)),
+            MapOp::PutMeta { svc_id, meta } => self
+                .meta
+                .insert(svc_id, meta, 0)
+                .map_err(map_err(maps::SVC_META)),
+            MapOp::DeleteMeta { svc_id } => {
+                ignore_missing(self.meta.remove(svc_id)).map_err(map_err(maps::SVC_META))
+            }
+            MapOp::PutService { key, value } => self
+                .services
+                .insert(key, value, 0)
+                .map_err(map_err(maps::SERVICES4)),
+            MapOp::DeleteService { key } => {
+                ignore_missing(self.services.remove(key)).map_err(map_err(maps::SERVICES4))
+            }
+            MapOp::SetReplyFilterWord { index, word } => self
+                .reply_filter
+                .set(*index, word, 0)
+                .map_err(map_err(maps::REPLY_FILTER4)),
+            MapOp::PurgeUdpConntrack { frontend, backends } => {
+                self.purge_udp_conntrack(frontend, backends);
+                Ok(())
+            }
+        }
+    }
+
+    /// Deletes the UDP conntrack entries between clients of `frontend` and `backends`, both
+    /// directions.
+    fn purge_udp_conntrack(&mut self, frontend: &Svc4Key, backends: &[Backend4]) {
+        let gone = |addr: [u8; 4], port: u16| backends.iter().any(|b| b.addr == addr && b.port == port);
+        let doomed: Vec<Ct4Key> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                k.proto == frontend.proto
+                    && ((k.daddr == frontend.addr
+                        && k.dport == frontend.port
+                        && gone(v.nat_addr, v.nat_port))
+                        || (v.nat_addr == frontend.addr
+                            && v.nat_port == frontend.port
+                            && gone(k.saddr, k.sport)))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in doomed {
+            // An entry the LRU already evicted is fine.
+            let _ = self.conntrack.remove(&key);
+        }
+    }
+
+    /// Every conntrack entry.
+    pub fn conntrack_entries(&self) -> Vec<(Ct4Key, Ct4Value)> {
+        self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+
+    /// The datapath counters, summed over CPUs, by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        (0..stats::COUNT)
+            .map(|i| {
+                let total = self
+                    .stats
+                    .get(&i, 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (stats::NAMES[i as usize], total)
+            })
+            .collect()
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn empty_meta() -> SvcMeta {
+    SvcMeta {
+        namespace: [0; proxy_common::service::NAME_LEN],
+        name: [0; proxy_common::service::NAME_LEN],
+        port_name: [0; proxy_common::service::PORT_NAME_LEN],
+    }
+}

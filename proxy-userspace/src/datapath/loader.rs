@@ -1,0 +1,212 @@
+//! Loads the eBPF object, sizes its maps and pins them under one bpffs folder.
+//!
+//! Maps are pinned by name, and a restarted agent reuses the pins it finds (aya opens a
+//! pinned map instead of creating one), so services and connections survive a restart.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapInfo, MapType},
+    programs::SchedClassifier,
+};
+use proxy_common::{
+    conntrack::{Ct4Key, Ct4Value},
+    maps,
+    service::{Backend4, BackendSlotKey, Svc4Key, Svc4Value, SvcMeta},
+};
+
+use super::{DatapathError, KernelMaps, bpffs};
+
+/// The object built by `cargo xtask build-ebpf`, embedded by build.rs.
+static EMBEDDED_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
+
+/// The programs in the object.
+pub const PROG_TC_INGRESS: &str = "tc_ingress";
+/// A program that only returns TC_ACT_OK: the floor benchmarks measure against.
+pub const PROG_TC_FLOOR: &str = "tc_floor";
+
+/// Sizes of the maps that grow with the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backend_slots: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            services: maps::DEFAULT_SERVICES,
+            backend_slots: maps::DEFAULT_BACKEND_SLOTS,
+            conntrack: maps::DEFAULT_CONNTRACK,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// An object file to load instead of the embedded one.
+    pub object: Option<PathBuf>,
+    /// Folder on bpffs to pin maps in (and reuse them from); `None` keeps them unpinned.
+    pub pin_dir: Option<PathBuf>,
+    pub sizes: MapSizes,
+}
+
+/// Expected shape of each pinned map: (name, type, key size, value size).
+fn map_shapes() -> [(&'static str, MapType, usize, usize); 6] {
+    use std::mem::size_of;
+    [
+        (
+            maps::SERVICES4,
+            MapType::Hash,
+            size_of::<Svc4Key>(),
+            size_of::<Svc4Value>(),
+        ),
+        (
+            maps::BACKEND_SLOTS4,
+            MapType::Hash,
+            size_of::<BackendSlotKey>(),
+            size_of::<Backend4>(),
+        ),
+        (
+            maps::CONNTRACK4,
+            MapType::LruHash,
+            size_of::<Ct4Key>(),
+            size_of::<Ct4Value>(),
+        ),
+        (
+            maps::SVC_META,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<SvcMeta>(),
+        ),
+        (
+            maps::REPLY_FILTER4,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<u64>(),
+        ),
+        (
+            maps::STATS,
+            MapType::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<u64>(),
+        ),
+    ]
+}
+
+/// The loaded object: its programs and its maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub maps: KernelMaps,
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Datapath {
+    pub fn load(opts: &LoadOptions) -> Result<Self, DatapathError> {
+        let owned;
+        let bytes: &[u8] = match &opts.object {
+            Some(path) => {
+                owned = fs::read(path).map_err(|source| DatapathError::ReadObject {
+                    path: path.clone(),
+                    source,
+                })?;
+                &owned
+            }
+            None if EMBEDDED_OBJECT.is_empty() => return Err(DatapathError::NoEmbeddedObject),
+            None => EMBEDDED_OBJECT,
+        };
+
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(maps::SERVICES4, opts.sizes.services)
+            .map_max_entries(maps::SVC_META, opts.sizes.services)
+            .map_max_entries(maps::BACKEND_SLOTS4, opts.sizes.backend_slots)
+            .map_max_entries(maps::CONNTRACK4, opts.sizes.conntrack);
+        let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => {
+                bpffs::ensure_pin_dir(dir)?;
+                check_pins(dir)?;
+                map_shapes()
+                    .iter()
+                    .map(|(name, ..)| (*name, dir.join(name)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(bytes)?;
+
+        for name in [PROG_TC_INGRESS, PROG_TC_FLOOR] {
+            let prog = classifier(&mut ebpf, name)?;
+            prog.load().map_err(|source| DatapathError::Program {
+                name: name.to_string(),
+                source,
+            })?;
+        }
+        let maps = KernelMaps::take_from(&mut ebpf)?;
+        Ok(Datapath {
+            ebpf,
+            maps,
+            pin_dir: opts.pin_dir.clone(),
+        })
+    }
+
+    pub fn program_mut(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
+        classifier(&mut self.ebpf, name)
+    }
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| DatapathError::MissingProgram(name.to_string()))?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            name: name.to_string(),
+            source,
+        })
+}
+
+/// Refuses pins left by a version whose map layout differs: reusing them would let the new
+/// programs read old bytes with a new meaning.
+fn check_pins(dir: &Path) -> Result<(), DatapathError> {
+    for (name, map_type, key, value) in map_shapes() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| DatapathError::Map {
+            name: name.to_string(),
+            source,
+        })?;
+        let found_type = info.map_type().ok();
+        if info.key_size() as usize != key
+            || info.value_size() as usize != value
+            || found_type != Some(map_type)
+        {
+            return Err(DatapathError::IncompatiblePin {
+                path,
+                dir: dir.to_path_buf(),
+                key_size: info.key_size(),
+                value_size: info.value_size(),
+                map_type: format!("{found_type:?}"),
+                want_key: key as u32,
+                want_value: value as u32,
+                want_type: format!("{map_type:?}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Names of all maps the object pins.
+pub fn map_names() -> impl Iterator<Item = &'static str> {
+    map_shapes().into_iter().map(|(name, ..)| name)
+}
