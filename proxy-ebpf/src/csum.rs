@@ -1,0 +1,27 @@
+//! Internet checksums (RFC 1071) for headers the program builds itself. Rewrites of
+//! existing packets use the incremental kernel helpers instead (see `nat.rs`).
+
+/// One's-complement sum of `bytes` as big-endian 16-bit words (`N` is even), added to `sum`.
+#[inline(always)]
+pub fn add<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
+    let mut i = 0;
+    while i + 1 < N {
+        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// Folds a 32-bit sum to 16 bits and complements it: the value to put in the field.
+#[inline(always)]
+pub fn finish(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The IPv4 header checksum of a 20-byte header whose checksum field is zero.
+#[inline(always)]
+pub fn ipv4_header(hdr: &[u8; 20]) -> u16 {
+    finish(add(0, hdr))
+}

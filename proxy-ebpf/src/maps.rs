@@ -1,0 +1,53 @@
+//! The maps of the datapath. Names come from `proxy_common::maps`; sizes are defaults that
+//! userspace overrides at load time. All are BTF map definitions, so `bpftool map dump`
+//! shows keys and values field by field.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use proxy_common::{
+    conntrack::{Ct4Key, Ct4Value},
+    maps::{DEFAULT_BACKEND_SLOTS, DEFAULT_CONNTRACK, DEFAULT_SERVICES},
+    reply_filter::WORDS,
+    service::{Backend4, BackendSlotKey, SvcMeta, Svc4Key, Svc4Value},
+    stats::COUNT,
+};
+
+/// Service frontends (VIP, port, proto, scope) -> live backend table and backend count.
+#[btf_map(name = "services4")]
+pub static SERVICES4: HashMap<Svc4Key, Svc4Value, { DEFAULT_SERVICES as usize }> =
+    HashMap::new();
+
+/// Backend tables: (table, slot 0..backend_count) -> backend address and port.
+#[btf_map(name = "backend_slots4")]
+pub static BACKEND_SLOTS4: HashMap<BackendSlotKey, Backend4, { DEFAULT_BACKEND_SLOTS as usize }> =
+    HashMap::new();
+
+/// Connection tracking: forward (client -> VIP) and reply (backend -> client) 5-tuples.
+#[btf_map(name = "conntrack4")]
+pub static CONNTRACK4: LruHashMap<Ct4Key, Ct4Value, { DEFAULT_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// svc_id -> namespace/name/port name, for the CLI only; the kernel never reads it. The
+/// `export_name` the macro gives it keeps the unreferenced definition in the object's `.maps`.
+#[btf_map(name = "svc_meta")]
+#[allow(dead_code)]
+pub static SVC_META: HashMap<u32, SvcMeta, { DEFAULT_SERVICES as usize }> = HashMap::new();
+
+/// Bitmap over backend (addr, port, proto): a clear bit means "certainly not a reply".
+#[btf_map(name = "reply_filter4")]
+pub static REPLY_FILTER4: Array<u64, { WORDS as usize }> = Array::new();
+
+/// Per-CPU packet counters, one per `proxy_common::stats` index.
+#[btf_map(name = "stats")]
+pub static STATS: PerCpuArray<u64, { COUNT as usize }> = PerCpuArray::new();
+
+/// Bumps one per-CPU counter (no atomics needed: the slot belongs to this CPU).
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: the pointer comes from the map lookup and is this CPU's own slot.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,109 @@
+//! ICMP destination unreachable / port unreachable for a service without backends, as
+//! kube-proxy's iptables REJECT sends it: the client's stack turns it into ECONNREFUSED.
+//!
+//! The packet itself becomes the reply: cut (or grown) to Ethernet + IPv4 + ICMP + the
+//! quoted original IPv4 header (first 20 bytes, IHL set to 5) + 8 bytes of its L4 header,
+//! and sent back out of the interface it came from.
+
+use aya_ebpf::{
+    bindings::TC_ACT_REDIRECT,
+    helpers::{bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+
+use crate::{
+    csum,
+    parse::{ETH_LEN, IPV4_MIN_LEN, Packet, ptr_at},
+};
+
+const ICMP_LEN: usize = 8;
+const QUOTE_L4: usize = 8;
+const IP_TOT_LEN: usize = IPV4_MIN_LEN + ICMP_LEN + IPV4_MIN_LEN + QUOTE_L4;
+
+/// The whole reply frame, built on the stack and written with one store.
+#[repr(C)]
+struct Reply {
+    eth_dst: [u8; 6],
+    eth_src: [u8; 6],
+    eth_type: [u8; 2],
+    ip: [u8; IPV4_MIN_LEN],
+    icmp: [u8; ICMP_LEN],
+    quote_ip: [u8; IPV4_MIN_LEN],
+    quote_l4: [u8; QUOTE_L4],
+}
+
+const FRAME_LEN: usize = ETH_LEN + IP_TOT_LEN;
+const _: () = assert!(core::mem::size_of::<Reply>() == FRAME_LEN);
+
+/// A header read or a helper failed.
+pub struct RejectError;
+
+/// Turns the packet into the ICMP error and returns TC_ACT_REDIRECT. Kept out of line: it
+/// is the rare path, and its frame buffer should not weigh on the hot path's stack.
+#[inline(never)]
+pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, RejectError> {
+    let eth: *const [u8; ETH_LEN] = ptr_at(ctx, 0).ok_or(RejectError)?;
+    let ip: *const [u8; IPV4_MIN_LEN] = ptr_at(ctx, ETH_LEN).ok_or(RejectError)?;
+    let l4: *const [u8; QUOTE_L4] = ptr_at(ctx, pkt.l4_off).ok_or(RejectError)?;
+    let tot = (IP_TOT_LEN as u16).to_be_bytes();
+    let mut r = Reply {
+        eth_dst: [0; 6],
+        eth_src: [0; 6],
+        eth_type: [0; 2],
+        ip: [
+            0x45, 0xc0, // version/IHL, TOS: internetwork control, as Linux sends ICMP errors
+            tot[0], tot[1], 0, 0, // total length, id
+            0, 0, 64, 1, // no fragmentation, TTL 64, ICMP
+            0, 0, // checksum
+            0, 0, 0, 0, 0, 0, 0, 0, // addresses
+        ],
+        // Type 3 (destination unreachable), code 3 (port unreachable), checksum, unused.
+        icmp: [3, 3, 0, 0, 0, 0, 0, 0],
+        quote_ip: [0; IPV4_MIN_LEN],
+        quote_l4: [0; QUOTE_L4],
+    };
+    // SAFETY: bounds checked by ptr_at; copied out before the packet changes.
+    unsafe {
+        let eth = &*eth;
+        r.eth_dst.copy_from_slice(&eth[6..12]);
+        r.eth_src.copy_from_slice(&eth[0..6]);
+        r.eth_type.copy_from_slice(&eth[12..14]);
+        r.quote_ip = *ip;
+        r.quote_l4 = *l4;
+    }
+
+    if r.quote_ip[0] != 0x45 {
+        // Options are not quoted: the copy says so in its IHL and gets its checksum redone.
+        r.quote_ip[0] = 0x45;
+        r.quote_ip[10] = 0;
+        r.quote_ip[11] = 0;
+        let c = csum::ipv4_header(&r.quote_ip).to_be_bytes();
+        r.quote_ip[10] = c[0];
+        r.quote_ip[11] = c[1];
+    }
+
+    r.ip[12..16].copy_from_slice(&pkt.daddr);
+    r.ip[16..20].copy_from_slice(&pkt.saddr);
+    let c = csum::ipv4_header(&r.ip).to_be_bytes();
+    r.ip[10] = c[0];
+    r.ip[11] = c[1];
+
+    let sum = csum::add(csum::add(csum::add(0, &r.icmp), &r.quote_ip), &r.quote_l4);
+    let c = csum::finish(sum).to_be_bytes();
+    r.icmp[2] = c[0];
+    r.icmp[3] = c[1];
+
+    // SAFETY: the context pointer is the program's own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, FRAME_LEN as u32, 0) } != 0 {
+        return Err(RejectError);
+    }
+    // Packet pointers are stale from here on; only helpers touch the packet.
+    ctx.store(0, &r, 0).map_err(|_| RejectError)?;
+    // SAFETY: reads a field of the program's own skb; bpf_redirect takes no pointers.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let action = unsafe { bpf_redirect(ifindex, 0) };
+    if action != TC_ACT_REDIRECT as i64 {
+        return Err(RejectError);
+    }
+    Ok(TC_ACT_REDIRECT as i32)
+}
