@@ -1,0 +1,251 @@
+//! Client side: connect, HTTP GET and UDP requests from inside a pod's namespace.
+//!
+//! Sockets are made by a thread that entered the namespace and then used from the calling
+//! thread (a socket stays in the namespace it was made in). Every socket has timeouts.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::netns::NetNs;
+
+/// Default bound on connecting and on each read or write.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How a TCP connection attempt ended. `Refused` is a RST (ECONNREFUSED); `TimedOut` means
+/// nothing came back; `Unreachable` is an ICMP host/net unreachable.
+#[derive(Debug)]
+pub enum ConnectOutcome {
+    Connected(TcpStream, Duration),
+    Refused(Duration),
+    TimedOut(Duration),
+    Unreachable(Duration),
+    Failed(std::io::Error, Duration),
+}
+
+impl ConnectOutcome {
+    pub fn elapsed(&self) -> Duration {
+        match self {
+            ConnectOutcome::Connected(_, d)
+            | ConnectOutcome::Refused(d)
+            | ConnectOutcome::TimedOut(d)
+            | ConnectOutcome::Unreachable(d)
+            | ConnectOutcome::Failed(_, d) => *d,
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        matches!(self, ConnectOutcome::Connected(..))
+    }
+}
+
+/// Connects from `ns` to `addr:port`, waiting at most `timeout`.
+/// Only harness problems (e.g. the namespace is gone) are errors; how the attempt ended is
+/// in the outcome.
+pub fn connect(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<ConnectOutcome> {
+    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+    ns.run(move || {
+        let start = Instant::now();
+        let res = TcpStream::connect_timeout(&target, timeout);
+        let elapsed = start.elapsed();
+        match res {
+            Ok(s) => ConnectOutcome::Connected(s, elapsed),
+            Err(e) => classify_connect_error(e, elapsed),
+        }
+    })
+}
+
+fn classify_connect_error(e: std::io::Error, elapsed: Duration) -> ConnectOutcome {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => ConnectOutcome::Refused(elapsed),
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => ConnectOutcome::TimedOut(elapsed),
+        ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => {
+            ConnectOutcome::Unreachable(elapsed)
+        }
+        _ => match e.raw_os_error() {
+            Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) => {
+                ConnectOutcome::Unreachable(elapsed)
+            }
+            _ => ConnectOutcome::Failed(e, elapsed),
+        },
+    }
+}
+
+/// One `GET /` from `ns` to `addr:port` on a new connection; returns the body (a backend
+/// answers with its name). Closes the connection.
+pub fn http_get(ns: &NetNs, addr: Ipv4Addr, port: u16) -> Result<String> {
+    let mut conn = HttpConnection::open(ns, addr, port)?;
+    conn.get()
+}
+
+/// A kept-alive HTTP connection: several requests over one TCP connection.
+pub struct HttpConnection {
+    stream: TcpStream,
+    /// Bytes read past the last response.
+    pending: Vec<u8>,
+    peer: SocketAddr,
+}
+
+impl HttpConnection {
+    pub fn open(ns: &NetNs, addr: Ipv4Addr, port: u16) -> Result<Self> {
+        let peer = SocketAddr::V4(SocketAddrV4::new(addr, port));
+        let stream = match connect(ns, addr, port, IO_TIMEOUT)? {
+            ConnectOutcome::Connected(s, _) => s,
+            other => bail!("connecting from {} to {peer}: {other:?}", ns.name()),
+        };
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(HttpConnection {
+            stream,
+            pending: Vec::new(),
+            peer,
+        })
+    }
+
+    /// The client's own address and port of this connection.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.stream.local_addr()?)
+    }
+
+    /// Sends `GET /` and returns the body of the `200 OK` answer.
+    pub fn get(&mut self) -> Result<String> {
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: {}\r\nUser-Agent: bpfproxy-testbed\r\n\r\n",
+            self.peer
+        );
+        self.stream
+            .write_all(request.as_bytes())
+            .with_context(|| format!("sending request to {}", self.peer))?;
+        self.read_response()
+            .with_context(|| format!("reading answer from {}", self.peer))
+    }
+
+    fn read_response(&mut self) -> Result<String> {
+        let deadline = Instant::now() + IO_TIMEOUT * 2;
+        let head_end = loop {
+            if let Some(pos) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break pos;
+            }
+            self.fill(deadline)?;
+        };
+        let head = String::from_utf8_lossy(&self.pending[..head_end]).into_owned();
+        let status = head.lines().next().unwrap_or_default();
+        if !status.starts_with("HTTP/1.1 200") && !status.starts_with("HTTP/1.0 200") {
+            bail!("unexpected status line {status:?}");
+        }
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .ok_or_else(|| anyhow!("answer has no Content-Length: {head:?}"))?;
+        let body_start = head_end + 4;
+        while self.pending.len() < body_start + length {
+            self.fill(deadline)?;
+        }
+        let body =
+            String::from_utf8_lossy(&self.pending[body_start..body_start + length]).into_owned();
+        self.pending.drain(..body_start + length);
+        Ok(body)
+    }
+
+    fn fill(&mut self, deadline: Instant) -> Result<()> {
+        if Instant::now() >= deadline {
+            bail!("no complete answer within {:?}", IO_TIMEOUT * 2);
+        }
+        let mut chunk = [0u8; 2048];
+        match self.stream.read(&mut chunk)? {
+            0 => bail!("connection closed by peer"),
+            n => {
+                self.pending.extend_from_slice(&chunk[..n]);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// How a UDP exchange ended.
+#[derive(Debug)]
+pub enum UdpOutcome {
+    /// An answer and where it came from.
+    Reply {
+        body: String,
+        from: SocketAddr,
+    },
+    /// ICMP port unreachable came back (ECONNREFUSED on the connected socket).
+    Refused(Duration),
+    TimedOut(Duration),
+    Failed(std::io::Error, Duration),
+}
+
+/// Sends one datagram from `ns` to `addr:port` on a *connected* UDP socket and waits at
+/// most `timeout` for the answer. A connected socket reports ICMP errors as ECONNREFUSED
+/// and only accepts answers from `addr:port` itself.
+pub fn udp_exchange(
+    ns: &NetNs,
+    addr: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<UdpOutcome> {
+    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+    let socket = ns
+        .run(move || -> std::io::Result<UdpSocket> {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            s.connect(target)?;
+            Ok(s)
+        })?
+        .context("making a UDP socket")?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.set_write_timeout(Some(IO_TIMEOUT))?;
+    let start = Instant::now();
+    if let Err(e) = socket.send(b"who are you?\n") {
+        return Ok(match e.kind() {
+            ErrorKind::ConnectionRefused => UdpOutcome::Refused(start.elapsed()),
+            _ => UdpOutcome::Failed(e, start.elapsed()),
+        });
+    }
+    let mut buf = [0u8; 1500];
+    let res = socket.recv(&mut buf);
+    let elapsed = start.elapsed();
+    Ok(match res {
+        Ok(n) => UdpOutcome::Reply {
+            body: String::from_utf8_lossy(&buf[..n]).into_owned(),
+            from: socket.peer_addr()?,
+        },
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => UdpOutcome::Refused(elapsed),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            UdpOutcome::TimedOut(elapsed)
+        }
+        Err(e) => UdpOutcome::Failed(e, elapsed),
+    })
+}
+
+/// One UDP request from `ns` to `addr:port` on an *unconnected* socket: returns the answer,
+/// and fails if it came from any address other than `addr:port` (so a reply that was not
+/// translated back to the service address is caught).
+pub fn udp_request(ns: &NetNs, addr: Ipv4Addr, port: u16) -> Result<String> {
+    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+    let socket = ns
+        .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+        .context("making a UDP socket")?;
+    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    socket.set_write_timeout(Some(IO_TIMEOUT))?;
+    socket.send_to(b"who are you?\n", target)?;
+    let mut buf = [0u8; 1500];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("waiting for a UDP answer from {target}"))?;
+    let body = String::from_utf8_lossy(&buf[..n]).into_owned();
+    if from != target {
+        bail!("UDP answer {body:?} came from {from}, not from {target}");
+    }
+    Ok(body)
+}

@@ -1,0 +1,228 @@
+//! Kubernetes objects as YAML files in the directory the agent watches.
+//!
+//! Files are replaced atomically (written to a hidden temporary name, then renamed), so the
+//! agent never reads half a file.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+
+/// A ClusterIP Service.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+}
+
+/// One port of a [`Service`].
+#[derive(Clone, Debug)]
+pub struct ServicePort {
+    pub name: String,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+impl Service {
+    /// A ClusterIP service with no ports yet.
+    pub fn cluster_ip(namespace: &str, name: &str, cluster_ip: Ipv4Addr) -> Self {
+        Service {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            cluster_ip,
+            ports: Vec::new(),
+        }
+    }
+
+    /// Adds a port `name` (`protocol` `TCP`/`UDP`) `port` -> `target_port`.
+    pub fn port(mut self, name: &str, protocol: &str, port: u16, target_port: u16) -> Self {
+        self.ports.push(ServicePort {
+            name: name.to_owned(),
+            protocol: protocol.to_owned(),
+            port,
+            target_port,
+        });
+        self
+    }
+
+    pub fn to_yaml(&self) -> String {
+        let mut y = String::new();
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\n\
+             spec:\n  type: ClusterIP\n  selector:\n    app: {name}\n  clusterIP: {ip}\n  \
+             clusterIPs:\n  - {ip}\n  ipFamilies:\n  - IPv4\n  ports:\n",
+            name = self.name,
+            ns = self.namespace,
+            ip = self.cluster_ip,
+        );
+        for p in &self.ports {
+            let _ = write!(
+                y,
+                "  - name: {}\n    protocol: {}\n    port: {}\n    targetPort: {}\n",
+                p.name, p.protocol, p.port, p.target_port
+            );
+        }
+        y
+    }
+}
+
+/// An IPv4 EndpointSlice of a service.
+#[derive(Clone, Debug)]
+pub struct EndpointSlice {
+    pub namespace: String,
+    pub name: String,
+    /// Value of the `kubernetes.io/service-name` label.
+    pub service_name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub ports: Vec<EndpointPort>,
+}
+
+/// One endpoint (a pod) of an [`EndpointSlice`].
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    /// The pod's name, written as `targetRef`.
+    pub pod: String,
+    pub ready: bool,
+    pub terminating: bool,
+}
+
+/// One port of an [`EndpointSlice`].
+#[derive(Clone, Debug)]
+pub struct EndpointPort {
+    pub name: String,
+    pub protocol: String,
+    pub port: u16,
+}
+
+impl EndpointSlice {
+    /// An empty slice `<service>-<suffix>` for `service`.
+    pub fn for_service(namespace: &str, service: &str, suffix: &str) -> Self {
+        EndpointSlice {
+            namespace: namespace.to_owned(),
+            name: format!("{service}-{suffix}"),
+            service_name: service.to_owned(),
+            endpoints: Vec::new(),
+            ports: Vec::new(),
+        }
+    }
+
+    pub fn port(mut self, name: &str, protocol: &str, port: u16) -> Self {
+        self.ports.push(EndpointPort {
+            name: name.to_owned(),
+            protocol: protocol.to_owned(),
+            port,
+        });
+        self
+    }
+
+    /// Adds a ready, serving endpoint.
+    pub fn ready(mut self, pod: &str, ip: Ipv4Addr) -> Self {
+        self.endpoints.push(Endpoint {
+            ip,
+            pod: pod.to_owned(),
+            ready: true,
+            terminating: false,
+        });
+        self
+    }
+
+    pub fn to_yaml(&self) -> String {
+        let mut y = String::new();
+        let _ = write!(
+            y,
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}\n  \
+             namespace: {}\n  labels:\n    kubernetes.io/service-name: {}\n    \
+             endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io\n\
+             addressType: IPv4\n",
+            self.name, self.namespace, self.service_name
+        );
+        if self.endpoints.is_empty() {
+            y.push_str("endpoints: []\n");
+        } else {
+            y.push_str("endpoints:\n");
+        }
+        for e in &self.endpoints {
+            let _ = write!(
+                y,
+                "- addresses:\n  - {}\n  conditions:\n    ready: {}\n    serving: {}\n    \
+                 terminating: {}\n  targetRef:\n    kind: Pod\n    name: {}\n    namespace: {}\n",
+                e.ip,
+                e.ready,
+                e.ready || e.terminating,
+                e.terminating,
+                e.pod,
+                self.namespace
+            );
+        }
+        y.push_str("ports:\n");
+        for p in &self.ports {
+            let _ = write!(
+                y,
+                "- name: {}\n  protocol: {}\n  port: {}\n",
+                p.name, p.protocol, p.port
+            );
+        }
+        y
+    }
+}
+
+/// Joins YAML documents into one multi-document file.
+pub fn documents(docs: &[String]) -> String {
+    docs.iter()
+        .map(|d| d.trim_end())
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+        + "\n"
+}
+
+/// A manifests directory (under the system temp dir), removed on drop.
+#[derive(Debug)]
+pub struct ManifestDir {
+    path: PathBuf,
+}
+
+impl ManifestDir {
+    /// Creates `<tmp>/bpfproxy-manifests-<run>`, emptying what an earlier run left there.
+    pub fn create(run: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("bpfproxy-manifests-{run}"));
+        if path.exists() {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("emptying {}", path.display()))?;
+        }
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(ManifestDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Replaces `file` (e.g. `myapp-service.yaml`) with `content` in one rename.
+    pub fn write(&self, file: &str, content: &str) -> Result<()> {
+        let tmp = self.path.join(format!(".{file}.tmp"));
+        let dst = self.path.join(file);
+        std::fs::write(&tmp, content).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &dst).with_context(|| format!("renaming to {}", dst.display()))
+    }
+
+    /// Deletes `file`.
+    pub fn remove(&self, file: &str) -> Result<()> {
+        let p = self.path.join(file);
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))
+    }
+}
+
+impl Drop for ManifestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

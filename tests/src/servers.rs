@@ -1,0 +1,231 @@
+//! Backend servers: threads inside a pod's namespace that answer with the pod's name.
+//!
+//! [`HttpServer`] answers every HTTP request on a connection (keep-alive) with
+//! `200 OK` and the name as body; [`UdpServer`] answers every datagram with the name.
+//! Both stop, and join their threads, when the guard drops.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+
+use crate::netns::NetNs;
+
+/// How often server threads look at their stop flag.
+const POLL: Duration = Duration::from_millis(20);
+/// A connection with no request for this long is closed by the server.
+const IDLE_LIMIT: Duration = Duration::from_secs(60);
+/// Largest request head the server accepts.
+const MAX_REQUEST: usize = 16 * 1024;
+
+/// An HTTP server in a namespace; stops on drop.
+pub struct HttpServer {
+    pub name: String,
+    pub addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Listens on 0.0.0.0:`port` inside `ns`; every answer's body is `name`.
+    pub fn start(ns: &NetNs, name: &str, port: u16) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicU64::new(0));
+        let listener = ns
+            .run(move || -> std::io::Result<TcpListener> {
+                let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })?
+            .with_context(|| format!("binding TCP port {port} in {}", ns.name()))?;
+        let addr = listener.local_addr()?;
+        let thread = {
+            let (stop, requests, name) = (stop.clone(), requests.clone(), name.to_owned());
+            std::thread::Builder::new()
+                .name(format!("http-{name}"))
+                .spawn(move || accept_loop(listener, &name, &stop, &requests))?
+        };
+        Ok(HttpServer {
+            name: name.to_owned(),
+            addr,
+            requests,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Requests answered so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    name: &str,
+    stop: &Arc<AtomicBool>,
+    requests: &Arc<AtomicU64>,
+) {
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let (stop, requests, own) = (stop.clone(), requests.clone(), name.to_owned());
+                match std::thread::Builder::new()
+                    .name(format!("http-{name}-conn"))
+                    .spawn(move || {
+                        if let Err(e) = serve_connection(stream, &own, &stop, &requests) {
+                            eprintln!("testbed: http server {own}: {e}");
+                        }
+                    }) {
+                    Ok(t) => conns.push(t),
+                    Err(e) => eprintln!("testbed: http server {name}: spawning: {e}"),
+                }
+                conns.retain(|t| !t.is_finished());
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
+            Err(e) => {
+                eprintln!("testbed: http server {name}: accept: {e}");
+                std::thread::sleep(POLL);
+            }
+        }
+    }
+    for t in conns {
+        let _ = t.join();
+    }
+}
+
+fn serve_connection(
+    mut stream: TcpStream,
+    name: &str,
+    stop: &AtomicBool,
+    requests: &AtomicU64,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(POLL * 5))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 2048];
+    let mut last_activity = Instant::now();
+    while !stop.load(Ordering::SeqCst) && last_activity.elapsed() < IDLE_LIMIT {
+        // Answer every complete request head in the buffer (pipelining is fine).
+        while let Some(end) = find_head_end(&buf) {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            buf.drain(..end + 4);
+            let close = head.contains("connection: close");
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
+                name.len(),
+                if close { "Connection: close\r\n" } else { "" },
+                name
+            );
+            // Counted before answering, so a client that has its answer sees the count.
+            requests.fetch_add(1, Ordering::Relaxed);
+            stream.write_all(response.as_bytes())?;
+            if close {
+                return Ok(());
+            }
+        }
+        if buf.len() > MAX_REQUEST {
+            return Ok(());
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                last_activity = Instant::now();
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+/// A UDP server in a namespace that answers each datagram with its name; stops on drop.
+pub struct UdpServer {
+    pub name: String,
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpServer {
+    /// Listens on 0.0.0.0:`port` inside `ns`.
+    pub fn start(ns: &NetNs, name: &str, port: u16) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let socket = ns
+            .run(move || -> std::io::Result<UdpSocket> {
+                let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                s.set_read_timeout(Some(POLL * 5))?;
+                s.set_write_timeout(Some(Duration::from_secs(1)))?;
+                Ok(s)
+            })?
+            .with_context(|| format!("binding UDP port {port} in {}", ns.name()))?;
+        let addr = socket.local_addr()?;
+        let thread = {
+            let (stop, name) = (stop.clone(), name.to_owned());
+            std::thread::Builder::new()
+                .name(format!("udp-{name}"))
+                .spawn(move || {
+                    let mut buf = [0u8; 1500];
+                    while !stop.load(Ordering::SeqCst) {
+                        match socket.recv_from(&mut buf) {
+                            Ok((_, peer)) => {
+                                if let Err(e) = socket.send_to(name.as_bytes(), peer) {
+                                    eprintln!("testbed: udp server {name}: send: {e}");
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    ErrorKind::WouldBlock | ErrorKind::TimedOut
+                                ) => {}
+                            Err(e) => {
+                                eprintln!("testbed: udp server {name}: recv: {e}");
+                                std::thread::sleep(POLL);
+                            }
+                        }
+                    }
+                })?
+        };
+        Ok(UdpServer {
+            name: name.to_owned(),
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! One node namespace and its pods, wired like a CNI plugin with routed /32 pod addresses.
+//!
+//! Each pod has `eth0` with a /32 address and a default route via the link-local gateway
+//! 169.254.1.1, which the node side of its veth owns. The node side (`bpv<run>-<i>`) has a
+//! /32 route to the pod, the node forwards between pods (`ip_forward=1`, `rp_filter=0`).
+//! The agent's tc programs go on the node-side veths, so every packet a pod sends passes
+//! them. All of it lives inside the namespaces made here.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::NetNs;
+
+/// The gateway address every pod's default route points at; owned by each node-side veth.
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Client pods get 10.240.1.<n>, backend pods 10.240.2.<n> (private, inside namespaces only).
+pub const CLIENT_SUBNET: [u8; 3] = [10, 240, 1];
+pub const BACKEND_SUBNET: [u8; 3] = [10, 240, 2];
+
+/// A pod: its namespace, address and the node-side interface of its veth.
+#[derive(Debug)]
+pub struct Pod {
+    /// Short name (`c1`, `b1`, ...); backends answer requests with it.
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// Name of the node-side veth, in the node namespace.
+    pub node_if: String,
+    pub ns: NetNs,
+}
+
+/// A node namespace and its pods; everything is deleted on drop.
+#[derive(Debug)]
+pub struct Topology {
+    pub run: String,
+    pub clients: Vec<Pod>,
+    pub backends: Vec<Pod>,
+    /// Declared last, so pods (and with them the veths) go first on drop.
+    pub node: NetNs,
+}
+
+impl Topology {
+    /// `clients` client pods `c1..` and `backends` backend pods `b1..`, with a fresh run id.
+    pub fn new(clients: usize, backends: usize) -> Result<Self> {
+        Self::with_run_id(&crate::unique_run_id(), clients, backends)
+    }
+
+    /// Like [`Topology::new`] with a chosen run id (at most 9 characters). Namespaces are
+    /// `bp<run>-node`, `bp<run>-c1`, `bp<run>-b1`, ...
+    pub fn with_run_id(run: &str, clients: usize, backends: usize) -> Result<Self> {
+        if run.len() > 9 || clients + backends > 99 || clients > 250 || backends > 250 {
+            bail!("run id {run:?} too long or too many pods");
+        }
+        crate::require_root()?;
+        let node = NetNs::create(&format!("bp{run}-node"))?;
+        node.sysctl("ipv4/ip_forward", "1")?;
+        node.sysctl("ipv4/conf/all/rp_filter", "0")?;
+        node.sysctl("ipv4/conf/default/rp_filter", "0")?;
+        let mut topo = Topology {
+            run: run.to_owned(),
+            clients: Vec::new(),
+            backends: Vec::new(),
+            node,
+        };
+        for i in 1..=clients {
+            let ip = Ipv4Addr::new(
+                CLIENT_SUBNET[0],
+                CLIENT_SUBNET[1],
+                CLIENT_SUBNET[2],
+                i as u8,
+            );
+            let pod = topo.add_pod(&format!("c{i}"), ip)?;
+            topo.clients.push(pod);
+        }
+        for i in 1..=backends {
+            let ip = Ipv4Addr::new(
+                BACKEND_SUBNET[0],
+                BACKEND_SUBNET[1],
+                BACKEND_SUBNET[2],
+                i as u8,
+            );
+            let pod = topo.add_pod(&format!("b{i}"), ip)?;
+            topo.backends.push(pod);
+        }
+        Ok(topo)
+    }
+
+    fn add_pod(&self, name: &str, ip: Ipv4Addr) -> Result<Pod> {
+        let index = self.clients.len() + self.backends.len() + 1;
+        let node_if = format!("bpv{}-{index}", self.run);
+        debug_assert!(node_if.len() <= 15);
+        let ns = NetNs::create(&format!("bp{}-{name}", self.run))?;
+        let pod_cidr = format!("{ip}/32");
+        let gw = POD_GATEWAY.to_string();
+        let gw_cidr = format!("{gw}/32");
+        let setup = || -> Result<()> {
+            // Made inside the node namespace with the peer created directly in the pod's:
+            // no interface ever appears in the root namespace.
+            self.node.ip(&[
+                "link",
+                "add",
+                &node_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])?;
+            self.node.ip(&["addr", "add", &gw_cidr, "dev", &node_if])?;
+            self.node.ip(&["link", "set", &node_if, "up"])?;
+            self.node
+                .sysctl(&format!("ipv4/conf/{node_if}/rp_filter"), "0")?;
+            self.node
+                .ip(&["route", "add", &pod_cidr, "dev", &node_if])?;
+            ns.ip(&["addr", "add", &pod_cidr, "dev", "eth0"])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.ip(&["route", "add", &gw_cidr, "dev", "eth0", "scope", "link"])?;
+            ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+            Ok(())
+        };
+        setup().with_context(|| format!("wiring pod {name} ({ip}) to the node"))?;
+        Ok(Pod {
+            name: name.to_owned(),
+            ip,
+            node_if,
+            ns,
+        })
+    }
+
+    /// Glob matching every node-side veth of this topology, for the agent's `--interfaces`.
+    pub fn node_interfaces_glob(&self) -> String {
+        format!("bpv{}-*", self.run)
+    }
+
+    /// The first client pod.
+    pub fn client(&self) -> &Pod {
+        self.clients.first().expect("topology has no client pod")
+    }
+
+    /// The backend pod called `name` (`b1`, ...).
+    pub fn backend(&self, name: &str) -> &Pod {
+        self.backends
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no backend pod {name}"))
+    }
+}
