@@ -1,5 +1,6 @@
-//! Internet checksums (RFC 1071) for headers the program builds itself. Rewrites of
-//! existing packets use the incremental kernel helpers instead (see `nat.rs`).
+//! Internet checksums (RFC 1071) for headers the program builds or rewrites itself. The L4
+//! checksum of a rewritten packet is left to the kernel helpers (see `nat.rs`), which know
+//! the skb's checksum state.
 
 /// One's-complement sum of `bytes` as big-endian 16-bit words (`N` is even), added to `sum`.
 #[inline(always)]
@@ -24,4 +25,16 @@ pub fn finish(mut sum: u32) -> u16 {
 #[inline(always)]
 pub fn ipv4_header(hdr: &[u8; 20]) -> u16 {
     finish(add(0, hdr))
+}
+
+/// The IPv4 header checksum after a 4-byte field changes from `old` to `new`, updated
+/// incrementally (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
+#[inline(always)]
+pub fn ipv4_update(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2] {
+    let mut sum = !u16::from_be_bytes(check) as u32;
+    sum += !u16::from_be_bytes([old[0], old[1]]) as u32;
+    sum += !u16::from_be_bytes([old[2], old[3]]) as u32;
+    sum += u16::from_be_bytes([new[0], new[1]]) as u32;
+    sum += u16::from_be_bytes([new[2], new[3]]) as u32;
+    finish(sum).to_be_bytes()
 }

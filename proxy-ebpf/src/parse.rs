@@ -63,6 +63,8 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// UDP sent without a checksum (field 0): the L4 checksum must stay untouched.
     pub no_l4_csum: bool,
+    /// The IPv4 header checksum field as on the wire.
+    pub ip_csum: [u8; 2],
 }
 
 impl Packet {
@@ -121,6 +123,7 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Skip> {
     if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
         return Err(Skip::Fragment);
     }
+    let ip_csum = [ip[10], ip[11]];
     let saddr = [ip[12], ip[13], ip[14], ip[15]];
     let daddr = [ip[16], ip[17], ip[18], ip[19]];
 
@@ -147,5 +150,6 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Skip> {
         proto,
         tcp_flags,
         no_l4_csum,
+        ip_csum,
     })
 }
