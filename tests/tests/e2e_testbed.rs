@@ -42,7 +42,13 @@ fn closed_ports_refuse_and_the_outcomes_say_so() {
     assert!(matches!(out, UdpOutcome::Refused(_)), "{out:?}");
 
     // No route in the node for this address: unreachable (or silence), never connected.
-    let out = connect(client, Ipv4Addr::new(10, 96, 0, 99), 80, Duration::from_secs(1)).unwrap();
+    let out = connect(
+        client,
+        Ipv4Addr::new(10, 96, 0, 99),
+        80,
+        Duration::from_secs(1),
+    )
+    .unwrap();
     assert!(!out.is_connected(), "{out:?}");
 }
 

@@ -1,0 +1,120 @@
+//! `cargo xtask test`: build, every test of the workspace (unit, packet fixtures, e2e in
+//! network namespaces), clippy and rustfmt; a summary; non-zero exit on any failure.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+use crate::{build::build, cmd::Cmd};
+
+/// The host crates that clippy and rustfmt check.
+const HOST_CRATES: &[&str] = &["proxy-common", "proxy-userspace", "xtask", "bpfproxy-tests"];
+
+struct Step {
+    name: &'static str,
+    result: Option<Result<()>>,
+    took: Duration,
+}
+
+fn timed(name: &'static str, f: impl FnOnce() -> Result<()>) -> Step {
+    println!("==> test: {name}");
+    let start = Instant::now();
+    let result = f();
+    if let Err(e) = &result {
+        println!("==> test: {name} FAILED: {e:#}");
+    }
+    Step {
+        name,
+        result: Some(result),
+        took: start.elapsed(),
+    }
+}
+
+fn skipped(name: &'static str) -> Step {
+    Step {
+        name,
+        result: None,
+        took: Duration::ZERO,
+    }
+}
+
+pub fn test(workspace: &Path) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "warning: not root: the end-to-end tests (network namespaces, BPF) will fail; \
+             run `cargo xtask test` as root"
+        );
+    }
+    let mut steps = Vec::new();
+    let mut outputs = None;
+    steps.push(timed("build (setup, kernel programs, agent)", || {
+        outputs = Some(build(workspace)?);
+        Ok(())
+    }));
+    match &outputs {
+        Some(out) => steps.push(timed("cargo test", || {
+            Cmd::cargo(None)
+                .current_dir(workspace)
+                .env("BPFPROXY_BIN", &out.bpfproxy)
+                .env("BPFPROXY_EBPF_OBJ", &out.ebpf_obj)
+                // The kernel crate only builds for the BPF target (done above).
+                .args([
+                    "test",
+                    "--workspace",
+                    "--exclude",
+                    "proxy-ebpf",
+                    "--release",
+                ])
+                .run()
+        })),
+        None => steps.push(skipped("cargo test")),
+    }
+    let mut clippy = Cmd::cargo(None).current_dir(workspace).arg("clippy");
+    for c in HOST_CRATES {
+        clippy = clippy.args(["-p", c]);
+    }
+    if let Some(out) = &outputs {
+        clippy = clippy.env("BPFPROXY_EBPF_OBJ", &out.ebpf_obj);
+    }
+    steps.push(timed("clippy -D warnings", || {
+        clippy.args(["--all-targets", "--", "-D", "warnings"]).run()
+    }));
+    let mut fmt = Cmd::cargo(None)
+        .current_dir(workspace)
+        .args(["fmt", "--check"]);
+    for c in HOST_CRATES {
+        fmt = fmt.args(["-p", c]);
+    }
+    steps.push(timed("rustfmt --check", || fmt.run()));
+
+    println!();
+    println!("==> summary of cargo xtask test");
+    let mut failed = Vec::new();
+    for s in &steps {
+        let status = match &s.result {
+            Some(Ok(())) => "ok",
+            Some(Err(_)) => {
+                failed.push(s.name);
+                "FAILED"
+            }
+            None => {
+                failed.push(s.name);
+                "skipped"
+            }
+        };
+        println!(
+            "  {status:<8} {:<40} {:>7.1}s",
+            s.name,
+            s.took.as_secs_f64()
+        );
+    }
+    if failed.is_empty() {
+        println!("xtask test: every step succeeded");
+        Ok(())
+    } else {
+        bail!("xtask test: not passed: {}", failed.join(", "))
+    }
+}
