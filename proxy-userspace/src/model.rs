@@ -115,3 +115,7 @@ pub struct DesiredService {
 pub struct DesiredState {
     pub services: BTreeMap<Frontend, DesiredService>,
 }
+
+pub mod build;
+
+pub use build::{ModelIssue, Severity, desired_state};

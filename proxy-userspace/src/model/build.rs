@@ -1,0 +1,1035 @@
+//! Building the [`DesiredState`] from Service and EndpointSlice objects, with kube-proxy's
+//! rules (see `shared/kubernetes-service-semantics.md`):
+//!
+//! - Services: skipped when headless (`clusterIP` None or empty), `ExternalName`, or labelled
+//!   `service.kubernetes.io/service-proxy-name` / `service.kubernetes.io/headless`. Only the
+//!   IPv4 ClusterIP is served here; one [`DesiredService`] per (ClusterIP, port, protocol).
+//! - EndpointSlices: the same label filter; grouped by `kubernetes.io/service-name` and
+//!   namespace; only `IPv4` slices; only `addresses[0]` of an endpoint; merged over slices
+//!   with duplicates (same IP:port) resolved in favour of the non-terminating copy.
+//! - Backends of a service port: the slice ports with the same name and protocol (the
+//!   Service's `targetPort` is never read); ready endpoints, or, when none is ready, the
+//!   serving and terminating ones.
+//!
+//! Nothing here fails: whatever cannot be served is left out and reported as a
+//! [`ModelIssue`] naming the object and field.
+
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice},
+};
+
+use super::{DesiredService, DesiredState, Endpoint, Frontend, Protocol, ServicePortName};
+
+/// Label that hands a Service (or slice) to another proxy; kube-proxy ignores such objects.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label that marks a Service (or slice) headless.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Label of an EndpointSlice naming its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when not set.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// Largest valid affinity timeout (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// How much a [`ModelIssue`] matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Severity {
+    /// Something the user most likely got wrong: a part of an object is not served.
+    Warning,
+    /// Expected in some setups (an IPv6-only Service, a feature not served yet); for the log.
+    Notice,
+}
+
+/// Something in an object the model could not serve as written.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelIssue {
+    pub severity: Severity,
+    /// Kind and namespace/name, e.g. `Service default/myapp`.
+    pub object: String,
+    /// The field path, e.g. `spec.ports[1].protocol`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ModelIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.object, self.field, self.message)
+    }
+}
+
+/// Parses an IPv4 address the way Kubernetes does for legacy objects (Go's
+/// `netutils.ParseIPSloppy`): four decimal parts, leading zeros allowed and read as decimal
+/// (`010.001.0.1` is 10.1.0.1), where Rust's parser would reject them.
+pub fn parse_ipv4(s: &str) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = s.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *octet = part.parse::<u16>().ok()?.try_into().ok()?;
+    }
+    parts.next().is_none().then_some(Ipv4Addr::from(octets))
+}
+
+/// A Kubernetes protocol name; `None` (not set) is TCP.
+pub fn parse_protocol(p: Option<&str>) -> Option<Protocol> {
+    match p {
+        None | Some("TCP") => Some(Protocol::Tcp),
+        Some("UDP") => Some(Protocol::Udp),
+        Some("SCTP") => Some(Protocol::Sctp),
+        Some(_) => None,
+    }
+}
+
+/// What was found in a `clusterIP`/`clusterIPs` value.
+enum ClusterIp {
+    V4(Ipv4Addr),
+    V6,
+    Invalid,
+}
+
+fn classify_ip(s: &str) -> ClusterIp {
+    if let Some(a) = parse_ipv4(s) {
+        ClusterIp::V4(a)
+    } else if s.parse::<Ipv6Addr>().is_ok() {
+        ClusterIp::V6
+    } else {
+        ClusterIp::Invalid
+    }
+}
+
+fn has_label(labels: Option<&BTreeMap<String, String>>, key: &str) -> bool {
+    labels.is_some_and(|l| l.contains_key(key))
+}
+
+/// One backend candidate before the ready/terminating selection.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+/// The endpoints of one (namespace, service, port name, protocol), keyed by IP:port.
+type CandidateSet = BTreeMap<(Ipv4Addr, u16), Candidate>;
+
+/// (namespace, service name, port name, protocol).
+type PortGroupKey = (String, String, String, Protocol);
+
+struct Builder {
+    issues: Vec<ModelIssue>,
+}
+
+impl Builder {
+    fn issue(&mut self, severity: Severity, object: &str, field: String, message: String) {
+        self.issues.push(ModelIssue {
+            severity,
+            object: object.to_string(),
+            field,
+            message,
+        });
+    }
+
+    /// Merges the IPv4 slices into candidate sets per service port.
+    fn collect_endpoints(
+        &mut self,
+        slices: &[EndpointSlice],
+    ) -> BTreeMap<PortGroupKey, CandidateSet> {
+        // Slices in namespace/name order, so the outcome never depends on input order.
+        let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
+        sorted.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+        let mut groups: BTreeMap<PortGroupKey, CandidateSet> = BTreeMap::new();
+        for slice in sorted {
+            let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+            let object = format!(
+                "EndpointSlice {namespace}/{}",
+                slice.metadata.name.as_deref().unwrap_or("")
+            );
+            let labels = slice.metadata.labels.as_ref();
+            if has_label(labels, LABEL_SERVICE_PROXY_NAME) || has_label(labels, LABEL_HEADLESS) {
+                continue;
+            }
+            let Some(service) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+                self.issue(
+                    Severity::Notice,
+                    &object,
+                    "metadata.labels".into(),
+                    format!("no {LABEL_SERVICE_NAME} label, so it belongs to no Service; ignored"),
+                );
+                continue;
+            };
+            // FQDN slices have no meaning for a proxy; IPv6 ones are the IPv6 datapath's.
+            if slice.address_type != "IPv4" {
+                continue;
+            }
+            let candidates: Vec<(Ipv4Addr, Candidate)> = slice
+                .endpoints
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| self.candidate(&object, i, e))
+                .collect();
+            for (pi, port) in slice.ports.iter().flatten().enumerate() {
+                let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
+                    self.issue(
+                        Severity::Warning,
+                        &object,
+                        format!("ports[{pi}].protocol"),
+                        format!(
+                            "{:?} is not TCP, UDP or SCTP; port ignored",
+                            port.protocol.as_deref().unwrap_or("")
+                        ),
+                    );
+                    continue;
+                };
+                let number = match port.port {
+                    // No port (means "all ports") or 0: kube-proxy skips it.
+                    None | Some(0) => continue,
+                    Some(p) => match u16::try_from(p) {
+                        Ok(p) => p,
+                        Err(_) => {
+                            self.issue(
+                                Severity::Warning,
+                                &object,
+                                format!("ports[{pi}].port"),
+                                format!("{p} is out of range 1-65535; port ignored"),
+                            );
+                            continue;
+                        }
+                    },
+                };
+                let key = (
+                    namespace.clone(),
+                    service.clone(),
+                    port.name.clone().unwrap_or_default(),
+                    protocol,
+                );
+                let set = groups.entry(key).or_default();
+                for &(addr, candidate) in &candidates {
+                    merge_candidate(set, (addr, number), candidate);
+                }
+            }
+        }
+        groups
+    }
+
+    fn candidate(
+        &mut self,
+        object: &str,
+        index: usize,
+        endpoint: &SliceEndpoint,
+    ) -> Option<(Ipv4Addr, Candidate)> {
+        // Only addresses[0] is used, as kube-proxy does; an endpoint without one is skipped.
+        let first = endpoint.addresses.first()?;
+        let Some(addr) = parse_ipv4(first) else {
+            self.issue(
+                Severity::Warning,
+                object,
+                format!("endpoints[{index}].addresses[0]"),
+                format!("{first:?} is not an IPv4 address; endpoint ignored"),
+            );
+            return None;
+        };
+        let c = endpoint.conditions.as_ref();
+        Some((
+            addr,
+            Candidate {
+                ready: c.and_then(|c| c.ready).unwrap_or(true),
+                serving: c.and_then(|c| c.serving).unwrap_or(true),
+                terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+            },
+        ))
+    }
+
+    /// The IPv4 ClusterIP of a Service, or `None` when it is not to be served here.
+    fn cluster_ip(&mut self, object: &str, svc: &Service) -> Option<Ipv4Addr> {
+        let spec = svc.spec.as_ref()?;
+        let single = spec.cluster_ip.as_deref().unwrap_or("");
+        // `clusterIPs` (dual stack) holds `clusterIP` first; take its IPv4 entry.
+        let (field, ips): (&str, Vec<&str>) = match spec.cluster_ips.as_deref() {
+            Some(ips) if !ips.is_empty() => {
+                ("spec.clusterIPs", ips.iter().map(String::as_str).collect())
+            }
+            _ => ("spec.clusterIP", vec![single]),
+        };
+        if ips.iter().all(|ip| ip.is_empty()) {
+            // kube-proxy treats an unset ClusterIP as headless. An API server always sets
+            // it, so here it is a manifest that forgot it: say so.
+            self.issue(
+                Severity::Notice,
+                object,
+                "spec.clusterIP".into(),
+                "not set, so the Service is handled as headless; set an address (standalone mode allocates none)".into(),
+            );
+            return None;
+        }
+        if ips.contains(&"None") {
+            return None;
+        }
+        let mut saw_v6 = false;
+        for (i, ip) in ips.iter().enumerate() {
+            match classify_ip(ip) {
+                ClusterIp::V4(a) => return Some(a),
+                ClusterIp::V6 => saw_v6 = true,
+                ClusterIp::Invalid => {
+                    let at = if field == "spec.clusterIPs" {
+                        format!("{field}[{i}]")
+                    } else {
+                        field.to_string()
+                    };
+                    self.issue(
+                        Severity::Warning,
+                        object,
+                        at,
+                        format!("{ip:?} is not an IP address; Service not served"),
+                    );
+                    return None;
+                }
+            }
+        }
+        if saw_v6 {
+            self.issue(
+                Severity::Notice,
+                object,
+                field.into(),
+                "IPv6 only; only IPv4 ClusterIPs are served so far".into(),
+            );
+        }
+        None
+    }
+
+    fn affinity(&mut self, object: &str, svc: &Service) -> u32 {
+        let Some(spec) = svc.spec.as_ref() else {
+            return 0;
+        };
+        match spec.session_affinity.as_deref() {
+            None | Some("None") => 0,
+            Some("ClientIP") => {
+                let timeout = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds);
+                match timeout {
+                    None => DEFAULT_AFFINITY_TIMEOUT_S,
+                    Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S as i32).contains(&t) => t as u32,
+                    Some(t) => {
+                        self.issue(
+                            Severity::Warning,
+                            object,
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                            format!(
+                                "{t} is out of range 1-{MAX_AFFINITY_TIMEOUT_S}; using {DEFAULT_AFFINITY_TIMEOUT_S}"
+                            ),
+                        );
+                        DEFAULT_AFFINITY_TIMEOUT_S
+                    }
+                }
+            }
+            Some(other) => {
+                self.issue(
+                    Severity::Warning,
+                    object,
+                    "spec.sessionAffinity".into(),
+                    format!("{other:?} is not None or ClientIP; no affinity"),
+                );
+                0
+            }
+        }
+    }
+
+    /// The frontend of one Service port, or `None` (reported) when it cannot be served.
+    fn frontend(
+        &mut self,
+        object: &str,
+        index: usize,
+        addr: Ipv4Addr,
+        port: &ServicePort,
+    ) -> Option<Frontend> {
+        let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
+            self.issue(
+                Severity::Warning,
+                object,
+                format!("spec.ports[{index}].protocol"),
+                format!(
+                    "{:?} is not TCP, UDP or SCTP; port not served",
+                    port.protocol.as_deref().unwrap_or("")
+                ),
+            );
+            return None;
+        };
+        let number = match u16::try_from(port.port) {
+            Ok(p) if p != 0 => p,
+            _ => {
+                self.issue(
+                    Severity::Warning,
+                    object,
+                    format!("spec.ports[{index}].port"),
+                    format!("{} is out of range 1-65535; port not served", port.port),
+                );
+                return None;
+            }
+        };
+        Some(Frontend {
+            addr,
+            port: number,
+            protocol,
+        })
+    }
+}
+
+/// Adds a candidate for IP:port, keeping the non-terminating copy of a duplicate.
+fn merge_candidate(set: &mut CandidateSet, key: (Ipv4Addr, u16), candidate: Candidate) {
+    match set.entry(key) {
+        Entry::Vacant(v) => {
+            v.insert(candidate);
+        }
+        Entry::Occupied(mut o) => {
+            if o.get().terminating && !candidate.terminating {
+                o.insert(candidate);
+            }
+        }
+    }
+}
+
+/// Ready endpoints; when none is ready, the serving and terminating ones (marked
+/// terminating). Sorted and unique.
+fn select_endpoints(set: Option<&CandidateSet>) -> Vec<Endpoint> {
+    let Some(set) = set else { return Vec::new() };
+    let ready: Vec<Endpoint> = set
+        .iter()
+        .filter(|(_, c)| c.ready)
+        .map(|(&(addr, port), _)| Endpoint {
+            addr,
+            port,
+            terminating: false,
+        })
+        .collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    // The map is keyed by IP:port, so both lists come out sorted and unique.
+    set.iter()
+        .filter(|(_, c)| c.serving && c.terminating)
+        .map(|(&(addr, port), _)| Endpoint {
+            addr,
+            port,
+            terminating: true,
+        })
+        .collect()
+}
+
+/// Builds what the datapath should serve from Service and EndpointSlice objects, with
+/// kube-proxy's rules (see the module docs). The result never depends on the order of the
+/// inputs. Objects or parts that cannot be served are left out and reported.
+pub fn desired_state(
+    services: &[Service],
+    slices: &[EndpointSlice],
+) -> (DesiredState, Vec<ModelIssue>) {
+    let mut b = Builder { issues: Vec::new() };
+    let endpoints = b.collect_endpoints(slices);
+
+    // Services in namespace/name order: on a frontend claimed twice the first one wins.
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+
+    let mut state = DesiredState::default();
+    // Which Service holds each frontend, and through which port index.
+    let mut owners: BTreeMap<Frontend, (String, usize)> = BTreeMap::new();
+    for svc in sorted {
+        let namespace = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let object = format!("Service {namespace}/{name}");
+        let labels = svc.metadata.labels.as_ref();
+        if has_label(labels, LABEL_SERVICE_PROXY_NAME) || has_label(labels, LABEL_HEADLESS) {
+            continue;
+        }
+        let Some(spec) = svc.spec.as_ref() else {
+            b.issue(
+                Severity::Warning,
+                &object,
+                "spec".into(),
+                "missing; not served".into(),
+            );
+            continue;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let Some(addr) = b.cluster_ip(&object, svc) else {
+            continue;
+        };
+        if spec.internal_traffic_policy.as_deref() == Some("Local") {
+            b.issue(
+                Severity::Notice,
+                &object,
+                "spec.internalTrafficPolicy".into(),
+                "Local is not supported yet; all endpoints of the cluster are used".into(),
+            );
+        }
+        let affinity_timeout_s = b.affinity(&object, svc);
+        for (i, port) in spec.ports.iter().flatten().enumerate() {
+            let Some(frontend) = b.frontend(&object, i, addr, port) else {
+                continue;
+            };
+            let port_name = port.name.clone().unwrap_or_default();
+            let spn = ServicePortName {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                port_name: port_name.clone(),
+                protocol: frontend.protocol,
+            };
+            match owners.entry(frontend) {
+                Entry::Occupied(o) => {
+                    let (owner, owner_port) = o.get();
+                    let message = if *owner == object {
+                        format!(
+                            "{frontend} is already served by spec.ports[{owner_port}]; port ignored"
+                        )
+                    } else {
+                        format!(
+                            "{frontend} is also claimed by {owner} (spec.ports[{owner_port}]), which sorts first and keeps it; port ignored"
+                        )
+                    };
+                    b.issue(
+                        Severity::Warning,
+                        &object,
+                        format!("spec.ports[{i}]"),
+                        message,
+                    );
+                    continue;
+                }
+                Entry::Vacant(v) => {
+                    v.insert((object.clone(), i));
+                }
+            }
+            let group = (
+                namespace.clone(),
+                name.clone(),
+                port_name,
+                frontend.protocol,
+            );
+            state.services.insert(
+                frontend,
+                DesiredService {
+                    frontend,
+                    name: spn,
+                    endpoints: select_endpoints(endpoints.get(&group)),
+                    affinity_timeout_s,
+                },
+            );
+        }
+    }
+    (state, b.issues)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Service {
+        let mut s: Service = serde_yaml_ng::from_str(yaml).unwrap();
+        s.metadata.namespace.get_or_insert_with(|| "default".into());
+        s
+    }
+
+    fn slice(yaml: &str) -> EndpointSlice {
+        let mut s: EndpointSlice = serde_yaml_ng::from_str(yaml).unwrap();
+        s.metadata.namespace.get_or_insert_with(|| "default".into());
+        s
+    }
+
+    /// The seed's `myapp` Service, given the ClusterIP that an API server would allocate.
+    const MYAPP: &str = "
+apiVersion: v1
+kind: Service
+metadata:
+  name: myapp
+  namespace: default
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.10
+  selector:
+    app: myapp
+    release: stabel
+  ports:
+  - name: http
+    port: 80
+    targetPort: 80
+";
+
+    const MYAPP_SLICE: &str = "
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: myapp-x7k2p
+  namespace: default
+  labels: {kubernetes.io/service-name: myapp}
+addressType: IPv4
+ports: [{name: http, port: 80, protocol: TCP}]
+endpoints:
+- addresses: [10.244.2.7]
+  conditions: {ready: true}
+- addresses: [10.244.1.5]
+  conditions: {ready: true, serving: true, terminating: false}
+- addresses: [10.244.3.9]
+";
+
+    fn ep(addr: &str, port: u16) -> Endpoint {
+        Endpoint {
+            addr: addr.parse().unwrap(),
+            port,
+            terminating: false,
+        }
+    }
+
+    fn term(addr: &str, port: u16) -> Endpoint {
+        Endpoint {
+            terminating: true,
+            ..ep(addr, port)
+        }
+    }
+
+    fn fe(addr: &str, port: u16, protocol: Protocol) -> Frontend {
+        Frontend {
+            addr: addr.parse().unwrap(),
+            port,
+            protocol,
+        }
+    }
+
+    fn endpoints_of(state: &DesiredState, frontend: Frontend) -> Vec<Endpoint> {
+        state
+            .services
+            .get(&frontend)
+            .unwrap_or_else(|| panic!("{frontend} missing"))
+            .endpoints
+            .clone()
+    }
+
+    /// A slice of `service` with one port and endpoints given as (address, ready, serving,
+    /// terminating), `None` conditions as `~`.
+    fn slice_of(name: &str, service: &str, port: &str, endpoints: &[&str]) -> EndpointSlice {
+        let eps: String = endpoints.iter().map(|e| format!("- {e}\n")).collect();
+        slice(&format!(
+            "metadata: {{name: {name}, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{port}]\nendpoints:\n{eps}"
+        ))
+    }
+
+    #[test]
+    fn seed_myapp_with_three_pods() {
+        let (state, issues) = desired_state(&[svc(MYAPP)], &[slice(MYAPP_SLICE)]);
+        assert!(issues.is_empty(), "{issues:?}");
+        assert_eq!(state.services.len(), 1);
+        let s = &state.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(s.name.to_string(), "default/myapp:http/TCP");
+        assert_eq!(
+            s.endpoints,
+            [
+                ep("10.244.1.5", 80),
+                ep("10.244.2.7", 80),
+                ep("10.244.3.9", 80)
+            ]
+        );
+        assert_eq!(s.affinity_timeout_s, 0);
+    }
+
+    #[test]
+    fn seed_myapp_without_cluster_ip_is_headless_with_a_notice() {
+        let yaml = MYAPP.replace("  clusterIP: 10.96.0.10\n", "");
+        let (state, issues) = desired_state(&[svc(&yaml)], &[slice(MYAPP_SLICE)]);
+        assert!(state.services.is_empty());
+        assert_eq!(issues.len(), 1);
+        assert_eq!(issues[0].severity, Severity::Notice);
+        assert!(
+            issues[0]
+                .to_string()
+                .starts_with("Service default/myapp: spec.clusterIP: not set")
+        );
+    }
+
+    #[test]
+    fn headless_external_name_and_labelled_services_are_skipped() {
+        let headless = MYAPP.replace("10.96.0.10", "None");
+        let external = MYAPP.replace(
+            "type: ClusterIP",
+            "type: ExternalName\n  externalName: example.com",
+        );
+        let proxy_name = MYAPP.replace(
+            "namespace: default",
+            "namespace: default\n  labels: {service.kubernetes.io/service-proxy-name: other}",
+        );
+        let headless_label = MYAPP.replace(
+            "namespace: default",
+            "namespace: default\n  labels: {service.kubernetes.io/headless: \"\"}",
+        );
+        for yaml in [headless, external, proxy_name, headless_label] {
+            let (state, issues) = desired_state(&[svc(&yaml)], &[slice(MYAPP_SLICE)]);
+            assert!(state.services.is_empty(), "{yaml}");
+            assert!(issues.is_empty(), "{issues:?}");
+        }
+    }
+
+    #[test]
+    fn labelled_and_unlabelled_slices_are_ignored() {
+        let other_proxy = MYAPP_SLICE.replace(
+            "labels: {",
+            "labels: {service.kubernetes.io/service-proxy-name: other, ",
+        );
+        let (state, _) = desired_state(&[svc(MYAPP)], &[slice(&other_proxy)]);
+        assert!(endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)).is_empty());
+
+        let unlabelled = MYAPP_SLICE.replace("  labels: {kubernetes.io/service-name: myapp}\n", "");
+        let (state, issues) = desired_state(&[svc(MYAPP)], &[slice(&unlabelled)]);
+        assert!(endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)).is_empty());
+        assert_eq!(issues.len(), 1);
+        assert!(issues[0].to_string().starts_with("EndpointSlice default/myapp-x7k2p: metadata.labels: no kubernetes.io/service-name label"));
+
+        // Another namespace does not match.
+        let elsewhere = MYAPP_SLICE.replace("namespace: default", "namespace: prod");
+        let (state, _) = desired_state(&[svc(MYAPP)], &[slice(&elsewhere)]);
+        assert!(endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)).is_empty());
+
+        // FQDN and IPv6 slices are not for this datapath.
+        for t in ["FQDN", "IPv6"] {
+            let other = MYAPP_SLICE.replace("addressType: IPv4", &format!("addressType: {t}"));
+            let (state, issues) = desired_state(&[svc(MYAPP)], &[slice(&other)]);
+            assert!(endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)).is_empty());
+            assert!(issues.is_empty());
+        }
+    }
+
+    #[test]
+    fn backend_port_comes_from_the_slice_port_of_the_same_name_not_target_port() {
+        let service = svc("
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.20
+  ports:
+  - {name: http, port: 80, targetPort: 1234}
+  - {name: metrics, port: 9090, targetPort: metrics}
+");
+        let slices = [slice_of(
+            "web-1",
+            "web",
+            "{name: http, port: 8080}, {name: metrics, port: 9102}, {name: admin, port: 7000}",
+            &["addresses: [10.0.0.1]"],
+        )];
+        let (state, issues) = desired_state(&[service], &slices);
+        assert!(issues.is_empty(), "{issues:?}");
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.20", 80, Protocol::Tcp)),
+            [ep("10.0.0.1", 8080)]
+        );
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.20", 9090, Protocol::Tcp)),
+            [ep("10.0.0.1", 9102)]
+        );
+        assert_eq!(state.services.len(), 2);
+    }
+
+    #[test]
+    fn an_unnamed_port_matches_an_unnamed_slice_port() {
+        let service =
+            svc("metadata: {name: one}\nspec: {clusterIP: 10.96.0.21, ports: [{port: 80}]}");
+        let slices = [slice_of(
+            "one-1",
+            "one",
+            "{port: 8080}",
+            &["addresses: [10.0.0.1]"],
+        )];
+        let (state, _) = desired_state(&[service], &slices);
+        let s = &state.services[&fe("10.96.0.21", 80, Protocol::Tcp)];
+        assert_eq!(s.endpoints, [ep("10.0.0.1", 8080)]);
+        assert_eq!(s.name.to_string(), "default/one/TCP");
+    }
+
+    #[test]
+    fn protocols_on_the_same_port_are_separate_services() {
+        let service = svc("
+metadata: {name: dns}
+spec:
+  clusterIP: 10.96.0.53
+  ports:
+  - {name: dns, port: 53, protocol: UDP}
+  - {name: dns-tcp, port: 53, protocol: TCP}
+");
+        let slices = [slice_of(
+            "dns-1",
+            "dns",
+            "{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5353, protocol: TCP}, {name: dns, port: 9999, protocol: TCP}",
+            &["addresses: [10.0.0.5]"],
+        )];
+        let (state, issues) = desired_state(&[service], &slices);
+        assert!(issues.is_empty(), "{issues:?}");
+        assert_eq!(state.services.len(), 2);
+        // The TCP port named `dns` (9999) belongs to no service port: `dns` is UDP.
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.53", 53, Protocol::Udp)),
+            [ep("10.0.0.5", 5353)]
+        );
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.53", 53, Protocol::Tcp)),
+            [ep("10.0.0.5", 5353)]
+        );
+        assert_eq!(
+            state.services[&fe("10.96.0.53", 53, Protocol::Udp)]
+                .name
+                .to_string(),
+            "default/dns:dns/UDP"
+        );
+    }
+
+    fn web() -> Service {
+        svc("metadata: {name: web}\nspec: {clusterIP: 10.96.0.30, ports: [{name: http, port: 80}]}")
+    }
+
+    fn web_endpoints(slices: &[EndpointSlice]) -> Vec<Endpoint> {
+        let (state, _) = desired_state(&[web()], slices);
+        endpoints_of(&state, fe("10.96.0.30", 80, Protocol::Tcp))
+    }
+
+    #[test]
+    fn only_ready_endpoints_are_used_and_nil_conditions_mean_ready() {
+        let s = slice_of(
+            "web-1",
+            "web",
+            "{name: http, port: 8080}",
+            &[
+                "{addresses: [10.0.0.1]}",
+                "{addresses: [10.0.0.2], conditions: {ready: false}}",
+                "{addresses: [10.0.0.3], conditions: {ready: false, serving: true, terminating: true}}",
+                "{addresses: [10.0.0.4], conditions: {}}",
+                "{addresses: [10.0.0.5, 10.0.0.6], conditions: {ready: true}}",
+            ],
+        );
+        assert_eq!(
+            web_endpoints(&[s]),
+            [
+                ep("10.0.0.1", 8080),
+                ep("10.0.0.4", 8080),
+                ep("10.0.0.5", 8080)
+            ]
+        );
+    }
+
+    #[test]
+    fn with_no_ready_endpoint_serving_terminating_ones_are_used() {
+        let s = slice_of(
+            "web-1",
+            "web",
+            "{name: http, port: 8080}",
+            &[
+                "{addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}",
+                "{addresses: [10.0.0.2], conditions: {ready: false, serving: false, terminating: true}}",
+                "{addresses: [10.0.0.3], conditions: {ready: false, serving: true, terminating: false}}",
+                "{addresses: [10.0.0.4], conditions: {ready: false, terminating: true}}",
+            ],
+        );
+        assert_eq!(
+            web_endpoints(&[s]),
+            [term("10.0.0.1", 8080), term("10.0.0.4", 8080)]
+        );
+
+        let none = slice_of(
+            "web-1",
+            "web",
+            "{name: http, port: 8080}",
+            &["{addresses: [10.0.0.2], conditions: {ready: false}}"],
+        );
+        assert!(web_endpoints(&[none]).is_empty());
+    }
+
+    #[test]
+    fn slices_are_merged_and_duplicates_keep_the_non_terminating_copy() {
+        let a = slice_of(
+            "web-a",
+            "web",
+            "{name: http, port: 8080}",
+            &[
+                "{addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}",
+                "{addresses: [10.0.0.2]}",
+            ],
+        );
+        let b = slice_of(
+            "web-b",
+            "web",
+            "{name: http, port: 8080}",
+            &[
+                "{addresses: [10.0.0.1], conditions: {ready: true}}",
+                "{addresses: [10.0.0.3]}",
+                "{addresses: [10.0.0.2]}",
+            ],
+        );
+        let expected = [
+            ep("10.0.0.1", 8080),
+            ep("10.0.0.2", 8080),
+            ep("10.0.0.3", 8080),
+        ];
+        assert_eq!(web_endpoints(&[a.clone(), b.clone()]), expected);
+        assert_eq!(web_endpoints(&[b, a]), expected);
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_goes_to_the_service_that_sorts_first() {
+        let a = svc(
+            "metadata: {name: alpha, namespace: team}\nspec: {clusterIP: 10.96.0.40, ports: [{port: 80}]}",
+        );
+        let b = svc(
+            "metadata: {name: beta, namespace: team}\nspec: {clusterIP: 10.96.0.40, ports: [{port: 80}, {name: x, port: 81}]}",
+        );
+        for services in [[a.clone(), b.clone()], [b, a]] {
+            let (state, issues) = desired_state(&services, &[]);
+            assert_eq!(
+                state.services[&fe("10.96.0.40", 80, Protocol::Tcp)]
+                    .name
+                    .name,
+                "alpha"
+            );
+            assert_eq!(
+                state.services[&fe("10.96.0.40", 81, Protocol::Tcp)]
+                    .name
+                    .name,
+                "beta"
+            );
+            assert_eq!(issues.len(), 1);
+            assert_eq!(
+                issues[0].to_string(),
+                "Service team/beta: spec.ports[0]: 10.96.0.40:80/TCP is also claimed by Service team/alpha (spec.ports[0]), which sorts first and keeps it; port ignored"
+            );
+        }
+    }
+
+    #[test]
+    fn session_affinity_timeout() {
+        let with = |extra: &str| {
+            let yaml = format!(
+                "metadata: {{name: s}}\nspec:\n  clusterIP: 10.96.0.50\n  ports: [{{port: 80}}]\n{extra}"
+            );
+            let (state, issues) = desired_state(&[svc(&yaml)], &[]);
+            (
+                state.services[&fe("10.96.0.50", 80, Protocol::Tcp)].affinity_timeout_s,
+                issues,
+            )
+        };
+        assert_eq!(with("").0, 0);
+        assert_eq!(with("  sessionAffinity: None\n").0, 0);
+        assert_eq!(with("  sessionAffinity: ClientIP\n").0, 10_800);
+        assert_eq!(
+            with("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n").0,
+            60
+        );
+        let (timeout, issues) = with(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n",
+        );
+        assert_eq!(timeout, 10_800);
+        assert_eq!(
+            issues[0].field,
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+        );
+    }
+
+    #[test]
+    fn the_ipv4_cluster_ip_of_a_dual_stack_service_is_served() {
+        let dual = svc("
+metadata: {name: dual}
+spec:
+  clusterIP: fd00::10
+  clusterIPs: [fd00::10, 10.96.0.60]
+  ipFamilies: [IPv6, IPv4]
+  ports: [{port: 80}]
+");
+        let v6 = svc(
+            "metadata: {name: v6}\nspec: {clusterIP: 'fd00::11', clusterIPs: ['fd00::11'], ports: [{port: 80}]}",
+        );
+        let (state, issues) = desired_state(&[dual, v6], &[]);
+        assert_eq!(
+            state.services.keys().copied().collect::<Vec<_>>(),
+            [fe("10.96.0.60", 80, Protocol::Tcp)]
+        );
+        assert_eq!(issues.len(), 1);
+        assert_eq!(issues[0].severity, Severity::Notice);
+        assert_eq!(issues[0].object, "Service default/v6");
+    }
+
+    #[test]
+    fn bad_values_are_reported_not_served() {
+        let service = svc("
+metadata: {name: bad}
+spec:
+  clusterIP: 10.96.0.70
+  ports:
+  - {name: a, port: 80, protocol: ICMP}
+  - {name: b, port: 70000}
+  - {name: c, port: 81}
+");
+        let s = slice_of(
+            "bad-1",
+            "bad",
+            "{name: c, port: 8081}",
+            &[
+                "{addresses: [10.0.0.300]}",
+                "{addresses: [010.000.000.001]}",
+                "{addresses: []}",
+            ],
+        );
+        let (state, issues) = desired_state(&[service], &[s]);
+        assert_eq!(state.services.len(), 1);
+        // Leading zeros are read as decimal, as Kubernetes does.
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.70", 81, Protocol::Tcp)),
+            [ep("10.0.0.1", 8081)]
+        );
+        let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                r#"EndpointSlice default/bad-1: endpoints[0].addresses[0]: "10.0.0.300" is not an IPv4 address; endpoint ignored"#,
+                r#"Service default/bad: spec.ports[0].protocol: "ICMP" is not TCP, UDP or SCTP; port not served"#,
+                "Service default/bad: spec.ports[1].port: 70000 is out of range 1-65535; port not served",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_service_without_endpoints_is_still_served() {
+        let (state, issues) = desired_state(&[web()], &[]);
+        assert!(issues.is_empty());
+        assert!(endpoints_of(&state, fe("10.96.0.30", 80, Protocol::Tcp)).is_empty());
+    }
+
+    #[test]
+    fn parse_ipv4_is_sloppy_like_kubernetes() {
+        assert_eq!(parse_ipv4("10.96.0.1"), Some(Ipv4Addr::new(10, 96, 0, 1)));
+        assert_eq!(
+            parse_ipv4("010.096.000.010"),
+            Some(Ipv4Addr::new(10, 96, 0, 10))
+        );
+        for bad in [
+            "10.96.0.256",
+            "10.96.0",
+            "10.96.0.1.2",
+            "10..0.1",
+            "1e1.0.0.1",
+            "0010.0.0.1",
+            " 10.0.0.1",
+            "",
+        ] {
+            assert_eq!(parse_ipv4(bad), None, "{bad}");
+        }
+    }
+}
