@@ -1,5 +1,6 @@
 //! The bpfproxy node agent: model (what the cluster wants), planner (what changes) and
 //! datapath (how it reaches the kernel).
 
+pub mod manifest;
 pub mod model;
 pub mod planner;
