@@ -21,9 +21,6 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// The most headers any path reads: Ethernet, IPv4 with 40 bytes of options, TCP.
-const MAX_HDRS: u32 = (ETH_LEN + 60 + TCP_LEN) as u32;
-
 /// A pointer to a `T` at `off` bytes into the packet, if the whole `T` is inside the linear
 /// data. The verifier sees the comparison against `data_end` and accepts the access.
 #[inline(always)]
@@ -34,6 +31,23 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
         return None;
     }
     Some((start + off) as *const T)
+}
+
+/// A pointer to a `T` at `off`, pulling the bytes up to its end into the linear area first
+/// if the skb is paged there. Only the headers actually read are pulled: on a TCP clone
+/// (every segment a socket sends) they are already private, while pulling payload would
+/// copy the skb's head. `bpf_skb_pull_data` invalidates packet pointers; this derives its
+/// pointer afterwards, and earlier pointers must not be used again.
+#[inline(always)]
+fn pull_ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+    if let Some(p) = ptr_at(ctx, off) {
+        return Some(p);
+    }
+    let need = (off + core::mem::size_of::<T>()) as u32;
+    if ctx.len() < need || ctx.pull_data(need).is_err() {
+        return None;
+    }
+    ptr_at(ctx, off)
 }
 
 /// Why a packet is not parsed into a [`Packet`].
@@ -95,21 +109,14 @@ impl Packet {
 /// Parses Ethernet, IPv4 (honouring IHL) and the TCP/UDP ports.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Packet, Skip> {
-    // Headers normally sit in the linear area; if not (a paged skb), pull them in once.
-    let linear = (ctx.data_end() - ctx.data()) as u32;
-    if linear < MAX_HDRS && ctx.len() > linear {
-        let want = if ctx.len() < MAX_HDRS { ctx.len() } else { MAX_HDRS };
-        ctx.pull_data(want).map_err(|_| Skip::Malformed)?;
-    }
-
-    let eth_type: *const [u8; 2] = ptr_at(ctx, 12).ok_or(Skip::Malformed)?;
+    let eth_type: *const [u8; 2] = pull_ptr_at(ctx, 12).ok_or(Skip::Malformed)?;
     // SAFETY: ptr_at checked the bounds.
     if u16::from_be_bytes(unsafe { *eth_type }) != ETH_P_IP {
         return Err(Skip::NotIpv4);
     }
-    let ip: *const [u8; IPV4_MIN_LEN] = ptr_at(ctx, ETH_LEN).ok_or(Skip::Malformed)?;
-    // SAFETY: as above; every read below stays inside the checked 20 bytes.
-    let ip = unsafe { &*ip };
+    let ip: *const [u8; IPV4_MIN_LEN] = pull_ptr_at(ctx, ETH_LEN).ok_or(Skip::Malformed)?;
+    // SAFETY: as above. Copied out by value: the L4 pull below may move the packet.
+    let ip = unsafe { ip.read() };
     let vihl = ip[0];
     let ihl = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || ihl < IPV4_MIN_LEN {
@@ -130,14 +137,14 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Skip> {
     // ihl <= 60, so the verifier knows l4_off is bounded.
     let l4_off = ETH_LEN + ihl;
     let (ports, tcp_flags, no_l4_csum) = if proto == PROTO_TCP {
-        let th: *const [u8; TCP_LEN] = ptr_at(ctx, l4_off).ok_or(Skip::Malformed)?;
+        let th: *const [u8; TCP_LEN] = pull_ptr_at(ctx, l4_off).ok_or(Skip::Malformed)?;
         // SAFETY: bounds checked by ptr_at.
-        let th = unsafe { &*th };
+        let th = unsafe { th.read() };
         ([th[0], th[1], th[2], th[3]], th[13], false)
     } else {
-        let uh: *const [u8; UDP_LEN] = ptr_at(ctx, l4_off).ok_or(Skip::Malformed)?;
+        let uh: *const [u8; UDP_LEN] = pull_ptr_at(ctx, l4_off).ok_or(Skip::Malformed)?;
         // SAFETY: bounds checked by ptr_at.
-        let uh = unsafe { &*uh };
+        let uh = unsafe { uh.read() };
         ([uh[0], uh[1], uh[2], uh[3]], 0, uh[6] == 0 && uh[7] == 0)
     };
 

@@ -4,6 +4,13 @@
 //! The packet itself becomes the reply: cut (or grown) to Ethernet + IPv4 + ICMP + the
 //! quoted original IPv4 header (first 20 bytes, IHL set to 5) + 8 bytes of its L4 header,
 //! and sent back out of the interface it came from.
+//!
+//! The skb keeps its checksum state. A locally sent TCP SYN or UDP datagram is
+//! CHECKSUM_PARTIAL; the peer's stack then trusts the ICMP checksum (which is valid anyway),
+//! and nothing on the veth path completes the stale L4 offload. `bpf_skb_change_tail`
+//! refuses to cut such an skb before its L4 checksum field, which only matters for an
+//! original header with more than 18 bytes of IP options: that packet is dropped
+//! (ERR_REWRITE) instead of answered.
 
 use aya_ebpf::{
     bindings::TC_ACT_REDIRECT,
