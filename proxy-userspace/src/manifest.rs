@@ -1153,7 +1153,10 @@ spec:
         );
         let wrong_type = json.replace("443", "\"https\"");
         let e = err("dump.json", &wrong_type);
-        assert!(e.starts_with("dump.json:1: items[0] (Service prod/web): invalid type"), "{e}");
+        assert!(
+            e.starts_with("dump.json:1: items[0] (Service prod/web): invalid type"),
+            "{e}"
+        );
     }
 
     fn write(dir: &Path, name: &str, text: &str) {
