@@ -4,11 +4,17 @@
 //! Pure: [`MapState`] is a mirror of the maps (read from the kernel at start, then kept in
 //! step by [`MapState::apply`] as each op succeeds), so plans are unit-testable.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use proxy_common::service::{Backend4, BackendSlotKey, Svc4Key, Svc4Value, SvcMeta};
+use proxy_common::{
+    PROTO_UDP, maps, reply_filter,
+    service::{
+        BACKEND_TERMINATING, Backend4, BackendSlotKey, NAME_LEN, PORT_NAME_LEN, SCHED_RANDOM,
+        Svc4Key, Svc4Value, SvcMeta,
+    },
+};
 
-use crate::model::ServicePortName;
+use crate::model::{DesiredService, DesiredState, Endpoint, Frontend, Protocol, ServicePortName};
 
 /// One service as programmed in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,12 +26,37 @@ pub struct ProgrammedService {
 }
 
 /// Mirror of the service-side maps.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// Equality compares the maps' contents (the four public fields), not the internal index.
+#[derive(Clone, Debug, Default)]
 pub struct MapState {
     pub services: BTreeMap<Svc4Key, ProgrammedService>,
     /// Words of `reply_filter4` (length `reply_filter::WORDS`, or empty before the first read).
     pub reply_filter: Vec<u64>,
+    /// `backend_slots4` entries outside every live table: a table being filled before the
+    /// `PutService` that publishes it, or an old table until its slots are deleted. Empty
+    /// between plans.
+    pub spare_slots: BTreeMap<BackendSlotKey, Backend4>,
+    /// `svc_meta` entries of no service in `services`: written just before a new service,
+    /// or left by a removed one until its `DeleteMeta`. Empty between plans.
+    pub spare_meta: BTreeMap<u32, SvcMeta>,
+    /// `svc_id` -> key in `services`, kept by [`MapState::apply`]; rebuilt when the number
+    /// of services changed behind its back (call [`MapState::reindex`] after replacing
+    /// services by hand).
+    by_id: BTreeMap<u32, Svc4Key>,
+    indexed: usize,
 }
+
+impl PartialEq for MapState {
+    fn eq(&self, other: &Self) -> bool {
+        self.services == other.services
+            && self.reply_filter == other.reply_filter
+            && self.spare_slots == other.spare_slots
+            && self.spare_meta == other.spare_meta
+    }
+}
+
+impl Eq for MapState {}
 
 /// Sizes of the maps, so the planner can refuse what would not fit before writing anything.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,4 +98,1482 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// Reply-filter words set to exactly the new bits, after all steps.
     pub epilogue: Vec<MapOp>,
+}
+
+impl Plan {
+    /// No write at all.
+    pub fn is_empty(&self) -> bool {
+        self.prologue.is_empty() && self.steps.is_empty() && self.epilogue.is_empty()
+    }
+
+    /// Number of map writes (conntrack purges included).
+    pub fn op_count(&self) -> usize {
+        self.prologue.len()
+            + self.steps.iter().map(|s| s.ops.len()).sum::<usize>()
+            + self.epilogue.len()
+    }
+}
+
+/// A service the planner could not program; what was serving for it stays as it was.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("{name}: {map} is full ({size} entries)")]
+    Full {
+        name: ServicePortName,
+        map: &'static str,
+        size: u32,
+    },
+    #[error("{name}: no service id left")]
+    NoServiceId { name: ServicePortName },
+}
+
+/// Largest `svc_id` whose backend tables (`svc_id * 2 + 1`) fit a `u32`.
+pub const MAX_SVC_ID: u32 = (u32::MAX - 1) / 2;
+
+/// An `svc_meta` value with no names (what a missing entry reads as).
+pub fn empty_meta() -> SvcMeta {
+    SvcMeta {
+        namespace: [0; NAME_LEN],
+        name: [0; NAME_LEN],
+        port_name: [0; PORT_NAME_LEN],
+    }
+}
+
+/// Copies `s` into a NUL-padded field, cut (at a character boundary) so one NUL is always
+/// left at the end.
+fn name_field<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut end = s.len().min(N - 1);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out[..end].copy_from_slice(&s.as_bytes()[..end]);
+    out
+}
+
+fn field_str(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// The `svc_meta` value of a service port (names truncated to fit, NUL-padded).
+pub fn meta_from_name(name: &ServicePortName) -> SvcMeta {
+    SvcMeta {
+        namespace: name_field(&name.namespace),
+        name: name_field(&name.name),
+        port_name: name_field(&name.port_name),
+    }
+}
+
+/// `(namespace, name, port name)` of an `svc_meta` value; the inverse of [`meta_from_name`]
+/// for names that fit.
+pub fn meta_to_name(meta: &SvcMeta) -> (String, String, String) {
+    (
+        field_str(&meta.namespace),
+        field_str(&meta.name),
+        field_str(&meta.port_name),
+    )
+}
+
+/// The `backend_slots4` value of an endpoint.
+pub fn backend_from_endpoint(endpoint: &Endpoint) -> Backend4 {
+    Backend4 {
+        addr: endpoint.addr.octets(),
+        port: endpoint.port,
+        flags: if endpoint.terminating {
+            BACKEND_TERMINATING
+        } else {
+            0
+        },
+        weight: 1,
+    }
+}
+
+/// The two backend tables of a service id. Wrapping, so an out-of-range id read from the
+/// maps cannot panic (the planner never allocates one above [`MAX_SVC_ID`]).
+fn tables_of(svc_id: u32) -> [u32; 2] {
+    let first = svc_id.wrapping_mul(2);
+    [first, first.wrapping_add(1)]
+}
+
+/// The table that is not `live` among the two of `svc_id`.
+fn other_table(svc_id: u32, live: u32) -> u32 {
+    let [first, second] = tables_of(svc_id);
+    if live == first { second } else { first }
+}
+
+fn table_range(table: u32) -> std::ops::RangeInclusive<BackendSlotKey> {
+    BackendSlotKey { table, slot: 0 }..=BackendSlotKey {
+        table,
+        slot: u32::MAX,
+    }
+}
+
+impl MapState {
+    /// Rebuilds the `svc_id` index from `services`.
+    pub fn reindex(&mut self) {
+        self.by_id = self
+            .services
+            .iter()
+            .map(|(k, s)| (s.value.svc_id, *k))
+            .collect();
+        self.indexed = self.services.len();
+    }
+
+    /// The key of the service with `svc_id`.
+    fn key_of_id(&mut self, svc_id: u32) -> Option<Svc4Key> {
+        if self.indexed != self.services.len() {
+            self.reindex();
+        }
+        let key = *self.by_id.get(&svc_id)?;
+        match self.services.get(&key) {
+            Some(s) if s.value.svc_id == svc_id => Some(key),
+            _ => {
+                self.reindex();
+                self.by_id.get(&svc_id).copied()
+            }
+        }
+    }
+
+    /// The service whose live table is `table`.
+    fn live_table(&mut self, table: u32) -> Option<Svc4Key> {
+        let key = self.key_of_id(table / 2)?;
+        (self.services[&key].value.table == table).then_some(key)
+    }
+
+    fn slot_present(&mut self, key: &BackendSlotKey) -> bool {
+        self.spare_slots.contains_key(key)
+            || self
+                .live_table(key.table)
+                .is_some_and(|k| (key.slot as usize) < self.services[&k].backends.len())
+    }
+
+    /// Number of `backend_slots4` entries.
+    pub fn slot_count(&self) -> usize {
+        self.services
+            .values()
+            .map(|s| s.backends.len())
+            .sum::<usize>()
+            + self.spare_slots.len()
+    }
+
+    /// Takes the slots `0..count` of `table` out of the spare slots, up to the first missing.
+    fn take_table(&mut self, table: u32, count: u32) -> Vec<Backend4> {
+        let mut backends = Vec::with_capacity(count as usize);
+        for slot in 0..count {
+            match self.spare_slots.remove(&BackendSlotKey { table, slot }) {
+                Some(b) => backends.push(b),
+                None => break,
+            }
+        }
+        backends
+    }
+
+    fn spare_table(&mut self, table: u32, backends: Vec<Backend4>) {
+        for (slot, b) in backends.into_iter().enumerate() {
+            self.spare_slots.insert(
+                BackendSlotKey {
+                    table,
+                    slot: slot as u32,
+                },
+                b,
+            );
+        }
+    }
+
+    /// Mirrors one successful map write, so the state keeps equal to the maps.
+    ///
+    /// A live service's `backends` are the slots `0..backend_count` of its table that are
+    /// present, up to the first missing one (so a hole shows as `backends.len() <
+    /// backend_count`, which the planner repairs); every other slot is a spare slot.
+    pub fn apply(&mut self, op: &MapOp) {
+        match op {
+            MapOp::PutBackend { key, value } => {
+                let Some(k) = self.live_table(key.table) else {
+                    self.spare_slots.insert(*key, *value);
+                    return;
+                };
+                let svc = self.services.get_mut(&k).expect("indexed");
+                let slot = key.slot as usize;
+                if slot < svc.backends.len() {
+                    svc.backends[slot] = *value;
+                } else if slot == svc.backends.len() && slot < svc.value.backend_count as usize {
+                    // Fills a hole: the slots after it may now join.
+                    svc.backends.push(*value);
+                    let (table, have, count) = (
+                        svc.value.table,
+                        svc.backends.len() as u32,
+                        svc.value.backend_count,
+                    );
+                    let mut more = Vec::new();
+                    for slot in have..count {
+                        match self.spare_slots.remove(&BackendSlotKey { table, slot }) {
+                            Some(b) => more.push(b),
+                            None => break,
+                        }
+                    }
+                    self.services
+                        .get_mut(&k)
+                        .expect("indexed")
+                        .backends
+                        .extend(more);
+                } else {
+                    self.spare_slots.insert(*key, *value);
+                }
+            }
+            MapOp::DeleteBackend { key } => {
+                if self.spare_slots.remove(key).is_some() {
+                    return;
+                }
+                if let Some(k) = self.live_table(key.table) {
+                    let svc = self.services.get_mut(&k).expect("indexed");
+                    let slot = key.slot as usize;
+                    if slot < svc.backends.len() {
+                        let after: Vec<Backend4> =
+                            svc.backends.split_off(slot).into_iter().skip(1).collect();
+                        for (i, b) in after.into_iter().enumerate() {
+                            let key = BackendSlotKey {
+                                table: key.table,
+                                slot: key.slot + 1 + i as u32,
+                            };
+                            self.spare_slots.insert(key, b);
+                        }
+                    }
+                }
+            }
+            MapOp::PutMeta { svc_id, meta } => match self.key_of_id(*svc_id) {
+                Some(k) => self.services.get_mut(&k).expect("indexed").meta = *meta,
+                None => {
+                    self.spare_meta.insert(*svc_id, *meta);
+                }
+            },
+            MapOp::DeleteMeta { svc_id } => {
+                self.spare_meta.remove(svc_id);
+                if let Some(k) = self.key_of_id(*svc_id) {
+                    self.services.get_mut(&k).expect("indexed").meta = empty_meta();
+                }
+            }
+            MapOp::PutService { key, value } => {
+                if self.indexed != self.services.len() {
+                    self.reindex();
+                }
+                let meta = match self.services.remove(key) {
+                    Some(old) => {
+                        self.by_id.remove(&old.value.svc_id);
+                        self.spare_table(old.value.table, old.backends);
+                        if old.value.svc_id == value.svc_id {
+                            old.meta
+                        } else {
+                            if old.meta != empty_meta() {
+                                self.spare_meta.insert(old.value.svc_id, old.meta);
+                            }
+                            self.spare_meta
+                                .remove(&value.svc_id)
+                                .unwrap_or_else(empty_meta)
+                        }
+                    }
+                    None => self
+                        .spare_meta
+                        .remove(&value.svc_id)
+                        .unwrap_or_else(empty_meta),
+                };
+                let backends = self.take_table(value.table, value.backend_count);
+                self.services.insert(
+                    *key,
+                    ProgrammedService {
+                        value: *value,
+                        backends,
+                        meta,
+                    },
+                );
+                self.by_id.insert(value.svc_id, *key);
+                self.indexed = self.services.len();
+            }
+            MapOp::DeleteService { key } => {
+                if self.indexed != self.services.len() {
+                    self.reindex();
+                }
+                if let Some(old) = self.services.remove(key) {
+                    if self.by_id.get(&old.value.svc_id) == Some(key) {
+                        self.by_id.remove(&old.value.svc_id);
+                    }
+                    self.spare_table(old.value.table, old.backends);
+                    if old.meta != empty_meta() {
+                        self.spare_meta.insert(old.value.svc_id, old.meta);
+                    }
+                }
+                self.indexed = self.services.len();
+            }
+            MapOp::SetReplyFilterWord { index, word } => {
+                if self.reply_filter.is_empty() {
+                    self.reply_filter = vec![0; reply_filter::WORDS as usize];
+                }
+                if let Some(w) = self.reply_filter.get_mut(*index as usize) {
+                    *w = *word;
+                }
+            }
+            // Conntrack is not mirrored.
+            MapOp::PurgeUdpConntrack { .. } => {}
+        }
+    }
+}
+
+/// Plans the writes that take the maps from `current` to `desired`.
+///
+/// Steps come in frontend order, additions and changes first, removals after; each is one
+/// service port. Services that would not fit (`capacity`) are refused with a [`PlanError`]
+/// and get no ops, so what serves for them stays; the others proceed. A refused service is
+/// planned again next time (a later plan may find the room that removals freed).
+pub fn plan(
+    desired: &DesiredState,
+    current: &MapState,
+    capacity: Capacity,
+) -> (Plan, Vec<PlanError>) {
+    let mut scratch = current.clone();
+    scratch.reindex();
+    let slots = scratch.slot_count();
+    let mut planner = Planner {
+        used_ids: current.services.values().map(|s| s.value.svc_id).collect(),
+        next_id: 1,
+        slots,
+        capacity,
+        state: scratch,
+        errors: Vec::new(),
+    };
+    let mut plan = Plan::default();
+    for svc in desired.services.values() {
+        if let Some(step) = planner.upsert(svc) {
+            plan.steps.push(step);
+        }
+    }
+    let wanted: BTreeSet<Svc4Key> = desired.services.keys().map(Frontend::key).collect();
+    for key in current.services.keys().filter(|k| !wanted.contains(k)) {
+        plan.steps.push(planner.remove(key));
+    }
+
+    let words = reply_filter::WORDS as usize;
+    let mut old = current.reply_filter.clone();
+    old.resize(words, 0);
+    let new = filter_words(&planner.state);
+    for (i, (&o, &n)) in old.iter().zip(&new).enumerate() {
+        let union = o | n;
+        if union != o {
+            plan.prologue.push(MapOp::SetReplyFilterWord {
+                index: i as u32,
+                word: union,
+            });
+        }
+        if n != union {
+            plan.epilogue.push(MapOp::SetReplyFilterWord {
+                index: i as u32,
+                word: n,
+            });
+        }
+    }
+    (plan, planner.errors)
+}
+
+/// The reply-filter words of every live backend in `state`.
+pub fn filter_words(state: &MapState) -> Vec<u64> {
+    let mut words = vec![0u64; reply_filter::WORDS as usize];
+    for (key, svc) in &state.services {
+        for b in &svc.backends {
+            let (word, mask) =
+                reply_filter::word_and_mask(reply_filter::bit(b.addr, b.port, key.proto));
+            words[word as usize] |= mask;
+        }
+    }
+    words
+}
+
+struct Planner {
+    /// Ids of current services and of those planned so far.
+    used_ids: BTreeSet<u32>,
+    /// No id below this one is free.
+    next_id: u32,
+    /// `backend_slots4` entries in `state`.
+    slots: usize,
+    capacity: Capacity,
+    /// The maps as they will be after the steps planned so far.
+    state: MapState,
+    errors: Vec<PlanError>,
+}
+
+impl Planner {
+    fn alloc_id(&mut self) -> Option<u32> {
+        let mut id = self.next_id;
+        while self.used_ids.contains(&id) {
+            id += 1;
+        }
+        if id > MAX_SVC_ID {
+            return None;
+        }
+        self.used_ids.insert(id);
+        self.next_id = id + 1;
+        Some(id)
+    }
+
+    fn release_id(&mut self, id: u32) {
+        self.used_ids.remove(&id);
+        self.next_id = self.next_id.min(id);
+    }
+
+    /// Deletes of the spare slots of `table` (from `from_slot` on) not already in `ops`.
+    fn delete_spares(&self, ops: &mut Vec<MapOp>, table: u32, from_slot: u32) {
+        let spares = self.state.spare_slots.range(table_range(table));
+        for key in spares.map(|(k, _)| *k).filter(|k| k.slot >= from_slot) {
+            let op = MapOp::DeleteBackend { key };
+            if !ops.contains(&op) {
+                ops.push(op);
+            }
+        }
+    }
+
+    /// The step that adds or updates one service, or `None` when it is unchanged (or
+    /// refused).
+    fn upsert(&mut self, svc: &DesiredService) -> Option<Step> {
+        let key = svc.frontend.key();
+        let backends: Vec<Backend4> = svc.endpoints.iter().map(backend_from_endpoint).collect();
+        let count = backends.len() as u32;
+        let meta = meta_from_name(&svc.name);
+        let value = |svc_id: u32, table: u32| Svc4Value {
+            svc_id,
+            table,
+            backend_count: count,
+            scheduler: SCHED_RANDOM,
+            flags: 0,
+            _pad: 0,
+            affinity_timeout_s: svc.affinity_timeout_s,
+        };
+        let put_backends = |ops: &mut Vec<MapOp>, table: u32| {
+            for (slot, b) in backends.iter().enumerate() {
+                ops.push(MapOp::PutBackend {
+                    key: BackendSlotKey {
+                        table,
+                        slot: slot as u32,
+                    },
+                    value: *b,
+                });
+            }
+        };
+        let mut ops = Vec::new();
+        let new_id = match self.state.services.get(&key).cloned() {
+            Some(cur) => {
+                let id = cur.value.svc_id;
+                let switch = cur.backends != backends
+                    || cur.value.backend_count as usize != cur.backends.len();
+                if meta != cur.meta {
+                    ops.push(MapOp::PutMeta { svc_id: id, meta });
+                }
+                if switch {
+                    let table = other_table(id, cur.value.table);
+                    put_backends(&mut ops, table);
+                    ops.push(MapOp::PutService {
+                        key,
+                        value: value(id, table),
+                    });
+                    for slot in 0..cur.backends.len() as u32 {
+                        ops.push(MapOp::DeleteBackend {
+                            key: BackendSlotKey {
+                                table: cur.value.table,
+                                slot,
+                            },
+                        });
+                    }
+                    self.delete_spares(&mut ops, cur.value.table, 0);
+                    self.delete_spares(&mut ops, table, count);
+                    if key.proto == PROTO_UDP {
+                        let gone: Vec<Backend4> = cur
+                            .backends
+                            .iter()
+                            .filter(|o| {
+                                !backends
+                                    .iter()
+                                    .any(|n| n.addr == o.addr && n.port == o.port)
+                            })
+                            .copied()
+                            .collect();
+                        if !gone.is_empty() {
+                            ops.push(MapOp::PurgeUdpConntrack {
+                                frontend: key,
+                                backends: gone,
+                            });
+                        }
+                    }
+                } else if value(id, cur.value.table) != cur.value {
+                    ops.push(MapOp::PutService {
+                        key,
+                        value: value(id, cur.value.table),
+                    });
+                }
+                None
+            }
+            None => {
+                let Some(id) = self.alloc_id() else {
+                    self.errors.push(PlanError::NoServiceId {
+                        name: svc.name.clone(),
+                    });
+                    return None;
+                };
+                let [table, other] = tables_of(id);
+                ops.push(MapOp::PutMeta { svc_id: id, meta });
+                put_backends(&mut ops, table);
+                ops.push(MapOp::PutService {
+                    key,
+                    value: value(id, table),
+                });
+                // Left by an agent that stopped halfway: clear them now the id is taken.
+                self.delete_spares(&mut ops, table, count);
+                self.delete_spares(&mut ops, other, 0);
+                Some(id)
+            }
+        };
+        if ops.is_empty() {
+            return None;
+        }
+        if let Err(e) = self.fits(&svc.name, new_id.is_some(), &ops) {
+            if let Some(id) = new_id {
+                self.release_id(id);
+            }
+            self.errors.push(e);
+            return None;
+        }
+        Some(Step {
+            name: svc.name.clone(),
+            ops,
+        })
+    }
+
+    /// Checks that a step fits the maps and, if so, mirrors it into the planned state. All
+    /// puts of a step precede its deletes, so its peak use is the current use plus its new
+    /// entries.
+    fn fits(
+        &mut self,
+        name: &ServicePortName,
+        new_service: bool,
+        ops: &[MapOp],
+    ) -> Result<(), PlanError> {
+        if new_service && self.state.services.len() >= self.capacity.services as usize {
+            return Err(PlanError::Full {
+                name: name.clone(),
+                map: maps::SERVICES4,
+                size: self.capacity.services,
+            });
+        }
+        let (mut added, mut deleted) = (0usize, 0usize);
+        for op in ops {
+            match op {
+                MapOp::PutBackend { key, .. } if !self.state.slot_present(key) => added += 1,
+                MapOp::DeleteBackend { key } if self.state.slot_present(key) => deleted += 1,
+                _ => {}
+            }
+        }
+        if self.slots + added > self.capacity.backend_slots as usize {
+            return Err(PlanError::Full {
+                name: name.clone(),
+                map: maps::BACKEND_SLOTS4,
+                size: self.capacity.backend_slots,
+            });
+        }
+        self.slots = self.slots + added - deleted;
+        for op in ops {
+            self.state.apply(op);
+        }
+        Ok(())
+    }
+
+    /// The step that removes one service: unpublish, then free its slots and metadata.
+    fn remove(&mut self, key: &Svc4Key) -> Step {
+        let cur = self.state.services[key].clone();
+        let id = cur.value.svc_id;
+        let mut ops = vec![MapOp::DeleteService { key: *key }];
+        for slot in 0..cur.backends.len() as u32 {
+            ops.push(MapOp::DeleteBackend {
+                key: BackendSlotKey {
+                    table: cur.value.table,
+                    slot,
+                },
+            });
+        }
+        for table in tables_of(id) {
+            self.delete_spares(&mut ops, table, 0);
+        }
+        ops.push(MapOp::DeleteMeta { svc_id: id });
+        if key.proto == PROTO_UDP && !cur.backends.is_empty() {
+            ops.push(MapOp::PurgeUdpConntrack {
+                frontend: *key,
+                backends: cur.backends.clone(),
+            });
+        }
+        for op in &ops {
+            if let MapOp::DeleteBackend { key } = op
+                && self.state.slot_present(key)
+            {
+                self.slots -= 1;
+            }
+            self.state.apply(op);
+        }
+        Step {
+            name: name_of(key, &cur.meta),
+            ops,
+        }
+    }
+}
+
+/// The name of a programmed service, from its `svc_meta` (or its frontend, if it has none).
+fn name_of(key: &Svc4Key, meta: &SvcMeta) -> ServicePortName {
+    let (namespace, name, port_name) = meta_to_name(meta);
+    let protocol = Protocol::from_number(key.proto).unwrap_or(Protocol::Tcp);
+    if name.is_empty() {
+        return ServicePortName {
+            namespace: "(unnamed)".into(),
+            name: format!("{}:{}", std::net::Ipv4Addr::from(key.addr), key.port),
+            port_name: String::new(),
+            protocol,
+        };
+    }
+    ServicePortName {
+        namespace,
+        name,
+        port_name,
+        protocol,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use proxy_common::{PROTO_TCP, service::SCOPE_CLUSTER_IP};
+
+    use super::*;
+
+    const BIG: Capacity = Capacity {
+        services: 65_536,
+        backend_slots: 262_144,
+    };
+
+    fn frontend(last: u8, port: u16, protocol: Protocol) -> Frontend {
+        Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, last),
+            port,
+            protocol,
+        }
+    }
+
+    fn eps(lasts: &[u8]) -> Vec<Endpoint> {
+        let mut v: Vec<Endpoint> = lasts
+            .iter()
+            .map(|&l| Endpoint {
+                addr: Ipv4Addr::new(10, 244, 0, l),
+                port: 8080,
+                terminating: false,
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn service(name: &str, f: Frontend, endpoints: Vec<Endpoint>) -> DesiredService {
+        DesiredService {
+            frontend: f,
+            name: ServicePortName {
+                namespace: "default".into(),
+                name: name.into(),
+                port_name: "http".into(),
+                protocol: f.protocol,
+            },
+            endpoints,
+            affinity_timeout_s: 0,
+        }
+    }
+
+    fn desired(services: impl IntoIterator<Item = DesiredService>) -> DesiredState {
+        DesiredState {
+            services: services.into_iter().map(|s| (s.frontend, s)).collect(),
+        }
+    }
+
+    fn apply_plan(state: &mut MapState, plan: &Plan) {
+        for op in plan
+            .prologue
+            .iter()
+            .chain(plan.steps.iter().flat_map(|s| &s.ops))
+            .chain(&plan.epilogue)
+        {
+            state.apply(op);
+        }
+    }
+
+    /// Plans, checks nothing was refused, applies; returns the plan.
+    fn step(state: &mut MapState, d: &DesiredState) -> Plan {
+        let (plan, errors) = plan(d, state, BIG);
+        assert!(errors.is_empty(), "{errors:?}");
+        apply_plan(state, &plan);
+        plan
+    }
+
+    fn slot(table: u32, slot: u32) -> BackendSlotKey {
+        BackendSlotKey { table, slot }
+    }
+
+    fn put_backend(table: u32, s: u32, e: &Endpoint) -> MapOp {
+        MapOp::PutBackend {
+            key: slot(table, s),
+            value: backend_from_endpoint(e),
+        }
+    }
+
+    fn svc_value(svc_id: u32, table: u32, count: u32) -> Svc4Value {
+        Svc4Value {
+            svc_id,
+            table,
+            backend_count: count,
+            scheduler: SCHED_RANDOM,
+            flags: 0,
+            _pad: 0,
+            affinity_timeout_s: 0,
+        }
+    }
+
+    /// Service ops of a plan, without the reply filter.
+    fn step_ops(plan: &Plan) -> Vec<(String, Vec<MapOp>)> {
+        plan.steps
+            .iter()
+            .map(|s| (s.name.to_string(), s.ops.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_new_service_is_meta_then_backends_then_published() {
+        let f = frontend(10, 80, Protocol::Tcp);
+        let e = eps(&[1, 2]);
+        let d = desired([service("myapp", f, e.clone())]);
+        let (plan, errors) = plan(&d, &MapState::default(), BIG);
+        assert!(errors.is_empty());
+        let name = ServicePortName {
+            namespace: "default".into(),
+            name: "myapp".into(),
+            port_name: "http".into(),
+            protocol: Protocol::Tcp,
+        };
+        assert_eq!(
+            plan.steps,
+            [Step {
+                name: name.clone(),
+                ops: vec![
+                    MapOp::PutMeta {
+                        svc_id: 1,
+                        meta: meta_from_name(&name)
+                    },
+                    put_backend(2, 0, &e[0]),
+                    put_backend(2, 1, &e[1]),
+                    MapOp::PutService {
+                        key: f.key(),
+                        value: svc_value(1, 2, 2)
+                    },
+                ],
+            }]
+        );
+        assert!(plan.epilogue.is_empty());
+        assert!(!plan.prologue.is_empty());
+    }
+
+    #[test]
+    fn an_unchanged_state_plans_nothing() {
+        let mut state = MapState::default();
+        let d = desired([
+            service("a", frontend(10, 80, Protocol::Tcp), eps(&[1, 2, 3])),
+            service("b", frontend(11, 53, Protocol::Udp), eps(&[])),
+        ]);
+        step(&mut state, &d);
+        let (again, errors) = plan(&d, &state, BIG);
+        assert!(errors.is_empty());
+        assert!(again.is_empty(), "{again:?}");
+        assert_eq!(again.op_count(), 0);
+    }
+
+    #[test]
+    fn a_service_without_endpoints_is_programmed_with_no_backends() {
+        let mut state = MapState::default();
+        let f = frontend(10, 80, Protocol::Tcp);
+        let plan = step(&mut state, &desired([service("a", f, vec![])]));
+        assert_eq!(plan.steps[0].ops.len(), 2); // PutMeta, PutService
+        assert_eq!(state.services[&f.key()].value.backend_count, 0);
+        assert!(plan.prologue.is_empty() && plan.epilogue.is_empty());
+    }
+
+    #[test]
+    fn a_backend_change_fills_the_other_table_then_switches_then_frees_the_old() {
+        let f = frontend(10, 80, Protocol::Tcp);
+        let mut state = MapState::default();
+        step(&mut state, &desired([service("a", f, eps(&[1, 2]))]));
+
+        // Added: table 2 -> 3.
+        let e = eps(&[1, 2, 3]);
+        let plan = step(&mut state, &desired([service("a", f, e.clone())]));
+        let expected = vec![
+            put_backend(3, 0, &e[0]),
+            put_backend(3, 1, &e[1]),
+            put_backend(3, 2, &e[2]),
+            MapOp::PutService {
+                key: f.key(),
+                value: svc_value(1, 3, 3),
+            },
+            MapOp::DeleteBackend { key: slot(2, 0) },
+            MapOp::DeleteBackend { key: slot(2, 1) },
+        ];
+        assert_eq!(
+            step_ops(&plan),
+            [("default/a:http/TCP".to_string(), expected)]
+        );
+        assert_eq!(state.services[&f.key()].value.table, 3);
+        assert!(state.spare_slots.is_empty());
+
+        // Removed: table 3 -> 2. TCP: no conntrack purge.
+        let e = eps(&[3]);
+        let plan = step(&mut state, &desired([service("a", f, e.clone())]));
+        let expected = vec![
+            put_backend(2, 0, &e[0]),
+            MapOp::PutService {
+                key: f.key(),
+                value: svc_value(1, 2, 1),
+            },
+            MapOp::DeleteBackend { key: slot(3, 0) },
+            MapOp::DeleteBackend { key: slot(3, 1) },
+            MapOp::DeleteBackend { key: slot(3, 2) },
+        ];
+        assert_eq!(plan.steps[0].ops, expected);
+        assert_eq!(
+            state.services[&f.key()].backends,
+            [backend_from_endpoint(&e[0])]
+        );
+    }
+
+    #[test]
+    fn a_terminating_flag_change_is_a_backend_change() {
+        let f = frontend(10, 80, Protocol::Tcp);
+        let mut state = MapState::default();
+        step(&mut state, &desired([service("a", f, eps(&[1]))]));
+        let mut e = eps(&[1]);
+        e[0].terminating = true;
+        let plan = step(&mut state, &desired([service("a", f, e)]));
+        assert!(
+            matches!(plan.steps[0].ops[0], MapOp::PutBackend { value, .. } if value.flags == BACKEND_TERMINATING)
+        );
+        // Same address: nothing to purge, and the filter bit stays.
+        assert!(plan.prologue.is_empty() && plan.epilogue.is_empty());
+    }
+
+    #[test]
+    fn udp_backends_that_go_have_their_conntrack_purged_after_the_switch() {
+        let f = frontend(53, 53, Protocol::Udp);
+        let mut state = MapState::default();
+        step(&mut state, &desired([service("dns", f, eps(&[1, 2, 3]))]));
+        let plan = step(&mut state, &desired([service("dns", f, eps(&[2, 4]))]));
+        let ops = &plan.steps[0].ops;
+        let gone: Vec<Backend4> = eps(&[1, 3]).iter().map(backend_from_endpoint).collect();
+        assert_eq!(
+            ops.last(),
+            Some(&MapOp::PurgeUdpConntrack {
+                frontend: f.key(),
+                backends: gone
+            })
+        );
+        let publish = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::PutService { .. }));
+        assert!(publish < Some(ops.len() - 1));
+
+        // Only additions: nothing to purge.
+        let plan = step(&mut state, &desired([service("dns", f, eps(&[2, 4, 5]))]));
+        assert!(
+            !plan.steps[0]
+                .ops
+                .iter()
+                .any(|o| matches!(o, MapOp::PurgeUdpConntrack { .. }))
+        );
+    }
+
+    #[test]
+    fn a_removed_service_is_unpublished_then_freed() {
+        let tcp = frontend(10, 80, Protocol::Tcp);
+        let udp = frontend(11, 53, Protocol::Udp);
+        let mut state = MapState::default();
+        step(
+            &mut state,
+            &desired([
+                service("a", tcp, eps(&[1, 2])),
+                service("b", udp, eps(&[3])),
+            ]),
+        );
+        let plan = step(&mut state, &desired([]));
+        let b3: Vec<Backend4> = eps(&[3]).iter().map(backend_from_endpoint).collect();
+        assert_eq!(
+            step_ops(&plan),
+            [
+                (
+                    "default/a:http/TCP".to_string(),
+                    vec![
+                        MapOp::DeleteService { key: tcp.key() },
+                        MapOp::DeleteBackend { key: slot(2, 0) },
+                        MapOp::DeleteBackend { key: slot(2, 1) },
+                        MapOp::DeleteMeta { svc_id: 1 },
+                    ]
+                ),
+                (
+                    "default/b:http/UDP".to_string(),
+                    vec![
+                        MapOp::DeleteService { key: udp.key() },
+                        MapOp::DeleteBackend { key: slot(4, 0) },
+                        MapOp::DeleteMeta { svc_id: 2 },
+                        MapOp::PurgeUdpConntrack {
+                            frontend: udp.key(),
+                            backends: b3
+                        },
+                    ]
+                ),
+            ]
+        );
+        assert!(plan.prologue.is_empty());
+        assert!(!plan.epilogue.is_empty());
+        assert_eq!(
+            state,
+            MapState {
+                reply_filter: vec![0; reply_filter::WORDS as usize],
+                ..MapState::default()
+            }
+        );
+    }
+
+    #[test]
+    fn additions_and_changes_come_first_in_frontend_order_then_removals() {
+        let mut state = MapState::default();
+        step(
+            &mut state,
+            &desired([
+                service("gone", frontend(1, 80, Protocol::Tcp), eps(&[1])),
+                service("changed", frontend(5, 80, Protocol::Tcp), eps(&[1])),
+            ]),
+        );
+        let (plan, _) = plan(
+            &desired([
+                service("changed", frontend(5, 80, Protocol::Tcp), eps(&[2])),
+                service("new-udp", frontend(3, 80, Protocol::Udp), eps(&[1])),
+                service("new-tcp", frontend(3, 80, Protocol::Tcp), eps(&[1])),
+            ]),
+            &state,
+            BIG,
+        );
+        let names: Vec<String> = plan.steps.iter().map(|s| s.name.name.clone()).collect();
+        assert_eq!(names, ["new-tcp", "new-udp", "changed", "gone"]);
+    }
+
+    #[test]
+    fn meta_only_and_value_only_changes_are_single_puts() {
+        let f = frontend(10, 80, Protocol::Tcp);
+        let mut state = MapState::default();
+        step(&mut state, &desired([service("a", f, eps(&[1]))]));
+
+        let mut renamed = service("a", f, eps(&[1]));
+        renamed.name.port_name = "web".into();
+        let plan = step(&mut state, &desired([renamed.clone()]));
+        assert_eq!(
+            plan.steps[0].ops,
+            [MapOp::PutMeta {
+                svc_id: 1,
+                meta: meta_from_name(&renamed.name)
+            }]
+        );
+        assert_eq!(plan.steps[0].name.port_name, "web");
+
+        let mut sticky = renamed;
+        sticky.affinity_timeout_s = 10_800;
+        let plan = step(&mut state, &desired([sticky]));
+        assert_eq!(
+            plan.steps[0].ops,
+            [MapOp::PutService {
+                key: f.key(),
+                value: Svc4Value {
+                    affinity_timeout_s: 10_800,
+                    ..svc_value(1, 2, 1)
+                }
+            }]
+        );
+        assert!(plan.prologue.is_empty() && plan.epilogue.is_empty());
+    }
+
+    #[test]
+    fn ids_are_kept_and_new_ones_take_the_lowest_free() {
+        let (a, b, c, d) = (
+            frontend(1, 80, Protocol::Tcp),
+            frontend(2, 80, Protocol::Tcp),
+            frontend(3, 80, Protocol::Tcp),
+            frontend(4, 80, Protocol::Tcp),
+        );
+        let mut state = MapState::default();
+        step(
+            &mut state,
+            &desired([
+                service("a", a, eps(&[1])),
+                service("b", b, eps(&[1])),
+                service("c", c, eps(&[1])),
+            ]),
+        );
+        let id = |state: &MapState, f: Frontend| state.services[&f.key()].value.svc_id;
+        assert_eq!([id(&state, a), id(&state, b), id(&state, c)], [1, 2, 3]);
+
+        // b goes and d comes in the same plan: b's id is still in use while d is added.
+        step(
+            &mut state,
+            &desired([
+                service("a", a, eps(&[1, 2])),
+                service("c", c, eps(&[1])),
+                service("d", d, eps(&[1])),
+            ]),
+        );
+        assert_eq!([id(&state, a), id(&state, c), id(&state, d)], [1, 3, 4]);
+
+        // Next time, b's id is free again.
+        step(
+            &mut state,
+            &desired([
+                service("a", a, eps(&[1, 2])),
+                service("b", b, eps(&[1])),
+                service("c", c, eps(&[1])),
+                service("d", d, eps(&[1])),
+            ]),
+        );
+        assert_eq!(id(&state, b), 2);
+    }
+
+    #[test]
+    fn services_that_do_not_fit_are_refused_and_the_others_proceed() {
+        let (a, b, c) = (
+            frontend(1, 80, Protocol::Tcp),
+            frontend(2, 80, Protocol::Tcp),
+            frontend(3, 80, Protocol::Tcp),
+        );
+        let mut state = MapState::default();
+        step(&mut state, &desired([service("a", a, eps(&[1, 2]))]));
+
+        // services4 holds 2: b fits, c does not; a's change still goes through.
+        let small = Capacity {
+            services: 2,
+            backend_slots: 100,
+        };
+        let d = desired([
+            service("a", a, eps(&[1, 2, 3])),
+            service("b", b, eps(&[1])),
+            service("foo", c, eps(&[1])),
+        ]);
+        let (p, errors) = plan(&d, &state, small);
+        assert_eq!(
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["default/foo:http/TCP: services4 is full (2 entries)"]
+        );
+        let names: Vec<&str> = p.steps.iter().map(|s| s.name.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        apply_plan(&mut state, &p);
+        assert!(!state.services.contains_key(&c.key()));
+        assert!(state.slot_count() <= 100);
+
+        // Backend slots: a change needs old + new tables at once. 4 slots used (a: 3, b: 1);
+        // growing a to 4 needs 4 + 4 = 8 during the switch.
+        let tight = Capacity {
+            services: 10,
+            backend_slots: 7,
+        };
+        let d = desired([
+            service("a", a, eps(&[1, 2, 3, 4])),
+            service("b", b, eps(&[1, 2])),
+        ]);
+        let (p, errors) = plan(&d, &state, tight);
+        assert_eq!(
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["default/a:http/TCP: backend_slots4 is full (7 entries)"]
+        );
+        // b: 4 + 2 = 6 fits. a keeps what it had.
+        assert_eq!(p.steps.len(), 1);
+        assert_eq!(p.steps[0].name.name, "b");
+        apply_plan(&mut state, &p);
+        assert_eq!(state.services[&a.key()].backends.len(), 3);
+        // A refused service is planned again next time.
+        let (p, _) = plan(&d, &state, BIG);
+        assert_eq!(p.steps.len(), 1);
+        assert_eq!(p.steps[0].name.name, "a");
+    }
+
+    #[test]
+    fn a_refused_new_service_frees_its_id() {
+        let mut state = MapState::default();
+        step(
+            &mut state,
+            &desired([service("a", frontend(1, 80, Protocol::Tcp), eps(&[1]))]),
+        );
+        let cap = Capacity {
+            services: 10,
+            backend_slots: 3,
+        };
+        let d = desired([
+            service("a", frontend(1, 80, Protocol::Tcp), eps(&[1])),
+            service("big", frontend(2, 80, Protocol::Tcp), eps(&[1, 2, 3])),
+            service("small", frontend(3, 80, Protocol::Tcp), eps(&[1])),
+        ]);
+        let (p, errors) = plan(&d, &state, cap);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(p.steps.len(), 1);
+        assert!(matches!(
+            p.steps[0].ops[0],
+            MapOp::PutMeta { svc_id: 2, .. }
+        ));
+    }
+
+    fn words_of(backends: &[(Endpoint, u8)]) -> Vec<u64> {
+        let mut w = vec![0u64; reply_filter::WORDS as usize];
+        for (e, proto) in backends {
+            let (i, m) =
+                reply_filter::word_and_mask(reply_filter::bit(e.addr.octets(), e.port, *proto));
+            w[i as usize] |= m;
+        }
+        w
+    }
+
+    #[test]
+    fn reply_filter_gains_bits_before_the_steps_and_loses_them_after() {
+        let f = frontend(10, 80, Protocol::Tcp);
+        let mut state = MapState::default();
+        let first = step(&mut state, &desired([service("a", f, eps(&[1, 2]))]));
+        let old = words_of(
+            &eps(&[1, 2])
+                .into_iter()
+                .map(|e| (e, PROTO_TCP))
+                .collect::<Vec<_>>(),
+        );
+        let expected: Vec<MapOp> = old
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w != 0)
+            .map(|(i, &w)| MapOp::SetReplyFilterWord {
+                index: i as u32,
+                word: w,
+            })
+            .collect();
+        assert_eq!(first.prologue, expected);
+        assert!(first.epilogue.is_empty());
+        assert_eq!(state.reply_filter, old);
+
+        let (p, _) = plan(&desired([service("a", f, eps(&[2, 3]))]), &state, BIG);
+        let new = words_of(
+            &eps(&[2, 3])
+                .into_iter()
+                .map(|e| (e, PROTO_TCP))
+                .collect::<Vec<_>>(),
+        );
+        for (i, (&o, &n)) in old.iter().zip(&new).enumerate() {
+            let set = |ops: &[MapOp]| {
+                ops.iter().find_map(|op| match op {
+                    MapOp::SetReplyFilterWord { index, word } if *index == i as u32 => Some(*word),
+                    _ => None,
+                })
+            };
+            assert_eq!(
+                set(&p.prologue),
+                (o | n != o).then_some(o | n),
+                "prologue word {i}"
+            );
+            assert_eq!(
+                set(&p.epilogue),
+                (n != o | n).then_some(n),
+                "epilogue word {i}"
+            );
+        }
+        apply_plan(&mut state, &p);
+        assert_eq!(state.reply_filter, new);
+    }
+
+    #[test]
+    fn meta_names_are_truncated_and_read_back() {
+        let name = ServicePortName {
+            namespace: "kube-system".into(),
+            name: "a".repeat(70),
+            port_name: "metrics-port-long".into(),
+            protocol: Protocol::Tcp,
+        };
+        let meta = meta_from_name(&name);
+        assert_eq!(meta.name[NAME_LEN - 1], 0);
+        let (ns, n, port) = meta_to_name(&meta);
+        assert_eq!(ns, "kube-system");
+        assert_eq!(n, "a".repeat(NAME_LEN - 1));
+        assert_eq!(port, "metrics-port-lo");
+        assert_eq!(
+            meta_to_name(&empty_meta()),
+            (String::new(), String::new(), String::new())
+        );
+        // A cut never splits a character.
+        let wide = ServicePortName {
+            port_name: "é".repeat(10),
+            ..name
+        };
+        assert_eq!(meta_to_name(&meta_from_name(&wide)).2, "é".repeat(7));
+    }
+
+    #[test]
+    fn backends_carry_the_terminating_flag_and_weight_one() {
+        let e = Endpoint {
+            addr: Ipv4Addr::new(10, 0, 0, 1),
+            port: 8080,
+            terminating: true,
+        };
+        assert_eq!(
+            backend_from_endpoint(&e),
+            Backend4 {
+                addr: [10, 0, 0, 1],
+                port: 8080,
+                flags: BACKEND_TERMINATING,
+                weight: 1
+            }
+        );
+    }
+
+    /// The inverse of `op` given what `state` holds now (what the applier does for rollback).
+    fn inverse(state: &mut MapState, op: &MapOp) -> Option<MapOp> {
+        Some(match op {
+            MapOp::PutBackend { key, .. } | MapOp::DeleteBackend { key } => {
+                let held = state.spare_slots.get(key).copied().or_else(|| {
+                    let k = state.live_table(key.table)?;
+                    state.services[&k].backends.get(key.slot as usize).copied()
+                });
+                match held {
+                    Some(value) => MapOp::PutBackend { key: *key, value },
+                    None => MapOp::DeleteBackend { key: *key },
+                }
+            }
+            MapOp::PutMeta { svc_id, .. } | MapOp::DeleteMeta { svc_id } => {
+                let held = state.spare_meta.get(svc_id).copied().or_else(|| {
+                    let k = state.key_of_id(*svc_id)?;
+                    Some(state.services[&k].meta).filter(|m| *m != empty_meta())
+                });
+                match held {
+                    Some(meta) => MapOp::PutMeta {
+                        svc_id: *svc_id,
+                        meta,
+                    },
+                    None => MapOp::DeleteMeta { svc_id: *svc_id },
+                }
+            }
+            MapOp::PutService { key, .. } | MapOp::DeleteService { key } => {
+                match state.services.get(key) {
+                    Some(s) => MapOp::PutService {
+                        key: *key,
+                        value: s.value,
+                    },
+                    None => MapOp::DeleteService { key: *key },
+                }
+            }
+            MapOp::SetReplyFilterWord { index, .. } => MapOp::SetReplyFilterWord {
+                index: *index,
+                word: state
+                    .reply_filter
+                    .get(*index as usize)
+                    .copied()
+                    .unwrap_or(0),
+            },
+            MapOp::PurgeUdpConntrack { .. } => return None,
+        })
+    }
+
+    #[test]
+    fn a_step_rolled_back_at_any_op_restores_the_state() {
+        let (a, b) = (
+            frontend(1, 80, Protocol::Udp),
+            frontend(2, 80, Protocol::Tcp),
+        );
+        let mut base = MapState::default();
+        step(
+            &mut base,
+            &desired([service("a", a, eps(&[1, 2, 3])), service("b", b, eps(&[1]))]),
+        );
+        let (p, _) = plan(
+            &desired([
+                service("a", a, eps(&[2, 4])),
+                service("c", frontend(3, 80, Protocol::Tcp), eps(&[5])),
+            ]),
+            &base,
+            BIG,
+        );
+        let mut before = base.clone();
+        for op in &p.prologue {
+            before.apply(op);
+        }
+        for s in &p.steps {
+            for fail_at in 0..=s.ops.len() {
+                let mut state = before.clone();
+                let mut undo = Vec::new();
+                for op in &s.ops[..fail_at] {
+                    undo.extend(inverse(&mut state, op));
+                    state.apply(op);
+                }
+                for op in undo.iter().rev() {
+                    state.apply(op);
+                }
+                assert_eq!(state, before, "{} rolled back after {fail_at} ops", s.name);
+            }
+            for op in &s.ops {
+                before.apply(op);
+            }
+        }
+    }
+
+    #[test]
+    fn apply_mirrors_holes_and_the_planner_repairs_them() {
+        let f = frontend(10, 80, Protocol::Tcp);
+        let mut state = MapState::default();
+        let d = desired([service("a", f, eps(&[1, 2, 3]))]);
+        step(&mut state, &d);
+        // A slot of the live table vanishes (as if deleted by hand).
+        state.apply(&MapOp::DeleteBackend { key: slot(2, 1) });
+        assert_eq!(state.services[&f.key()].backends.len(), 1);
+        assert_eq!(state.spare_slots.len(), 1);
+        // The planner rewrites the service into the other table and clears the leftovers.
+        step(&mut state, &d);
+        assert_eq!(state.services[&f.key()].backends.len(), 3);
+        assert!(state.spare_slots.is_empty());
+        assert!(plan(&d, &state, BIG).0.is_empty());
+    }
+
+    #[test]
+    fn leftovers_of_an_interrupted_agent_are_cleared_when_their_id_is_reused() {
+        let mut state = MapState::default();
+        // An agent died after filling table 2 and writing meta 1, before the PutService.
+        let stale = Backend4 {
+            addr: [1, 1, 1, 1],
+            port: 1,
+            flags: 0,
+            weight: 1,
+        };
+        for s in 0..4 {
+            state.apply(&MapOp::PutBackend {
+                key: slot(2, s),
+                value: stale,
+            });
+        }
+        state.apply(&MapOp::PutBackend {
+            key: slot(3, 0),
+            value: stale,
+        });
+        state.apply(&MapOp::PutMeta {
+            svc_id: 1,
+            meta: empty_meta(),
+        });
+        let d = desired([service("a", frontend(10, 80, Protocol::Tcp), eps(&[1, 2]))]);
+        step(&mut state, &d);
+        assert!(state.spare_slots.is_empty(), "{:?}", state.spare_slots);
+        assert!(state.spare_meta.is_empty());
+        assert_eq!(
+            state.services.values().next().unwrap().meta,
+            meta_from_name(&d.services.values().next().unwrap().name)
+        );
+        assert!(plan(&d, &state, BIG).0.is_empty());
+    }
+
+    /// A small deterministic generator, so the property test needs no extra crate.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    fn random_desired(rng: &mut Lcg) -> DesiredState {
+        let mut services = Vec::new();
+        for last in 0..12u8 {
+            if rng.next(3) == 0 {
+                continue;
+            }
+            let protocol = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp][rng.next(3) as usize];
+            let mut endpoints: Vec<Endpoint> = (0..rng.next(6))
+                .map(|_| Endpoint {
+                    addr: Ipv4Addr::new(10, 244, 0, rng.next(8) as u8),
+                    port: 8080 + rng.next(2) as u16,
+                    terminating: rng.next(4) == 0,
+                })
+                .collect();
+            endpoints.sort();
+            endpoints.dedup_by_key(|e| (e.addr, e.port));
+            let mut s = service(
+                &format!("s{}", rng.next(3)),
+                frontend(last, 80, protocol),
+                endpoints,
+            );
+            s.affinity_timeout_s = [0, 60, 10_800][rng.next(3) as usize];
+            services.push(s);
+        }
+        desired(services)
+    }
+
+    #[test]
+    fn applying_a_plan_reaches_a_state_that_plans_to_nothing() {
+        let mut rng = Lcg(7);
+        let mut state = MapState::default();
+        for round in 0..300 {
+            let d = random_desired(&mut rng);
+            let (p, errors) = plan(&d, &state, BIG);
+            assert!(errors.is_empty());
+            apply_plan(&mut state, &p);
+
+            let (again, _) = plan(&d, &state, BIG);
+            assert!(again.is_empty(), "round {round}: {again:?}");
+            // The maps hold exactly the desired services, with nothing left over.
+            assert!(
+                state.spare_slots.is_empty() && state.spare_meta.is_empty(),
+                "round {round}"
+            );
+            assert_eq!(state.services.len(), d.services.len());
+            for (f, s) in &d.services {
+                let got = &state.services[&f.key()];
+                let want: Vec<Backend4> = s.endpoints.iter().map(backend_from_endpoint).collect();
+                assert_eq!(got.backends, want, "round {round}");
+                assert_eq!(got.value.backend_count as usize, want.len());
+                assert!(tables_of(got.value.svc_id).contains(&got.value.table));
+            }
+            let ids: BTreeSet<u32> = state.services.values().map(|s| s.value.svc_id).collect();
+            assert_eq!(ids.len(), state.services.len(), "ids are unique");
+            assert_eq!(state.reply_filter, filter_words(&state));
+            assert_eq!(
+                state.slot_count(),
+                d.services
+                    .values()
+                    .map(|s| s.endpoints.len())
+                    .sum::<usize>()
+            );
+            // From a state to itself: nothing.
+            let (same, _) = plan(&d, &state, BIG);
+            assert!(same.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_service_without_meta_is_removed_under_its_frontend() {
+        let mut state = MapState::default();
+        let key = Svc4Key {
+            addr: [10, 96, 0, 1],
+            port: 80,
+            proto: PROTO_TCP,
+            scope: SCOPE_CLUSTER_IP,
+        };
+        state.apply(&MapOp::PutService {
+            key,
+            value: svc_value(7, 14, 0),
+        });
+        let (p, _) = plan(&DesiredState::default(), &state, BIG);
+        assert_eq!(p.steps[0].name.to_string(), "(unnamed)/10.96.0.1:80/TCP");
+        apply_plan(&mut state, &p);
+        assert!(state.services.is_empty());
+    }
 }
