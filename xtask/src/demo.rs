@@ -166,6 +166,11 @@ pub fn demo(workspace: &Path) -> Result<()> {
     );
     print!("{}", agent.cli(&["conntrack"])?);
     println!(
+        "==> demo: $ bpfproxy stats --bpffs {}",
+        agent.bpffs().display()
+    );
+    print!("{}", agent.cli(&["stats"])?);
+    println!(
         "==> demo: $ bpftool map dump pinned {}",
         agent.bpffs().join("services4").display()
     );
