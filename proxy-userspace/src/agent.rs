@@ -10,6 +10,7 @@ use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use notify::Watcher as _;
+use rtnetlink::sys::AsyncSocket as _;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -22,7 +23,7 @@ use crate::{
         loader::PROG_TC_INGRESS,
     },
     manifest::ManifestDir,
-    model::desired_state,
+    model::{Severity, desired_state},
     planner::{Capacity, MapState, plan},
 };
 
@@ -74,7 +75,14 @@ impl Reconciler {
         problems.extend(report.errors.iter().map(|e| e.to_string()));
         let objects = self.dir.objects();
         let (desired, issues) = desired_state(&objects.services, &objects.slices);
-        problems.extend(issues.iter().map(|i| i.to_string()));
+        for issue in &issues {
+            match issue.severity {
+                Severity::Warning => {
+                    problems.insert(issue.to_string());
+                }
+                Severity::Notice => tracing::debug!("{issue}"),
+            }
+        }
         let (plan, refused) = plan(&desired, &self.state, self.capacity);
         problems.extend(refused.iter().map(|e| e.to_string()));
         let ops: usize = plan.steps.iter().map(|s| s.ops.len()).sum::<usize>()
@@ -121,7 +129,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let present = list_interfaces();
     for name in patterns.literal_names() {
         if !present.iter().any(|(_, n)| n == name) {
-            tracing::error!(interface = name, "interface does not exist (yet); it will be attached when it appears");
+            tracing::error!(
+                interface = name,
+                "interface does not exist (yet); it will be attached when it appears"
+            );
         }
     }
 

@@ -75,7 +75,14 @@ pub fn services(maps: &KernelMaps) -> Result<Vec<ServiceRow>, DatapathError> {
             }
         })
         .collect();
-    rows.sort_by(|a, b| (&a.namespace, &a.name, &a.port_name, a.port).cmp(&(&b.namespace, &b.name, &b.port_name, b.port)));
+    rows.sort_by(|a, b| {
+        (&a.namespace, &a.name, &a.port_name, a.port).cmp(&(
+            &b.namespace,
+            &b.name,
+            &b.port_name,
+            b.port,
+        ))
+    });
     Ok(rows)
 }
 

@@ -1,6 +1,9 @@
 //! The bpfproxy node agent: model (what the cluster wants), planner (what changes) and
 //! datapath (how it reaches the kernel).
 
+pub mod agent;
+pub mod datapath;
+pub mod inspect;
 pub mod manifest;
 pub mod model;
 pub mod planner;

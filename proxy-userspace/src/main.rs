@@ -1,1 +1,169 @@
-fn main(){}
+//! `bpfproxy`: the node agent (`run`) and the inspection commands.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use bpfproxy::{
+    agent::{AgentConfig, run},
+    datapath::{KernelMaps, LoadOptions, MapSizes},
+    inspect,
+};
+use clap::{Parser, Subcommand, ValueEnum};
+use proxy_common::maps;
+
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf/bpfproxy";
+
+#[derive(Parser)]
+#[command(
+    name = "bpfproxy",
+    version,
+    about = "eBPF Kubernetes Service load balancer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent in the foreground until SIGTERM or SIGINT.
+    Run {
+        /// Folder of Kubernetes YAML/JSON manifests (Service, EndpointSlice); watched live.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Interfaces to attach to, by name or glob (e.g. `veth*`), comma separated.
+        /// Interfaces that appear later and match are attached too.
+        #[arg(long, value_delimiter = ',', required = true)]
+        interfaces: Vec<String>,
+        /// Folder on bpffs where the maps are pinned (mounted if missing).
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// Capacity of the services map (service ports).
+        #[arg(long, default_value_t = maps::DEFAULT_SERVICES)]
+        max_services: u32,
+        /// Capacity of the backend slots map (sum of backends over services, x2 during a change).
+        #[arg(long, default_value_t = maps::DEFAULT_BACKEND_SLOTS)]
+        max_backends: u32,
+        /// Capacity of the connection-tracking map (two entries per connection).
+        #[arg(long, default_value_t = maps::DEFAULT_CONNTRACK)]
+        max_connections: u32,
+        /// Load this eBPF object instead of the embedded one.
+        #[arg(long)]
+        object: Option<PathBuf>,
+        /// Seconds between full resyncs (a safety net; changes apply at once).
+        #[arg(long, default_value_t = 30)]
+        resync_seconds: u64,
+    },
+    /// Services as the kernel holds them.
+    Services {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Tracked connections: client, service, chosen backend.
+    Conntrack {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Datapath counters (packets by path taken), summed over CPUs.
+    Stats {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bpfproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run {
+            manifests,
+            interfaces,
+            bpffs,
+            max_services,
+            max_backends,
+            max_connections,
+            object,
+            resync_seconds,
+        } => {
+            let config = AgentConfig {
+                manifests,
+                interfaces,
+                load: LoadOptions {
+                    object,
+                    pin_dir: Some(bpffs),
+                    sizes: MapSizes {
+                        services: max_services,
+                        backend_slots: max_backends,
+                        conntrack: max_connections,
+                    },
+                },
+                resync: Duration::from_secs(resync_seconds.max(1)),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(run(config))
+        }
+        Command::Services { bpffs, output } => {
+            let rows = inspect::services(&KernelMaps::open_pinned(&bpffs)?)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                Output::Table => print!("{}", inspect::services_table(&rows)),
+            }
+            Ok(())
+        }
+        Command::Conntrack { bpffs, output } => {
+            let rows = inspect::connections(&KernelMaps::open_pinned(&bpffs)?);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                Output::Table => print!("{}", inspect::connections_table(&rows)),
+            }
+            Ok(())
+        }
+        Command::Stats { bpffs, output } => {
+            let counters = KernelMaps::open_pinned(&bpffs)?.counters();
+            match output {
+                Output::Json => {
+                    let map: serde_json::Map<String, serde_json::Value> = counters
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), (*v).into()))
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&map)?);
+                }
+                Output::Table => {
+                    for (name, value) in counters {
+                        println!("{name:<22} {value}");
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -122,7 +122,10 @@ impl Attachments {
     }
 }
 
-fn attach_ingress(prog: &mut SchedClassifier, name: &str) -> Result<SchedClassifierLinkId, DatapathError> {
+fn attach_ingress(
+    prog: &mut SchedClassifier,
+    name: &str,
+) -> Result<SchedClassifierLinkId, DatapathError> {
     // tcx (6.6+) needs no qdisc; older kernels attach through a clsact qdisc.
     let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
     if !tcx && let Err(e) = tc::qdisc_add_clsact(name) {

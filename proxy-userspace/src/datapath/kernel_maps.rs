@@ -15,7 +15,7 @@ use proxy_common::{
 };
 
 use super::DatapathError;
-use crate::planner::{MapOp, MapState, Plan, ProgrammedService, Step};
+use crate::planner::{MapOp, MapState, Plan, ProgrammedService, Step, empty_meta};
 
 pub struct KernelMaps {
     pub services: HashMap<MapData, Svc4Key, Svc4Value>,
@@ -45,7 +45,9 @@ fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &str) -> Result<T, D
 }
 
 impl KernelMaps {
-    fn from_lookup(mut get: impl FnMut(&str) -> Result<Map, DatapathError>) -> Result<Self, DatapathError> {
+    fn from_lookup(
+        mut get: impl FnMut(&str) -> Result<Map, DatapathError>,
+    ) -> Result<Self, DatapathError> {
         Ok(KernelMaps {
             services: typed(get(maps::SERVICES4)?, maps::SERVICES4)?,
             backend_slots: typed(get(maps::BACKEND_SLOTS4)?, maps::BACKEND_SLOTS4)?,
@@ -158,6 +160,11 @@ impl KernelMaps {
         }
         for step in &plan.steps {
             self.apply_step(step, state, &mut report);
+        }
+        if !report.failed.is_empty() {
+            // A rolled-back step may keep backends whose bits the epilogue would clear; a
+            // superset of bits is safe, and the next plan trims it.
+            return report;
         }
         for op in &plan.epilogue {
             self.apply_shared(op, state, &mut report);
@@ -273,7 +280,8 @@ impl KernelMaps {
     /// Deletes the UDP conntrack entries between clients of `frontend` and `backends`, both
     /// directions.
     fn purge_udp_conntrack(&mut self, frontend: &Svc4Key, backends: &[Backend4]) {
-        let gone = |addr: [u8; 4], port: u16| backends.iter().any(|b| b.addr == addr && b.port == port);
+        let gone =
+            |addr: [u8; 4], port: u16| backends.iter().any(|b| b.addr == addr && b.port == port);
         let doomed: Vec<Ct4Key> = self
             .conntrack
             .iter()
@@ -318,17 +326,7 @@ impl KernelMaps {
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(())
-        }
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
-    }
-}
-
-fn empty_meta() -> SvcMeta {
-    SvcMeta {
-        namespace: [0; proxy_common::service::NAME_LEN],
-        name: [0; proxy_common::service::NAME_LEN],
-        port_name: [0; proxy_common::service::PORT_NAME_LEN],
     }
 }

@@ -164,7 +164,10 @@ impl Datapath {
     }
 }
 
-fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, DatapathError> {
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
     ebpf.program_mut(name)
         .ok_or_else(|| DatapathError::MissingProgram(name.to_string()))?
         .try_into()
