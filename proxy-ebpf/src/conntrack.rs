@@ -60,7 +60,7 @@ pub fn note_closing_forward(pkt: &Packet, vip: [u8; 4], vip_port: u16) {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    if let Some(entry) = CONNTRACK4.get_ptr_mut(&fwd) {
+    if let Some(entry) = CONNTRACK4.get_ptr_mut(fwd) {
         note_closing(pkt, entry);
     }
 }
@@ -68,7 +68,7 @@ pub fn note_closing_forward(pkt: &Packet, vip: [u8; 4], vip_port: u16) {
 /// Drops the reply entry of a forward entry that is being replaced.
 #[inline(always)]
 pub fn forget_reply(pkt: &Packet, backend_addr: [u8; 4], backend_port: u16) {
-    let _ = CONNTRACK4.remove(&reply_key(pkt, backend_addr, backend_port));
+    let _ = CONNTRACK4.remove(reply_key(pkt, backend_addr, backend_port));
 }
 
 /// The map is full beyond what LRU eviction could free.
@@ -95,15 +95,20 @@ pub fn create(
         created_ns,
     };
     let rkey = reply_key(pkt, backend_addr, backend_port);
-    CONNTRACK4.insert(&rkey, &reply, BPF_ANY as u64).map_err(|_| ConntrackFull)?;
+    CONNTRACK4
+        .insert(rkey, reply, BPF_ANY as u64)
+        .map_err(|_| ConntrackFull)?;
     let forward = Ct4Value {
         nat_addr: backend_addr,
         nat_port: backend_port,
         dir: CT_DIR_FORWARD,
         ..reply
     };
-    if CONNTRACK4.insert(&tuple_key(pkt), &forward, BPF_ANY as u64).is_err() {
-        let _ = CONNTRACK4.remove(&rkey);
+    if CONNTRACK4
+        .insert(tuple_key(pkt), forward, BPF_ANY as u64)
+        .is_err()
+    {
+        let _ = CONNTRACK4.remove(rkey);
         return Err(ConntrackFull);
     }
     Ok(())

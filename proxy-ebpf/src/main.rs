@@ -33,7 +33,7 @@ use crate::{
     parse::{Packet, Skip},
 };
 
-const OK: i32 = ACT_OK as i32;
+const OK: i32 = ACT_OK;
 
 /// The datapath entry point.
 #[classifier]
@@ -60,7 +60,7 @@ fn exit(stat: u32, action: i32) -> Result<i32, i32> {
 #[inline(always)]
 fn fail(stat: u32) -> Result<i32, i32> {
     count(stat);
-    Err(ACT_SHOT as i32)
+    Err(ACT_SHOT)
 }
 
 #[inline(always)]
@@ -77,7 +77,7 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, i32> {
         proto: pkt.proto,
         scope: SCOPE_CLUSTER_IP,
     };
-    match SERVICES4.get_ptr(&key) {
+    match SERVICES4.get_ptr(key) {
         Some(svc) => {
             // SAFETY: a lookup result; the value is replaced whole by userspace, never freed
             // under a running program (RCU), so reading its fields is sound.
@@ -98,7 +98,7 @@ fn to_service(
     table: u32,
     backend_count: u32,
 ) -> Result<i32, i32> {
-    if let Some(ct) = CONNTRACK4.get_ptr_mut(&conntrack::tuple_key(pkt)) {
+    if let Some(ct) = CONNTRACK4.get_ptr_mut(conntrack::tuple_key(pkt)) {
         // SAFETY: a lookup result, read and written only through this pointer.
         let (dir, flags, addr, port) =
             unsafe { ((*ct).dir, (*ct).flags, (*ct).nat_addr, (*ct).nat_port) };
@@ -123,7 +123,7 @@ fn to_service(
     }
     // SAFETY: a helper without arguments.
     let slot = unsafe { bpf_get_prandom_u32() } % backend_count;
-    let Some(backend) = BACKEND_SLOTS4.get_ptr(&BackendSlotKey { table, slot }) else {
+    let Some(backend) = BACKEND_SLOTS4.get_ptr(BackendSlotKey { table, slot }) else {
         return exit(stats::ERR_BACKEND_MISSING, OK);
     };
     // SAFETY: a lookup result.
@@ -149,7 +149,7 @@ fn maybe_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, i32> {
     if !maybe {
         return exit(stats::PASS_NOT_SERVICE, OK);
     }
-    let Some(ct) = CONNTRACK4.get_ptr_mut(&conntrack::tuple_key(pkt)) else {
+    let Some(ct) = CONNTRACK4.get_ptr_mut(conntrack::tuple_key(pkt)) else {
         return exit(stats::PASS_NOT_SERVICE, OK);
     };
     // SAFETY: a lookup result, read and written only through this pointer.

@@ -10,14 +10,13 @@ use proxy_common::{
     conntrack::{Ct4Key, Ct4Value},
     maps::{DEFAULT_BACKEND_SLOTS, DEFAULT_CONNTRACK, DEFAULT_SERVICES},
     reply_filter::WORDS,
-    service::{Backend4, BackendSlotKey, SvcMeta, Svc4Key, Svc4Value},
+    service::{Backend4, BackendSlotKey, Svc4Key, Svc4Value, SvcMeta},
     stats::COUNT,
 };
 
 /// Service frontends (VIP, port, proto, scope) -> live backend table and backend count.
 #[btf_map(name = "services4")]
-pub static SERVICES4: HashMap<Svc4Key, Svc4Value, { DEFAULT_SERVICES as usize }> =
-    HashMap::new();
+pub static SERVICES4: HashMap<Svc4Key, Svc4Value, { DEFAULT_SERVICES as usize }> = HashMap::new();
 
 /// Backend tables: (table, slot 0..backend_count) -> backend address and port.
 #[btf_map(name = "backend_slots4")]

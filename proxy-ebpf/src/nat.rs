@@ -64,7 +64,16 @@ pub fn rewrite_dst(
         sport: pkt.sport.to_be_bytes(),
         dport: port.to_be_bytes(),
     };
-    rewrite(ctx, pkt, &span, pkt.daddr, addr, pkt.l4_off + 2, pkt.dport, port)
+    rewrite(
+        ctx,
+        pkt,
+        &span,
+        pkt.daddr,
+        addr,
+        pkt.l4_off + 2,
+        pkt.dport,
+        port,
+    )
 }
 
 /// Backend -> client becomes VIP -> client.
@@ -82,7 +91,9 @@ pub fn rewrite_src(
         sport: port.to_be_bytes(),
         dport: pkt.dport.to_be_bytes(),
     };
-    rewrite(ctx, pkt, &span, pkt.saddr, addr, pkt.l4_off, pkt.sport, port)
+    rewrite(
+        ctx, pkt, &span, pkt.saddr, addr, pkt.l4_off, pkt.sport, port,
+    )
 }
 
 #[inline(always)]
@@ -98,7 +109,11 @@ fn rewrite(
     new_port: u16,
 ) -> Result<(), RewriteError> {
     let csum_off = pkt.l4_csum_off();
-    let l4_flags = if pkt.is_tcp() { 0 } else { BPF_F_MARK_MANGLED_0 as u64 };
+    let l4_flags = if pkt.is_tcp() {
+        0
+    } else {
+        BPF_F_MARK_MANGLED_0 as u64
+    };
     let fix_l4 = !pkt.no_l4_csum;
     let addr_changes = old_addr != new_addr;
     let port_changes = old_port != new_port;
@@ -113,7 +128,8 @@ fn rewrite(
     if fix_l4 && port_changes {
         let from = u16::from_ne_bytes(old_port.to_be_bytes()) as u64;
         let to = u16::from_ne_bytes(new_port.to_be_bytes()) as u64;
-        ctx.l4_csum_replace(csum_off, from, to, l4_flags | 2).map_err(|_| RewriteError)?;
+        ctx.l4_csum_replace(csum_off, from, to, l4_flags | 2)
+            .map_err(|_| RewriteError)?;
     }
 
     if pkt.l4_off == ETH_LEN + IPV4_MIN_LEN {
@@ -126,7 +142,8 @@ fn rewrite(
         ctx.store(SPAN_OFF, addrs, 0).map_err(|_| RewriteError)?;
     }
     if port_changes {
-        ctx.store(port_off, &new_port.to_be_bytes(), 0).map_err(|_| RewriteError)?;
+        ctx.store(port_off, &new_port.to_be_bytes(), 0)
+            .map_err(|_| RewriteError)?;
     }
     Ok(())
 }

@@ -6,10 +6,8 @@ use proxy_common::{PROTO_TCP, PROTO_UDP};
 pub const ETH_LEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const IPV4_MIN_LEN: usize = 20;
-/// Offsets inside the IPv4 header.
+/// Offset of the checksum inside the IPv4 header.
 pub const IP_CSUM: usize = 10;
-pub const IP_SADDR: usize = 12;
-pub const IP_DADDR: usize = 16;
 
 pub const TCP_LEN: usize = 20;
 pub const UDP_LEN: usize = 8;

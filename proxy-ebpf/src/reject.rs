@@ -8,9 +8,9 @@
 //! The skb keeps its checksum state. A locally sent TCP SYN or UDP datagram is
 //! CHECKSUM_PARTIAL; the peer's stack then trusts the ICMP checksum (which is valid anyway),
 //! and nothing on the veth path completes the stale L4 offload. `bpf_skb_change_tail`
-//! refuses to cut such an skb before its L4 checksum field, which only matters for an
-//! original header with more than 18 bytes of IP options: that packet is dropped
-//! (ERR_REWRITE) instead of answered.
+//! refuses to cut such an skb before the end of its L4 checksum field, which only matters
+//! when the original header has more than 18 bytes of IP options (28 for UDP): that packet
+//! is dropped (ERR_REWRITE) instead of answered.
 
 use aya_ebpf::{
     bindings::TC_ACT_REDIRECT,
@@ -112,5 +112,5 @@ pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, RejectError> {
     if action != TC_ACT_REDIRECT as i64 {
         return Err(RejectError);
     }
-    Ok(TC_ACT_REDIRECT as i32)
+    Ok(TC_ACT_REDIRECT)
 }
