@@ -7,26 +7,31 @@
 //! Stateful fixtures (a TCP connection's life) run in order against one loaded object and
 //! may check the maps after their step.
 //!
+//! The object is loaded and its maps written with the agent's own code
+//! (`bpfproxy::datapath`: `Datapath::load`, `KernelMaps::apply` of planner `MapOp`s).
 //! Needs root (BPF_PROG_TEST_RUN of a sched_cls program) and the object built by
 //! `cargo xtask build-ebpf` (or at $BPFPROXY_EBPF_OBJ).
 
 use std::{path::PathBuf, time::Duration};
 
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+use aya::programs::{TestRun, TestRunOptions};
+use bpfproxy::{
+    datapath::{
+        Datapath, LoadOptions, MapSizes,
+        loader::{PROG_TC_FLOOR, PROG_TC_INGRESS},
+    },
+    model::{Protocol, ServicePortName},
+    planner::{MapOp, MapState, Plan, Step},
 };
 use etherparse::{
-    IpFragOffset, IpHeaders, IpNumber, Ipv4Header, PacketBuilder, PacketHeaders,
-    TransportHeader, NetHeaders,
+    IpFragOffset, IpHeaders, IpNumber, Ipv4Header, NetHeaders, PacketBuilder, PacketHeaders,
+    TransportHeader,
 };
 use proxy_common::{
     PROTO_TCP, PROTO_UDP,
     conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, Ct4Key, Ct4Value},
-    maps,
     reply_filter,
-    service::{Backend4, BackendSlotKey, SCOPE_CLUSTER_IP, Svc4Key, Svc4Value},
+    service::{Backend4, BackendSlotKey, SCHED_RANDOM, SCOPE_CLUSTER_IP, Svc4Key, Svc4Value},
     stats,
 };
 
@@ -50,142 +55,146 @@ const OUTSIDE: [u8; 4] = [93, 184, 216, 34];
 const ETH_LEN: usize = 14;
 
 // ---------------------------------------------------------------------------------------
-// The loaded object and its maps.
+// The loaded object and its maps, through the agent's own loader and map writers.
 
 struct Harness {
-    ebpf: Ebpf,
+    dp: Datapath,
+    /// The planner's mirror of the maps, kept in step by `KernelMaps::apply`.
+    state: MapState,
 }
 
-fn object_path() -> PathBuf {
-    std::env::var_os("BPFPROXY_EBPF_OBJ").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../target/bpfel-unknown-none/release/proxy-ebpf"
-        ))
-    })
+/// The freshly built object ($BPFPROXY_EBPF_OBJ, else the workspace's build output), so
+/// the fixtures test the kernel program as it is now; the object embedded in the agent only
+/// when neither exists.
+fn object_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("BPFPROXY_EBPF_OBJ") {
+        return Some(PathBuf::from(p));
+    }
+    let built = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/bpfel-unknown-none/release/proxy-ebpf"
+    ));
+    built.is_file().then_some(built)
 }
 
 impl Harness {
-    /// Loads a fresh copy of the object (its own maps, so tests never see each other's
-    /// state), with small maps: a test needs a few entries, not the production defaults.
+    /// Loads a fresh copy of the object (its own unpinned maps, so tests never see each
+    /// other's state), with small maps: a test needs a few entries, not the defaults.
     fn load() -> Harness {
-        let path = object_path();
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        let opts = LoadOptions {
+            object: object_path(),
+            pin_dir: None,
+            sizes: MapSizes {
+                services: 64,
+                backend_slots: 256,
+                conntrack: 4096,
+            },
+        };
+        let dp = Datapath::load(&opts).unwrap_or_else(|e| {
             panic!(
-                "reading the eBPF object {}: {e}; build it with `cargo xtask build-ebpf` or set BPFPROXY_EBPF_OBJ",
-                path.display()
+                "loading {:?} (root? built with `cargo xtask build-ebpf`?): {e}",
+                opts.object
             )
         });
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(maps::SERVICES4, 64)
-            .map_max_entries(maps::SVC_META, 64)
-            .map_max_entries(maps::BACKEND_SLOTS4, 256)
-            .map_max_entries(maps::CONNTRACK4, 4096)
-            .load(&bytes)
-            .expect("loading the eBPF object (are we root?)");
-        for name in ["tc_ingress", "tc_floor"] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("no program {name}"))
-                .try_into()
-                .unwrap();
-            prog.load().unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
+        let state = dp.maps.read_state().expect("reading the maps");
+        assert_eq!(state.reply_filter.len(), reply_filter::WORDS as usize);
+        Harness { dp, state }
+    }
+
+    /// Applies map ops as one step of a plan, with reply-filter words in the prologue (the
+    /// order the planner uses), and requires every op to succeed.
+    fn apply(&mut self, filter: Vec<MapOp>, ops: Vec<MapOp>) {
+        let plan = Plan {
+            prologue: filter,
+            steps: vec![Step {
+                name: ServicePortName {
+                    namespace: "fixtures".into(),
+                    name: "svc".into(),
+                    port_name: String::new(),
+                    protocol: Protocol::Tcp,
+                },
+                ops,
+            }],
+            epilogue: Vec::new(),
+        };
+        let report = self.dp.maps.apply(&plan, &mut self.state);
+        assert!(
+            report.failed.is_empty(),
+            "map writes failed: {:?}",
+            report.failed
+        );
+    }
+
+    /// The op that sets the reply-filter bit of a backend.
+    fn filter_bit(&self, addr: [u8; 4], port: u16, proto: u8) -> MapOp {
+        let (index, mask) = reply_filter::word_and_mask(reply_filter::bit(addr, port, proto));
+        MapOp::SetReplyFilterWord {
+            index,
+            word: self.state.reply_filter[index as usize] | mask,
         }
-        for name in [
-            maps::SERVICES4,
-            maps::BACKEND_SLOTS4,
-            maps::CONNTRACK4,
-            maps::SVC_META,
-            maps::REPLY_FILTER4,
-            maps::STATS,
-        ] {
-            assert!(ebpf.map(name).is_some(), "the object has no map {name}");
-        }
-        Harness { ebpf }
     }
 
-    fn services(&mut self) -> HashMap<&mut MapData, Svc4Key, Svc4Value> {
-        HashMap::try_from(self.ebpf.map_mut(maps::SERVICES4).unwrap()).unwrap()
-    }
-
-    fn slots(&mut self) -> HashMap<&mut MapData, BackendSlotKey, Backend4> {
-        HashMap::try_from(self.ebpf.map_mut(maps::BACKEND_SLOTS4).unwrap()).unwrap()
-    }
-
-    fn conntrack(&self) -> HashMap<&MapData, Ct4Key, Ct4Value> {
-        HashMap::try_from(self.ebpf.map(maps::CONNTRACK4).unwrap()).unwrap()
-    }
-
-    /// Programs a ClusterIP frontend with its backends, as the agent does: backends in
-    /// table `svc_id * 2`, then the service value, then the reply-filter bits.
+    /// Programs a ClusterIP frontend with its backends, as the agent does: reply-filter
+    /// bits, then the backends in table `svc_id * 2`, then the service value.
     fn add_service(
         &mut self,
         svc_id: u32,
-        (vip, port): ([u8; 4], u16),
+        frontend: ([u8; 4], u16),
         proto: u8,
         backends: &[([u8; 4], u16)],
     ) {
-        let table = svc_id * 2;
-        for (slot, &(addr, bport)) in backends.iter().enumerate() {
-            let key = BackendSlotKey { table, slot: slot as u32 };
-            let value = Backend4 { addr, port: bport, flags: 0, weight: 1 };
-            self.slots().insert(key, value, 0).unwrap();
+        let mut ops: Vec<MapOp> = backends
+            .iter()
+            .enumerate()
+            .map(|(slot, &(addr, port))| MapOp::PutBackend {
+                key: BackendSlotKey {
+                    table: svc_id * 2,
+                    slot: slot as u32,
+                },
+                value: Backend4 {
+                    addr,
+                    port,
+                    flags: 0,
+                    weight: 1,
+                },
+            })
+            .collect();
+        ops.push(service_op(svc_id, frontend, proto, backends.len() as u32));
+        // One op per backend: each reads the word as the previous one left it.
+        for &(addr, port) in backends {
+            let bit = self.filter_bit(addr, port, proto);
+            self.apply(vec![bit], Vec::new());
         }
-        self.set_service(svc_id, (vip, port), proto, backends.len() as u32);
-        let mut filter: Array<&mut MapData, u64> =
-            Array::try_from(self.ebpf.map_mut(maps::REPLY_FILTER4).unwrap()).unwrap();
-        for &(addr, bport) in backends {
-            let (word, mask) = reply_filter::word_and_mask(reply_filter::bit(addr, bport, proto));
-            let old = filter.get(&word, 0).unwrap();
-            filter.set(word, old | mask, 0).unwrap();
-        }
+        self.apply(Vec::new(), ops);
     }
 
     /// Writes only the services4 value (the backend slots are left as they are).
-    fn set_service(&mut self, svc_id: u32, (vip, port): ([u8; 4], u16), proto: u8, count: u32) {
-        let key = Svc4Key { addr: vip, port, proto, scope: SCOPE_CLUSTER_IP };
-        let value = Svc4Value {
-            svc_id,
-            table: svc_id * 2,
-            backend_count: count,
-            scheduler: 0,
-            flags: 0,
-            _pad: 0,
-            affinity_timeout_s: 0,
-        };
-        self.services().insert(key, value, 0).unwrap();
+    fn set_service(&mut self, svc_id: u32, frontend: ([u8; 4], u16), proto: u8, count: u32) {
+        self.apply(Vec::new(), vec![service_op(svc_id, frontend, proto, count)]);
     }
 
     /// Sets a reply-filter bit without any conntrack entry behind it.
     fn set_filter_bit(&mut self, addr: [u8; 4], port: u16, proto: u8) {
-        let mut filter: Array<&mut MapData, u64> =
-            Array::try_from(self.ebpf.map_mut(maps::REPLY_FILTER4).unwrap()).unwrap();
-        let (word, mask) = reply_filter::word_and_mask(reply_filter::bit(addr, port, proto));
-        let old = filter.get(&word, 0).unwrap();
-        filter.set(word, old | mask, 0).unwrap();
+        let bit = self.filter_bit(addr, port, proto);
+        self.apply(vec![bit], Vec::new());
     }
 
     fn ct(&self, key: Ct4Key) -> Option<Ct4Value> {
-        self.conntrack().get(&key, 0).ok()
+        self.dp.maps.conntrack.get(&key, 0).ok()
     }
 
     fn ct_len(&self) -> usize {
-        self.conntrack().keys().count()
+        self.dp.maps.conntrack_entries().len()
     }
 
-    /// The `stats` counters summed over CPUs.
+    /// The `stats` counters summed over CPUs, by index.
     fn stats(&self) -> [u64; stats::COUNT as usize] {
-        let map: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map(maps::STATS).unwrap()).unwrap();
         let mut out = [0; stats::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = map.get(&(i as u32), 0).unwrap().iter().sum();
+        for (i, (name, value)) in self.dp.maps.counters().into_iter().enumerate() {
+            assert_eq!(name, stats::NAMES[i]);
+            out[i] = value;
         }
         out
-    }
-
-    fn prog(&mut self, name: &str) -> &mut SchedClassifier {
-        self.ebpf.program_mut(name).unwrap().try_into().unwrap()
     }
 
     /// Runs `name` `repeat` times on one skb; returns (return code, output frame, ns/run).
@@ -203,24 +212,53 @@ impl Harness {
                 repeat,
                 ..TestRunOptions::new()
             };
-            self.prog(name).test_run(opts)?
+            let prog = self.dp.program_mut(name).expect("program");
+            prog.test_run(opts)?
         };
         out.truncate(res.data_size_out as usize);
         Ok((res.return_value, out, res.duration))
     }
 
     fn run_prog(&mut self, name: &str, frame: &[u8], repeat: u32) -> (u32, Vec<u8>, Duration) {
-        self.try_run_prog(name, frame, repeat).expect("BPF_PROG_TEST_RUN")
+        self.try_run_prog(name, frame, repeat)
+            .expect("BPF_PROG_TEST_RUN")
     }
 
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let (ret, out, _) = self.run_prog("tc_ingress", frame, 1);
+        let (ret, out, _) = self.run_prog(PROG_TC_INGRESS, frame, 1);
         (ret, out)
     }
 }
 
+fn service_op(svc_id: u32, (addr, port): ([u8; 4], u16), proto: u8, count: u32) -> MapOp {
+    MapOp::PutService {
+        key: Svc4Key {
+            addr,
+            port,
+            proto,
+            scope: SCOPE_CLUSTER_IP,
+        },
+        value: Svc4Value {
+            svc_id,
+            table: svc_id * 2,
+            backend_count: count,
+            scheduler: SCHED_RANDOM,
+            flags: 0,
+            _pad: 0,
+            affinity_timeout_s: 0,
+        },
+    }
+}
+
 fn ct_key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> Ct4Key {
-    Ct4Key { saddr: src, daddr: dst, sport, dport, proto, _pad: [0; 3] }
+    Ct4Key {
+        saddr: src,
+        daddr: dst,
+        sport,
+        dport,
+        proto,
+        _pad: [0; 3],
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -267,18 +305,30 @@ fn tcp_ip(ip: Ipv4Header, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> 
 }
 
 fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8) -> Vec<u8> {
-    let payload: &[u8] = if flags & PSH != 0 { b"GET / HTTP/1.1\r\n\r\n" } else { b"" };
+    let payload: &[u8] = if flags & PSH != 0 {
+        b"GET / HTTP/1.1\r\n\r\n"
+    } else {
+        b""
+    };
     tcp_ip(ip(src.0, dst.0, &[]), src.1, dst.1, flags, payload)
 }
 
 fn udp_ip(ip: Ipv4Header, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
-    builder(ip).udp(sport, dport).write(&mut v, payload).unwrap();
+    builder(ip)
+        .udp(sport, dport)
+        .write(&mut v, payload)
+        .unwrap();
     v
 }
 
 fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
-    udp_ip(ip(src.0, dst.0, &[]), src.1, dst.1, b"\x12\x34\x01\x00\x00\x01query")
+    udp_ip(
+        ip(src.0, dst.0, &[]),
+        src.1,
+        dst.1,
+        b"\x12\x34\x01\x00\x00\x01query",
+    )
 }
 
 /// A UDP datagram sent without a checksum (field 0, allowed over IPv4).
@@ -349,10 +399,18 @@ fn assert_checksums(desc: &str, frame: &[u8]) -> (Ipv4Header, Option<TransportHe
     let payload = h.payload.slice();
     match &h.transport {
         Some(TransportHeader::Tcp(t)) => {
-            assert_eq!(t.checksum, t.calc_checksum_ipv4(&ip, payload).unwrap(), "{desc}: TCP checksum");
+            assert_eq!(
+                t.checksum,
+                t.calc_checksum_ipv4(&ip, payload).unwrap(),
+                "{desc}: TCP checksum"
+            );
         }
         Some(TransportHeader::Udp(u)) if u.checksum != 0 => {
-            assert_eq!(u.checksum, u.calc_checksum_ipv4(&ip, payload).unwrap(), "{desc}: UDP checksum");
+            assert_eq!(
+                u.checksum,
+                u.calc_checksum_ipv4(&ip, payload).unwrap(),
+                "{desc}: UDP checksum"
+            );
         }
         _ => {}
     }
@@ -390,7 +448,15 @@ fn fx(desc: &'static str, frame: Vec<u8>, stat: u32, expect: Expect) -> Fixture 
         Expect::PortUnreachable => TC_ACT_REDIRECT,
         _ => TC_ACT_OK,
     };
-    Fixture { desc, frame, ret, stat, expect, after: None, kernel_may_refuse: false }
+    Fixture {
+        desc,
+        frame,
+        ret,
+        stat,
+        expect,
+        after: None,
+        kernel_may_refuse: false,
+    }
 }
 
 impl Fixture {
@@ -410,7 +476,12 @@ fn l4_offset(frame: &[u8]) -> usize {
 }
 
 fn csum_offset(frame: &[u8]) -> usize {
-    l4_offset(frame) + if frame[ETH_LEN + 9] == PROTO_TCP { 16 } else { 6 }
+    l4_offset(frame)
+        + if frame[ETH_LEN + 9] == PROTO_TCP {
+            16
+        } else {
+            6
+        }
 }
 
 /// The input with one address and port replaced; checksum fields are compared separately.
@@ -426,28 +497,62 @@ fn assert_nat(desc: &str, input: &[u8], out: &[u8], dst: bool, addr: [u8; 4], po
         want[at..at + 2].fill(0);
         got[at..at + 2].fill(0);
     }
-    assert_eq!(got, want, "{desc}: bytes other than the NAT-ed fields and checksums changed");
+    assert_eq!(
+        got, want,
+        "{desc}: bytes other than the NAT-ed fields and checksums changed"
+    );
     assert_checksums(desc, out);
     let in_l4_csum = &input[csum_offset(input)..csum_offset(input) + 2];
     let out_l4_csum = &out[csum_offset(input)..csum_offset(input) + 2];
     if in_l4_csum == [0, 0] {
-        assert_eq!(out_l4_csum, [0, 0], "{desc}: a zero UDP checksum must stay zero");
+        assert_eq!(
+            out_l4_csum,
+            [0, 0],
+            "{desc}: a zero UDP checksum must stay zero"
+        );
     }
 }
 
 fn assert_port_unreachable(desc: &str, input: &[u8], out: &[u8]) {
-    assert_eq!(out.len(), ETH_LEN + 20 + 8 + 20 + 8, "{desc}: ICMP error length");
-    assert_eq!(out[0..6], input[6..12], "{desc}: destination MAC is the sender's");
-    assert_eq!(out[6..12], input[0..6], "{desc}: source MAC is the one it was sent to");
+    assert_eq!(
+        out.len(),
+        ETH_LEN + 20 + 8 + 20 + 8,
+        "{desc}: ICMP error length"
+    );
+    assert_eq!(
+        out[0..6],
+        input[6..12],
+        "{desc}: destination MAC is the sender's"
+    );
+    assert_eq!(
+        out[6..12],
+        input[0..6],
+        "{desc}: source MAC is the one it was sent to"
+    );
     assert_eq!(out[12..14], [0x08, 0x00], "{desc}: ethertype");
     let (ip, transport) = assert_checksums(desc, out);
     assert_eq!(ip.ihl(), 5, "{desc}: IHL");
     assert_eq!(ip.protocol, IpNumber::ICMP, "{desc}: protocol");
     assert_eq!(ip.time_to_live, 64, "{desc}: TTL");
-    assert_eq!(ip.total_len as usize, out.len() - ETH_LEN, "{desc}: total length");
-    assert!(!ip.more_fragments && ip.fragment_offset.value() == 0, "{desc}: fragmented");
-    assert_eq!(ip.source, input[ETH_LEN + 16..ETH_LEN + 20], "{desc}: source is the VIP");
-    assert_eq!(ip.destination, input[ETH_LEN + 12..ETH_LEN + 16], "{desc}: destination is the client");
+    assert_eq!(
+        ip.total_len as usize,
+        out.len() - ETH_LEN,
+        "{desc}: total length"
+    );
+    assert!(
+        !ip.more_fragments && ip.fragment_offset.value() == 0,
+        "{desc}: fragmented"
+    );
+    assert_eq!(
+        ip.source,
+        input[ETH_LEN + 16..ETH_LEN + 20],
+        "{desc}: source is the VIP"
+    );
+    assert_eq!(
+        ip.destination,
+        input[ETH_LEN + 12..ETH_LEN + 16],
+        "{desc}: destination is the client"
+    );
     match transport {
         Some(TransportHeader::Icmpv4(h)) => assert_eq!(
             h.icmp_type,
@@ -477,10 +582,13 @@ fn assert_port_unreachable(desc: &str, input: &[u8], out: &[u8]) {
 
 fn check(h: &mut Harness, f: &Fixture) {
     let before = h.stats();
-    let (ret, out) = match h.try_run_prog("tc_ingress", &f.frame, 1) {
+    let (ret, out) = match h.try_run_prog(PROG_TC_INGRESS, &f.frame, 1) {
         Ok((ret, out, _)) => (ret, out),
         Err(e) if f.kernel_may_refuse => {
-            eprintln!("{}: the kernel refuses this frame in BPF_PROG_TEST_RUN ({e}); not run", f.desc);
+            eprintln!(
+                "{}: the kernel refuses this frame in BPF_PROG_TEST_RUN ({e}); not run",
+                f.desc
+            );
             return;
         }
         Err(e) => panic!("{}: BPF_PROG_TEST_RUN: {e:?}", f.desc),
@@ -539,45 +647,143 @@ fn tcp_connection_lifecycle() {
     use stats::*;
     let mut h = harness();
     let table = [
-        fx("SYN to the VIP", tcp(C, SVC, SYN), FORWARD_NEW, Expect::Dnat(BACKEND, BACKEND_PORT))
-            .then(|h| {
-                let f = h.ct(fwd_key()).expect("forward entry");
-                assert_eq!((f.nat_addr, f.nat_port, f.dir, f.flags, f.svc_id), (BACKEND, BACKEND_PORT, CT_DIR_FORWARD, 0, 1));
-                assert!(f.created_ns > 0);
-                let r = h.ct(rev_key()).expect("reply entry");
-                assert_eq!((r.nat_addr, r.nat_port, r.dir, r.flags, r.svc_id), (VIP, VIP_PORT, CT_DIR_REPLY, 0, 1));
-                assert_eq!(r.created_ns, f.created_ns);
-                assert_eq!(h.ct_len(), 2);
-            }),
-        fx("SYN-ACK from the backend", tcp(BE, C, SYN | ACK), REPLY, Expect::Snat(VIP, VIP_PORT)),
-        fx("ACK", tcp(C, SVC, ACK), FORWARD_ESTABLISHED, Expect::Dnat(BACKEND, BACKEND_PORT)),
-        fx("request data", tcp(C, SVC, PSH | ACK), FORWARD_ESTABLISHED, Expect::Dnat(BACKEND, BACKEND_PORT)),
-        fx("response data", tcp(BE, C, PSH | ACK), REPLY, Expect::Snat(VIP, VIP_PORT)),
-        fx("retransmitted SYN on a live connection", tcp(C, SVC, SYN), FORWARD_ESTABLISHED, Expect::Dnat(BACKEND, BACKEND_PORT))
-            .then(|h| assert_eq!(h.ct_len(), 2)),
-        fx("client FIN", tcp(C, SVC, FIN | ACK), FORWARD_ESTABLISHED, Expect::Dnat(BACKEND, BACKEND_PORT))
-            .then(|h| {
-                assert_eq!(h.ct(fwd_key()).unwrap().flags, CT_FLAG_CLOSING, "FIN marks the forward entry");
-                assert_eq!(h.ct(rev_key()).unwrap().flags, 0);
-            }),
-        fx("backend FIN", tcp(BE, C, FIN | ACK), REPLY, Expect::Snat(VIP, VIP_PORT))
-            .then(|h| assert_eq!(h.ct(rev_key()).unwrap().flags, CT_FLAG_CLOSING, "FIN marks the reply entry")),
-        fx("last ACK on a closing connection", tcp(C, SVC, ACK), FORWARD_ESTABLISHED, Expect::Dnat(BACKEND, BACKEND_PORT)),
-        fx("SYN reusing the closed tuple", tcp(C, SVC, SYN), FORWARD_NEW, Expect::Dnat(BACKEND, BACKEND_PORT))
-            .then(|h| {
-                assert_eq!(h.ct(fwd_key()).unwrap().flags, 0, "a new connection starts open");
-                assert_eq!(h.ct(rev_key()).unwrap().flags, 0);
-                assert_eq!(h.ct_len(), 2);
-            }),
-        fx("backend RST", tcp(BE, C, RST | ACK), REPLY, Expect::Snat(VIP, VIP_PORT))
-            .then(|h| {
-                assert_eq!(h.ct(rev_key()).unwrap().flags, CT_FLAG_CLOSING, "RST marks the reply entry");
-                assert_eq!(h.ct(fwd_key()).unwrap().flags, CT_FLAG_CLOSING, "a backend's RST marks the forward entry too");
-            }),
-        fx("client RST", tcp(C, SVC, RST), FORWARD_ESTABLISHED, Expect::Dnat(BACKEND, BACKEND_PORT)),
-        fx("SYN after RST picks anew", tcp(C, SVC, SYN), FORWARD_NEW, Expect::Dnat(BACKEND, BACKEND_PORT)),
-        fx("client RST of the new connection", tcp(C, SVC, RST | ACK), FORWARD_ESTABLISHED, Expect::Dnat(BACKEND, BACKEND_PORT))
-            .then(|h| assert_eq!(h.ct(fwd_key()).unwrap().flags, CT_FLAG_CLOSING)),
+        fx(
+            "SYN to the VIP",
+            tcp(C, SVC, SYN),
+            FORWARD_NEW,
+            Expect::Dnat(BACKEND, BACKEND_PORT),
+        )
+        .then(|h| {
+            let f = h.ct(fwd_key()).expect("forward entry");
+            assert_eq!(
+                (f.nat_addr, f.nat_port, f.dir, f.flags, f.svc_id),
+                (BACKEND, BACKEND_PORT, CT_DIR_FORWARD, 0, 1)
+            );
+            assert!(f.created_ns > 0);
+            let r = h.ct(rev_key()).expect("reply entry");
+            assert_eq!(
+                (r.nat_addr, r.nat_port, r.dir, r.flags, r.svc_id),
+                (VIP, VIP_PORT, CT_DIR_REPLY, 0, 1)
+            );
+            assert_eq!(r.created_ns, f.created_ns);
+            assert_eq!(h.ct_len(), 2);
+        }),
+        fx(
+            "SYN-ACK from the backend",
+            tcp(BE, C, SYN | ACK),
+            REPLY,
+            Expect::Snat(VIP, VIP_PORT),
+        ),
+        fx(
+            "ACK",
+            tcp(C, SVC, ACK),
+            FORWARD_ESTABLISHED,
+            Expect::Dnat(BACKEND, BACKEND_PORT),
+        ),
+        fx(
+            "request data",
+            tcp(C, SVC, PSH | ACK),
+            FORWARD_ESTABLISHED,
+            Expect::Dnat(BACKEND, BACKEND_PORT),
+        ),
+        fx(
+            "response data",
+            tcp(BE, C, PSH | ACK),
+            REPLY,
+            Expect::Snat(VIP, VIP_PORT),
+        ),
+        fx(
+            "retransmitted SYN on a live connection",
+            tcp(C, SVC, SYN),
+            FORWARD_ESTABLISHED,
+            Expect::Dnat(BACKEND, BACKEND_PORT),
+        )
+        .then(|h| assert_eq!(h.ct_len(), 2)),
+        fx(
+            "client FIN",
+            tcp(C, SVC, FIN | ACK),
+            FORWARD_ESTABLISHED,
+            Expect::Dnat(BACKEND, BACKEND_PORT),
+        )
+        .then(|h| {
+            assert_eq!(
+                h.ct(fwd_key()).unwrap().flags,
+                CT_FLAG_CLOSING,
+                "FIN marks the forward entry"
+            );
+            assert_eq!(h.ct(rev_key()).unwrap().flags, 0);
+        }),
+        fx(
+            "backend FIN",
+            tcp(BE, C, FIN | ACK),
+            REPLY,
+            Expect::Snat(VIP, VIP_PORT),
+        )
+        .then(|h| {
+            assert_eq!(
+                h.ct(rev_key()).unwrap().flags,
+                CT_FLAG_CLOSING,
+                "FIN marks the reply entry"
+            )
+        }),
+        fx(
+            "last ACK on a closing connection",
+            tcp(C, SVC, ACK),
+            FORWARD_ESTABLISHED,
+            Expect::Dnat(BACKEND, BACKEND_PORT),
+        ),
+        fx(
+            "SYN reusing the closed tuple",
+            tcp(C, SVC, SYN),
+            FORWARD_NEW,
+            Expect::Dnat(BACKEND, BACKEND_PORT),
+        )
+        .then(|h| {
+            assert_eq!(
+                h.ct(fwd_key()).unwrap().flags,
+                0,
+                "a new connection starts open"
+            );
+            assert_eq!(h.ct(rev_key()).unwrap().flags, 0);
+            assert_eq!(h.ct_len(), 2);
+        }),
+        fx(
+            "backend RST",
+            tcp(BE, C, RST | ACK),
+            REPLY,
+            Expect::Snat(VIP, VIP_PORT),
+        )
+        .then(|h| {
+            assert_eq!(
+                h.ct(rev_key()).unwrap().flags,
+                CT_FLAG_CLOSING,
+                "RST marks the reply entry"
+            );
+            assert_eq!(
+                h.ct(fwd_key()).unwrap().flags,
+                CT_FLAG_CLOSING,
+                "a backend's RST marks the forward entry too"
+            );
+        }),
+        fx(
+            "client RST",
+            tcp(C, SVC, RST),
+            FORWARD_ESTABLISHED,
+            Expect::Dnat(BACKEND, BACKEND_PORT),
+        ),
+        fx(
+            "SYN after RST picks anew",
+            tcp(C, SVC, SYN),
+            FORWARD_NEW,
+            Expect::Dnat(BACKEND, BACKEND_PORT),
+        ),
+        fx(
+            "client RST of the new connection",
+            tcp(C, SVC, RST | ACK),
+            FORWARD_ESTABLISHED,
+            Expect::Dnat(BACKEND, BACKEND_PORT),
+        )
+        .then(|h| assert_eq!(h.ct(fwd_key()).unwrap().flags, CT_FLAG_CLOSING)),
     ];
     run_table(&mut h, &table);
 }
@@ -590,19 +796,66 @@ fn udp_request_and_reply() {
     let svc = (DNS_VIP, 53);
     let be = (DNS_BACKEND, 5353);
     let table = [
-        fx("UDP query to the VIP", udp(client, svc), FORWARD_NEW, Expect::Dnat(DNS_BACKEND, 5353))
-            .then(|h| {
-                let f = h.ct(ct_key(CLIENT, 53001, DNS_VIP, 53, PROTO_UDP)).expect("forward entry");
-                assert_eq!((f.nat_addr, f.nat_port, f.dir, f.svc_id), (DNS_BACKEND, 5353, CT_DIR_FORWARD, 2));
-                let r = h.ct(ct_key(DNS_BACKEND, 5353, CLIENT, 53001, PROTO_UDP)).expect("reply entry");
-                assert_eq!((r.nat_addr, r.nat_port, r.dir, r.svc_id), (DNS_VIP, 53, CT_DIR_REPLY, 2));
-            }),
-        fx("UDP answer from the backend", udp(be, client), REPLY, Expect::Snat(DNS_VIP, 53)),
-        fx("second query on the same tuple", udp(client, svc), FORWARD_ESTABLISHED, Expect::Dnat(DNS_BACKEND, 5353)),
-        fx("query without UDP checksum", udp_no_csum((CLIENT, 53002), svc), FORWARD_NEW, Expect::Dnat(DNS_BACKEND, 5353)),
-        fx("answer without UDP checksum", udp_no_csum(be, (CLIENT, 53002)), REPLY, Expect::Snat(DNS_VIP, 53)),
-        fx("TCP to the same VIP:53 is its own service", tcp((CLIENT, 53003), svc, SYN), FORWARD_NEW, Expect::Dnat(DNS_BACKEND, 5353))
-            .then(|h| assert_eq!(h.ct(ct_key(CLIENT, 53003, DNS_VIP, 53, PROTO_TCP)).unwrap().svc_id, 3)),
+        fx(
+            "UDP query to the VIP",
+            udp(client, svc),
+            FORWARD_NEW,
+            Expect::Dnat(DNS_BACKEND, 5353),
+        )
+        .then(|h| {
+            let f = h
+                .ct(ct_key(CLIENT, 53001, DNS_VIP, 53, PROTO_UDP))
+                .expect("forward entry");
+            assert_eq!(
+                (f.nat_addr, f.nat_port, f.dir, f.svc_id),
+                (DNS_BACKEND, 5353, CT_DIR_FORWARD, 2)
+            );
+            let r = h
+                .ct(ct_key(DNS_BACKEND, 5353, CLIENT, 53001, PROTO_UDP))
+                .expect("reply entry");
+            assert_eq!(
+                (r.nat_addr, r.nat_port, r.dir, r.svc_id),
+                (DNS_VIP, 53, CT_DIR_REPLY, 2)
+            );
+        }),
+        fx(
+            "UDP answer from the backend",
+            udp(be, client),
+            REPLY,
+            Expect::Snat(DNS_VIP, 53),
+        ),
+        fx(
+            "second query on the same tuple",
+            udp(client, svc),
+            FORWARD_ESTABLISHED,
+            Expect::Dnat(DNS_BACKEND, 5353),
+        ),
+        fx(
+            "query without UDP checksum",
+            udp_no_csum((CLIENT, 53002), svc),
+            FORWARD_NEW,
+            Expect::Dnat(DNS_BACKEND, 5353),
+        ),
+        fx(
+            "answer without UDP checksum",
+            udp_no_csum(be, (CLIENT, 53002)),
+            REPLY,
+            Expect::Snat(DNS_VIP, 53),
+        ),
+        fx(
+            "TCP to the same VIP:53 is its own service",
+            tcp((CLIENT, 53003), svc, SYN),
+            FORWARD_NEW,
+            Expect::Dnat(DNS_BACKEND, 5353),
+        )
+        .then(|h| {
+            assert_eq!(
+                h.ct(ct_key(CLIENT, 53003, DNS_VIP, 53, PROTO_TCP))
+                    .unwrap()
+                    .svc_id,
+                3
+            )
+        }),
     ];
     run_table(&mut h, &table);
 }
@@ -620,26 +873,112 @@ fn passes_untouched() {
     let mut not_v4 = tcp(C, SVC, SYN);
     not_v4[ETH_LEN] = 0x65;
     let table = [
-        fx("ICMP echo to the VIP", icmp_echo(CLIENT, VIP), PASS_NOT_SERVICE, Expect::Unchanged),
-        fx("TCP to the outside", tcp(C, (OUTSIDE, 443), SYN), PASS_NOT_SERVICE, Expect::Unchanged),
-        fx("UDP to the outside", udp(C, (OUTSIDE, 123)), PASS_NOT_SERVICE, Expect::Unchanged),
-        fx("TCP from the outside (filter bit set, no conntrack)", tcp((OUTSIDE, 443), C, SYN | ACK), PASS_NOT_SERVICE, Expect::Unchanged),
-        fx("TCP to the VIP on a port it does not serve", tcp(C, (VIP, 81), SYN), PASS_NOT_SERVICE, Expect::Unchanged),
-        fx("UDP to a TCP-only VIP port", udp(C, SVC), PASS_NOT_SERVICE, Expect::Unchanged),
-        fx("TCP from a backend port to a client with no connection", tcp(BE, (CLIENT, 41000), ACK), PASS_NOT_SERVICE, Expect::Unchanged),
-        fx("client-to-client traffic on a backend's tuple direction", tcp(C, BE, SYN), PASS_NOT_SERVICE, Expect::Unchanged),
+        fx(
+            "ICMP echo to the VIP",
+            icmp_echo(CLIENT, VIP),
+            PASS_NOT_SERVICE,
+            Expect::Unchanged,
+        ),
+        fx(
+            "TCP to the outside",
+            tcp(C, (OUTSIDE, 443), SYN),
+            PASS_NOT_SERVICE,
+            Expect::Unchanged,
+        ),
+        fx(
+            "UDP to the outside",
+            udp(C, (OUTSIDE, 123)),
+            PASS_NOT_SERVICE,
+            Expect::Unchanged,
+        ),
+        fx(
+            "TCP from the outside (filter bit set, no conntrack)",
+            tcp((OUTSIDE, 443), C, SYN | ACK),
+            PASS_NOT_SERVICE,
+            Expect::Unchanged,
+        ),
+        fx(
+            "TCP to the VIP on a port it does not serve",
+            tcp(C, (VIP, 81), SYN),
+            PASS_NOT_SERVICE,
+            Expect::Unchanged,
+        ),
+        fx(
+            "UDP to a TCP-only VIP port",
+            udp(C, SVC),
+            PASS_NOT_SERVICE,
+            Expect::Unchanged,
+        ),
+        fx(
+            "TCP from a backend port to a client with no connection",
+            tcp(BE, (CLIENT, 41000), ACK),
+            PASS_NOT_SERVICE,
+            Expect::Unchanged,
+        ),
+        fx(
+            "client-to-client traffic on a backend's tuple direction",
+            tcp(C, BE, SYN),
+            PASS_NOT_SERVICE,
+            Expect::Unchanged,
+        ),
         fx("IPv6", ipv6_udp(), PASS_NOT_SERVICE, Expect::Unchanged),
-        fx("cut inside the IPv4 header", tcp_full[..ETH_LEN + 12].to_vec(), PASS_MALFORMED, Expect::Unchanged)
-            .kernel_may_refuse(),
-        fx("cut inside the IPv4 header, IHL 6", tcp_ip(ip(CLIENT, VIP, &[1, 1, 1, 0]), 40000, VIP_PORT, SYN, b"")[..ETH_LEN + 22].to_vec(), PASS_MALFORMED, Expect::Unchanged),
-        fx("cut inside the TCP header", tcp_full[..ETH_LEN + 20 + 12].to_vec(), PASS_MALFORMED, Expect::Unchanged),
-        fx("cut inside the UDP header", udp_full[..ETH_LEN + 20 + 6].to_vec(), PASS_MALFORMED, Expect::Unchanged),
-        fx("cut inside IPv4 options", tcp_ip(ip(CLIENT, VIP, &[1; 40]), 40000, VIP_PORT, SYN, b"")[..ETH_LEN + 40].to_vec(), PASS_MALFORMED, Expect::Unchanged),
+        fx(
+            "cut inside the IPv4 header",
+            tcp_full[..ETH_LEN + 12].to_vec(),
+            PASS_MALFORMED,
+            Expect::Unchanged,
+        )
+        .kernel_may_refuse(),
+        fx(
+            "cut inside the IPv4 header, IHL 6",
+            tcp_ip(ip(CLIENT, VIP, &[1, 1, 1, 0]), 40000, VIP_PORT, SYN, b"")[..ETH_LEN + 22]
+                .to_vec(),
+            PASS_MALFORMED,
+            Expect::Unchanged,
+        ),
+        fx(
+            "cut inside the TCP header",
+            tcp_full[..ETH_LEN + 20 + 12].to_vec(),
+            PASS_MALFORMED,
+            Expect::Unchanged,
+        ),
+        fx(
+            "cut inside the UDP header",
+            udp_full[..ETH_LEN + 20 + 6].to_vec(),
+            PASS_MALFORMED,
+            Expect::Unchanged,
+        ),
+        fx(
+            "cut inside IPv4 options",
+            tcp_ip(ip(CLIENT, VIP, &[1; 40]), 40000, VIP_PORT, SYN, b"")[..ETH_LEN + 40].to_vec(),
+            PASS_MALFORMED,
+            Expect::Unchanged,
+        ),
         fx("IHL below 5", bad_ihl, PASS_MALFORMED, Expect::Unchanged),
-        fx("IP version 6 in an IPv4 frame", not_v4, PASS_MALFORMED, Expect::Unchanged),
-        fx("first fragment (MF) to the VIP", fragment(true, 0), PASS_FRAGMENT, Expect::Unchanged),
-        fx("later fragment to the VIP", fragment(true, 9), PASS_FRAGMENT, Expect::Unchanged),
-        fx("last fragment to the VIP", fragment(false, 9), PASS_FRAGMENT, Expect::Unchanged),
+        fx(
+            "IP version 6 in an IPv4 frame",
+            not_v4,
+            PASS_MALFORMED,
+            Expect::Unchanged,
+        ),
+        fx(
+            "first fragment (MF) to the VIP",
+            fragment(true, 0),
+            PASS_FRAGMENT,
+            Expect::Unchanged,
+        ),
+        fx(
+            "later fragment to the VIP",
+            fragment(true, 9),
+            PASS_FRAGMENT,
+            Expect::Unchanged,
+        ),
+        fx(
+            "last fragment to the VIP",
+            fragment(false, 9),
+            PASS_FRAGMENT,
+            Expect::Unchanged,
+        ),
     ];
     run_table(&mut h, &table);
     assert_eq!(h.ct_len(), 0, "passing packets create no conntrack entries");
@@ -654,12 +993,48 @@ fn ip_options_are_honoured() {
     let mut nops = [1u8; 40];
     nops[39] = 0;
     let table = [
-        fx("SYN with IHL 6 to the VIP", tcp_ip(ip(CLIENT, VIP, &ra), 40100, VIP_PORT, SYN, b""), FORWARD_NEW, Expect::Dnat(BACKEND, BACKEND_PORT)),
-        fx("reply with IHL 6", tcp_ip(ip(BACKEND, CLIENT, &ra), BACKEND_PORT, 40100, SYN | ACK, b""), REPLY, Expect::Snat(VIP, VIP_PORT)),
-        fx("data with IHL 15 to the VIP", tcp_ip(ip(CLIENT, VIP, &nops), 40100, VIP_PORT, PSH | ACK, b"hello"), FORWARD_ESTABLISHED, Expect::Dnat(BACKEND, BACKEND_PORT)),
-        fx("UDP with IHL 15 to the VIP", udp_ip(ip(CLIENT, DNS_VIP, &nops), 53100, 53, b"q"), FORWARD_NEW, Expect::Dnat(DNS_BACKEND, 5353)),
-        fx("UDP reply with IHL 15", udp_ip(ip(DNS_BACKEND, CLIENT, &nops), 5353, 53100, b"a"), REPLY, Expect::Snat(DNS_VIP, 53)),
-        fx("options to a service without backends", tcp_ip(ip(CLIENT, EMPTY_VIP, &nops), 40101, 80, SYN, b""), REJECT_NO_BACKEND, Expect::PortUnreachable),
+        fx(
+            "SYN with IHL 6 to the VIP",
+            tcp_ip(ip(CLIENT, VIP, &ra), 40100, VIP_PORT, SYN, b""),
+            FORWARD_NEW,
+            Expect::Dnat(BACKEND, BACKEND_PORT),
+        ),
+        fx(
+            "reply with IHL 6",
+            tcp_ip(
+                ip(BACKEND, CLIENT, &ra),
+                BACKEND_PORT,
+                40100,
+                SYN | ACK,
+                b"",
+            ),
+            REPLY,
+            Expect::Snat(VIP, VIP_PORT),
+        ),
+        fx(
+            "data with IHL 15 to the VIP",
+            tcp_ip(ip(CLIENT, VIP, &nops), 40100, VIP_PORT, PSH | ACK, b"hello"),
+            FORWARD_ESTABLISHED,
+            Expect::Dnat(BACKEND, BACKEND_PORT),
+        ),
+        fx(
+            "UDP with IHL 15 to the VIP",
+            udp_ip(ip(CLIENT, DNS_VIP, &nops), 53100, 53, b"q"),
+            FORWARD_NEW,
+            Expect::Dnat(DNS_BACKEND, 5353),
+        ),
+        fx(
+            "UDP reply with IHL 15",
+            udp_ip(ip(DNS_BACKEND, CLIENT, &nops), 5353, 53100, b"a"),
+            REPLY,
+            Expect::Snat(DNS_VIP, 53),
+        ),
+        fx(
+            "options to a service without backends",
+            tcp_ip(ip(CLIENT, EMPTY_VIP, &nops), 40101, 80, SYN, b""),
+            REJECT_NO_BACKEND,
+            Expect::PortUnreachable,
+        ),
     ];
     run_table(&mut h, &table);
 }
@@ -670,7 +1045,9 @@ fn no_backends_rejects_with_port_unreachable() {
     let mut h = harness();
     // A SYN with the options Linux sends (MSS, SACK, timestamps, window scale): 74 bytes,
     // so the frame shrinks to the ICMP error; a bare UDP datagram grows to it.
-    let mut b = builder(ip(CLIENT, EMPTY_VIP, &[])).tcp(40200, 80, 0xdead_beef, 64240).syn();
+    let mut b = builder(ip(CLIENT, EMPTY_VIP, &[]))
+        .tcp(40200, 80, 0xdead_beef, 64240)
+        .syn();
     b = b
         .options(&[
             etherparse::TcpOptionElement::MaximumSegmentSize(1460),
@@ -686,12 +1063,31 @@ fn no_backends_rejects_with_port_unreachable() {
     let small_udp = udp_ip(ip(CLIENT, EMPTY_VIP, &[]), 53200, 53, b"");
     assert!(small_udp.len() < 70);
     let table = [
-        fx("TCP SYN to a service without backends", syn, REJECT_NO_BACKEND, Expect::PortUnreachable),
-        fx("UDP to a service without backends", small_udp, REJECT_NO_BACKEND, Expect::PortUnreachable),
-        fx("UDP with payload to a service without backends", udp((CLIENT, 53201), (EMPTY_VIP, 53)), REJECT_NO_BACKEND, Expect::PortUnreachable),
+        fx(
+            "TCP SYN to a service without backends",
+            syn,
+            REJECT_NO_BACKEND,
+            Expect::PortUnreachable,
+        ),
+        fx(
+            "UDP to a service without backends",
+            small_udp,
+            REJECT_NO_BACKEND,
+            Expect::PortUnreachable,
+        ),
+        fx(
+            "UDP with payload to a service without backends",
+            udp((CLIENT, 53201), (EMPTY_VIP, 53)),
+            REJECT_NO_BACKEND,
+            Expect::PortUnreachable,
+        ),
     ];
     run_table(&mut h, &table);
-    assert_eq!(h.ct_len(), 0, "a rejected packet creates no conntrack entries");
+    assert_eq!(
+        h.ct_len(),
+        0,
+        "a rejected packet creates no conntrack entries"
+    );
 }
 
 #[test]
@@ -713,8 +1109,9 @@ fn missing_backend_slot_passes() {
 #[test]
 fn backend_choice_spreads_and_sticks() {
     let mut h = Harness::load();
-    let backends: Vec<([u8; 4], u16)> =
-        (1..=3).map(|i| ([10, 244, 5, i], 9000 + u16::from(i))).collect();
+    let backends: Vec<([u8; 4], u16)> = (1..=3)
+        .map(|i| ([10, 244, 5, i], 9000 + u16::from(i)))
+        .collect();
     h.add_service(7, (VIP, 443), PROTO_TCP, &backends);
     let mut used = std::collections::HashSet::new();
     for port in 30000..30060u16 {
@@ -722,22 +1119,43 @@ fn backend_choice_spreads_and_sticks() {
         let (ret, out) = h.run(&syn);
         assert_eq!(ret, TC_ACT_OK);
         let (ip, t) = assert_checksums("SYN", &out);
-        let Some(TransportHeader::Tcp(t)) = t else { panic!("not TCP") };
+        let Some(TransportHeader::Tcp(t)) = t else {
+            panic!("not TCP")
+        };
         let chosen = (ip.destination, t.destination_port);
         assert!(backends.contains(&chosen), "{chosen:?} is not a backend");
         used.insert(chosen);
         let ct = h.ct(ct_key(CLIENT, port, VIP, 443, PROTO_TCP)).unwrap();
         assert_eq!((ct.nat_addr, ct.nat_port), chosen);
-        let rev = h.ct(ct_key(chosen.0, chosen.1, CLIENT, port, PROTO_TCP)).unwrap();
-        assert_eq!((rev.nat_addr, rev.nat_port, rev.dir), (VIP, 443, CT_DIR_REPLY));
+        let rev = h
+            .ct(ct_key(chosen.0, chosen.1, CLIENT, port, PROTO_TCP))
+            .unwrap();
+        assert_eq!(
+            (rev.nat_addr, rev.nat_port, rev.dir),
+            (VIP, 443, CT_DIR_REPLY)
+        );
         for flags in [ACK, PSH | ACK, FIN | ACK] {
-            let f = fx("same tuple", tcp((CLIENT, port), (VIP, 443), flags), stats::FORWARD_ESTABLISHED, Expect::Dnat(chosen.0, chosen.1));
+            let f = fx(
+                "same tuple",
+                tcp((CLIENT, port), (VIP, 443), flags),
+                stats::FORWARD_ESTABLISHED,
+                Expect::Dnat(chosen.0, chosen.1),
+            );
             check(&mut h, &f);
         }
-        let f = fx("reply", tcp((chosen.0, chosen.1), (CLIENT, port), ACK), stats::REPLY, Expect::Snat(VIP, 443));
+        let f = fx(
+            "reply",
+            tcp((chosen.0, chosen.1), (CLIENT, port), ACK),
+            stats::REPLY,
+            Expect::Snat(VIP, 443),
+        );
         check(&mut h, &f);
     }
-    assert_eq!(used.len(), 3, "60 connections over 3 backends used only {used:?}");
+    assert_eq!(
+        used.len(),
+        3,
+        "60 connections over 3 backends used only {used:?}"
+    );
     let s = h.stats();
     assert_eq!(s[stats::FORWARD_NEW as usize], 60);
     assert_eq!(s[stats::FORWARD_ESTABLISHED as usize], 180);
@@ -761,7 +1179,7 @@ fn established_cost_vs_floor() {
     let (_, hop) = h.run(&frame);
     h.run(&hop);
     let before = h.stats();
-    let (ret, out, established) = h.run_prog("tc_ingress", &frame, REPEAT);
+    let (ret, out, established) = h.run_prog(PROG_TC_INGRESS, &frame, REPEAT);
     assert_eq!(ret, TC_ACT_OK);
     assert_checksums("after a million rewrites", &out);
     let after = h.stats();
@@ -771,9 +1189,9 @@ fn established_cost_vs_floor() {
         "every run took the established path"
     );
     let non_service = tcp(C, (OUTSIDE, 443), PSH | ACK);
-    let (ret, _, pass) = h.run_prog("tc_ingress", &non_service, REPEAT);
+    let (ret, _, pass) = h.run_prog(PROG_TC_INGRESS, &non_service, REPEAT);
     assert_eq!(ret, TC_ACT_OK);
-    let (ret, _, floor) = h.run_prog("tc_floor", &frame, REPEAT);
+    let (ret, _, floor) = h.run_prog(PROG_TC_FLOOR, &frame, REPEAT);
     assert_eq!(ret, TC_ACT_OK);
     println!(
         "ns/run over {REPEAT} runs: tc_ingress established {} ns, tc_ingress non-service {} ns, tc_floor {} ns",
