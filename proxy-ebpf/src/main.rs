@@ -79,8 +79,9 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, i32> {
     };
     match SERVICES4.get_ptr(key) {
         Some(svc) => {
-            // SAFETY: a lookup result; the value is replaced whole by userspace, never freed
-            // under a running program (RCU), so reading its fields is sound.
+            // SAFETY: a lookup result, read at once. (A concurrent update of a preallocated
+            // hash may recycle the element under us; userspace publishes a service by one
+            // whole-value update, so at worst this packet sees the previous value.)
             let (svc_id, table, backend_count) =
                 unsafe { ((*svc).svc_id, (*svc).table, (*svc).backend_count) };
             to_service(ctx, &pkt, svc_id, table, backend_count)
