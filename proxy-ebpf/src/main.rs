@@ -79,9 +79,9 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, i32> {
     };
     match SERVICES4.get_ptr(key) {
         Some(svc) => {
-            // SAFETY: a lookup result, read at once. (A concurrent update of a preallocated
-            // hash may recycle the element under us; userspace publishes a service by one
-            // whole-value update, so at worst this packet sees the previous value.)
+            // SAFETY: a lookup result. A concurrent update of a preallocated hash may
+            // recycle the element; reading the three fields at once, right after the
+            // lookup, keeps that window to a few instructions (the usual BPF trade-off).
             let (svc_id, table, backend_count) =
                 unsafe { ((*svc).svc_id, (*svc).table, (*svc).backend_count) };
             to_service(ctx, &pkt, svc_id, table, backend_count)
