@@ -252,11 +252,15 @@ impl Agent {
         pred: impl Fn(&[ServiceInfo]) -> bool,
     ) -> Result<Vec<ServiceInfo>> {
         let res = crate::wait_until(what, READY_TIMEOUT, || {
-            self.check_running()?;
+            // An agent that exited will not come back: stop waiting at once.
+            if let Err(e) = self.check_running() {
+                return Ok(Some(Err(e)));
+            }
             let services = self.services()?;
-            Ok(pred(&services).then_some(services))
+            Ok(pred(&services).then_some(Ok(services)))
         });
-        res.with_context(|| format!("agent log:\n{}", self.log()))
+        res.and_then(|r| r)
+            .with_context(|| format!("waiting for {what}; agent log:\n{}", self.log()))
     }
 
     /// Waits until `namespace/name` port `port` is served by exactly the backends `ips`.

@@ -62,15 +62,16 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
-/// A name for one topology of this process: hex pid, a dot, hex counter (at most 9 chars,
-/// so `bpv<run>-<i>` fits the 15-byte interface-name limit).
+/// A name for one topology of this process: hex pid, `x`, hex counter (at most 9 chars,
+/// so `bpv<run>-<i>` fits the 15-byte interface-name limit; no `.`, which bpffs refuses in
+/// names).
 pub fn unique_run_id() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     static REAP: Once = Once::new();
     REAP.call_once(reap_stale);
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     assert!(n < 0x100, "more than 256 topologies in one process");
-    format!("{:x}.{:x}", std::process::id(), n)
+    format!("{:x}x{:x}", std::process::id(), n)
 }
 
 /// Removes namespaces and pin directories left by earlier runs whose process is gone
@@ -78,7 +79,7 @@ pub fn unique_run_id() -> String {
 /// [`unique_run_id`].
 fn reap_stale() {
     let dead = |run: &str| -> bool {
-        let Some((pid, _)) = run.split_once('.') else {
+        let Some((pid, _)) = run.split_once('x') else {
             return false;
         };
         match u32::from_str_radix(pid, 16) {
