@@ -24,8 +24,8 @@ use crate::netns::NetNs;
 
 /// Where bpffs is mounted.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
-/// Pin directories of test agents are `/sys/fs/bpf/bpfproxy-test-<run>`.
-pub const TEST_PIN_PREFIX: &str = "bpfproxy-test-";
+/// Pin directories of agents started by the harness are `/sys/fs/bpf/bpfproxy-testbed-<run>`.
+pub const TEST_PIN_PREFIX: &str = "bpfproxy-testbed-";
 /// How long the agent gets to come up or to apply a change.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// `statfs` magic of bpffs (linux/magic.h).

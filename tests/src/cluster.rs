@@ -60,7 +60,7 @@ impl Cluster {
         })
     }
 
-    /// Where this run's agent pins its maps: `/sys/fs/bpf/bpfproxy-test-<run>`.
+    /// Where this run's agent pins its maps: `/sys/fs/bpf/bpfproxy-testbed-<run>`.
     pub fn bpffs(&self) -> PathBuf {
         PathBuf::from(BPFFS_ROOT).join(format!("{TEST_PIN_PREFIX}{}", self.topo.run))
     }
