@@ -2,6 +2,7 @@
 
 use std::{
     ffi::{OsStr, OsString},
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -113,6 +114,31 @@ impl Cmd {
             .command
             .status()
             .with_context(|| format!("starting `{}`", self.shown))?;
+        if !status.success() {
+            bail!("`{}` failed ({status})", self.shown);
+        }
+        Ok(())
+    }
+
+    /// Runs with stdout both shown and appended to `sink` (stderr passes through); fails
+    /// unless it exits 0. `sink` has the output either way.
+    pub fn run_tee(mut self, sink: &mut String) -> Result<()> {
+        println!("$ {}", self.shown);
+        let mut child = self
+            .command
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting `{}`", self.shown))?;
+        if let Some(out) = child.stdout.take() {
+            let mut out = BufReader::new(out);
+            let mut line = String::new();
+            while out.read_line(&mut line).unwrap_or(0) > 0 {
+                print!("{line}");
+                sink.push_str(&line);
+                line.clear();
+            }
+        }
+        let status = child.wait()?;
         if !status.success() {
             bail!("`{}` failed ({status})", self.shown);
         }

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use crate::{build::build, cmd::Cmd};
 
@@ -50,6 +50,7 @@ pub fn test(workspace: &Path) -> Result<()> {
     }
     let mut steps = Vec::new();
     let mut outputs = None;
+    let mut test_output = String::new();
     steps.push(timed("build (setup, kernel programs, agent)", || {
         outputs = Some(build(workspace)?);
         Ok(())
@@ -68,7 +69,7 @@ pub fn test(workspace: &Path) -> Result<()> {
                     "proxy-ebpf",
                     "--release",
                 ])
-                .run()
+                .run_tee(&mut test_output)
         })),
         None => steps.push(skipped("cargo test")),
     }
@@ -111,10 +112,77 @@ pub fn test(workspace: &Path) -> Result<()> {
             s.took.as_secs_f64()
         );
     }
-    if failed.is_empty() {
+    let counts = count_tests(&test_output);
+    let verdict = if failed.is_empty() {
         println!("xtask test: every step succeeded");
         Ok(())
     } else {
-        bail!("xtask test: not passed: {}", failed.join(", "))
+        println!("xtask test: not passed: {}", failed.join(", "));
+        Err(anyhow::anyhow!(
+            "xtask test: not passed: {}",
+            failed.join(", ")
+        ))
+    };
+    // The totals over all test binaries, last, in the plain form CI reads.
+    if let Some(c) = counts {
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            c.passed, c.failed, c.ignored
+        );
+    }
+    verdict
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TestCounts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Adds up the `test result: ok. N passed; M failed; K ignored; ...` lines of `cargo test`.
+fn count_tests(output: &str) -> Option<TestCounts> {
+    let mut total = TestCounts::default();
+    let mut any = false;
+    for line in output.lines() {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            continue;
+        };
+        any = true;
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => total.passed += n,
+                "failed" => total.failed += n,
+                "ignored" => total.ignored += n,
+                _ => {}
+            }
+        }
+    }
+    any.then_some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_add_up_over_binaries() {
+        let out = "running 3 tests\n\
+                   test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.2s\n\
+                   test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s\n";
+        assert_eq!(
+            count_tests(out),
+            Some(TestCounts {
+                passed: 8,
+                failed: 2,
+                ignored: 1
+            })
+        );
+        assert_eq!(count_tests("nothing here"), None);
     }
 }
