@@ -81,11 +81,6 @@ impl Cluster {
         self.agent.as_ref().expect("agent not started")
     }
 
-    /// The agent's log, or an empty string before it started.
-    pub fn agent_log(&self) -> String {
-        self.agent.as_ref().map(Agent::log).unwrap_or_default()
-    }
-
     pub fn client(&self) -> &Pod {
         self.topo.client()
     }

@@ -68,13 +68,6 @@ impl NetNs {
         })
     }
 
-    /// Moves the calling thread into this namespace (for long-lived server threads).
-    pub fn enter_current_thread(&self) -> Result<()> {
-        let file = self.open()?;
-        setns(&file, CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("setns into netns {}", self.name))
-    }
-
     fn open(&self) -> Result<File> {
         File::open(self.path()).with_context(|| format!("opening {}", self.path().display()))
     }

@@ -7,11 +7,7 @@
 //! builds it). Names are unique per test, and the tests run one at a time so that timing
 //! bounds (like "refused within 1 s") are not disturbed by the other tests.
 
-use std::{
-    collections::BTreeMap,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use testbed::{
@@ -24,7 +20,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Builds a cluster with `backends` backend pods, writes `myapp` (with the UDP port if
 /// `udp`) with the endpoints `initial`, starts the agent, waits until it serves them, then
-/// runs `body`. On failure the agent's log is printed before the guards clean up.
+/// runs `body`. On failure the agent's log is printed as the guards clean up.
 fn with_myapp(
     backends: usize,
     initial: &[&str],
@@ -41,10 +37,7 @@ fn with_myapp(
         Ok(())
     };
     if let Err(e) = setup(&mut cluster).and_then(|()| body(&cluster)) {
-        eprintln!(
-            "---- agent log ----\n{}---- end of agent log ----",
-            cluster.agent_log()
-        );
+        // The agent's guard prints its log while this panic unwinds.
         panic!("{e:?}");
     }
 }
@@ -220,7 +213,6 @@ fn udp_request_and_answer_through_the_cluster_ip() {
                 })
             })?;
         let mut seen = BTreeMap::<String, usize>::new();
-        let start = Instant::now();
         for i in 0..30 {
             // udp_request fails unless the answer comes from 10.96.0.10:53 itself.
             let name = udp_request(&cluster.client().ns, MYAPP_VIP, DNS_PORT)
@@ -231,7 +223,6 @@ fn udp_request_and_answer_through_the_cluster_ip() {
             );
             *seen.entry(name).or_default() += 1;
         }
-        ensure!(start.elapsed() < Duration::from_secs(30));
         ensure!(
             seen.len() > 1,
             "30 UDP requests from fresh ports all went to one backend: {seen:?}"
