@@ -6,10 +6,12 @@ use std::{env, fs, path::PathBuf};
 
 fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("proxy-ebpf.o");
-    let source = env::var("BPFPROXY_EBPF_OBJ").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap())
-            .join("../target/bpfel-unknown-none/release/proxy-ebpf")
-    });
+    let source = env::var("BPFPROXY_EBPF_OBJ")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap())
+                .join("../target/bpfel-unknown-none/release/proxy-ebpf")
+        });
     println!("cargo:rerun-if-env-changed=BPFPROXY_EBPF_OBJ");
     println!("cargo:rerun-if-changed={}", source.display());
     match fs::read(&source) {

@@ -68,16 +68,37 @@ pub struct Capacity {
 /// One write to a map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
-    PutBackend { key: BackendSlotKey, value: Backend4 },
-    DeleteBackend { key: BackendSlotKey },
-    PutMeta { svc_id: u32, meta: SvcMeta },
-    DeleteMeta { svc_id: u32 },
-    PutService { key: Svc4Key, value: Svc4Value },
-    DeleteService { key: Svc4Key },
-    SetReplyFilterWord { index: u32, word: u64 },
+    PutBackend {
+        key: BackendSlotKey,
+        value: Backend4,
+    },
+    DeleteBackend {
+        key: BackendSlotKey,
+    },
+    PutMeta {
+        svc_id: u32,
+        meta: SvcMeta,
+    },
+    DeleteMeta {
+        svc_id: u32,
+    },
+    PutService {
+        key: Svc4Key,
+        value: Svc4Value,
+    },
+    DeleteService {
+        key: Svc4Key,
+    },
+    SetReplyFilterWord {
+        index: u32,
+        word: u64,
+    },
     /// Drop UDP conntrack entries of `frontend` whose backend is one of `backends`
     /// (kube-proxy clears UDP conntrack when an endpoint goes, so clients move at once).
-    PurgeUdpConntrack { frontend: Svc4Key, backends: Vec<Backend4> },
+    PurgeUdpConntrack {
+        frontend: Svc4Key,
+        backends: Vec<Backend4>,
+    },
 }
 
 /// The ops for one service port, applied together; if one fails the step is rolled back
