@@ -1,16 +1,19 @@
 //! Bounds-checked header parsing with direct packet access.
 
 use aya_ebpf::programs::TcContext;
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 use proxy_common::{PROTO_TCP, PROTO_UDP};
 
-pub const ETH_LEN: usize = 14;
-pub const ETH_P_IP: u16 = 0x0800;
-pub const IPV4_MIN_LEN: usize = 20;
+pub const ETH_LEN: usize = EthHdr::LEN;
+pub const IPV4_MIN_LEN: usize = Ipv4Hdr::LEN;
 /// Offset of the checksum inside the IPv4 header.
 pub const IP_CSUM: usize = 10;
 
-pub const TCP_LEN: usize = 20;
-pub const UDP_LEN: usize = 8;
 pub const TCP_CSUM: usize = 16;
 pub const UDP_CSUM: usize = 6;
 
@@ -104,57 +107,63 @@ impl Packet {
     }
 }
 
-/// Parses Ethernet, IPv4 (honouring IHL) and the TCP/UDP ports.
+/// Parses Ethernet, IPv4 (honouring IHL) and the TCP/UDP ports, with network-types'
+/// header layouts.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Packet, Skip> {
-    let eth_type: *const [u8; 2] = pull_ptr_at(ctx, 12).ok_or(Skip::Malformed)?;
+    let eth: *const EthHdr = pull_ptr_at(ctx, 0).ok_or(Skip::Malformed)?;
     // SAFETY: ptr_at checked the bounds.
-    if u16::from_be_bytes(unsafe { *eth_type }) != ETH_P_IP {
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
         return Err(Skip::NotIpv4);
     }
-    let ip: *const [u8; IPV4_MIN_LEN] = pull_ptr_at(ctx, ETH_LEN).ok_or(Skip::Malformed)?;
+    let ip: *const Ipv4Hdr = pull_ptr_at(ctx, EthHdr::LEN).ok_or(Skip::Malformed)?;
     // SAFETY: as above. Copied out by value: the L4 pull below may move the packet.
     let ip = unsafe { ip.read() };
-    let vihl = ip[0];
-    let ihl = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || ihl < IPV4_MIN_LEN {
+    let ihl = ip.ihl() as usize;
+    if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
         return Err(Skip::Malformed);
     }
-    let proto = ip[9];
+    let proto = ip.proto;
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(Skip::NotTcpUdp);
     }
     // MF flag or a non-zero fragment offset.
-    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
         return Err(Skip::Fragment);
     }
-    let ip_csum = [ip[10], ip[11]];
-    let saddr = [ip[12], ip[13], ip[14], ip[15]];
-    let daddr = [ip[16], ip[17], ip[18], ip[19]];
 
     // ihl <= 60, so the verifier knows l4_off is bounded.
-    let l4_off = ETH_LEN + ihl;
-    let (ports, tcp_flags, no_l4_csum) = if proto == PROTO_TCP {
-        let th: *const [u8; TCP_LEN] = pull_ptr_at(ctx, l4_off).ok_or(Skip::Malformed)?;
+    let l4_off = EthHdr::LEN + ihl;
+    let (sport, dport, tcp_flags, no_l4_csum) = if proto == PROTO_TCP {
+        let th: *const TcpHdr = pull_ptr_at(ctx, l4_off).ok_or(Skip::Malformed)?;
         // SAFETY: bounds checked by ptr_at.
         let th = unsafe { th.read() };
-        ([th[0], th[1], th[2], th[3]], th[13], false)
+        let flags = flag(th.fin(), TCP_FIN)
+            | flag(th.syn(), TCP_SYN)
+            | flag(th.rst(), TCP_RST)
+            | flag(th.ack(), TCP_ACK);
+        (th.source, th.dest, flags, false)
     } else {
-        let uh: *const [u8; UDP_LEN] = pull_ptr_at(ctx, l4_off).ok_or(Skip::Malformed)?;
+        let uh: *const UdpHdr = pull_ptr_at(ctx, l4_off).ok_or(Skip::Malformed)?;
         // SAFETY: bounds checked by ptr_at.
         let uh = unsafe { uh.read() };
-        ([uh[0], uh[1], uh[2], uh[3]], 0, uh[6] == 0 && uh[7] == 0)
+        (uh.src, uh.dst, 0, uh.check == [0, 0])
     };
 
     Ok(Packet {
         l4_off,
-        saddr,
-        daddr,
-        sport: u16::from_be_bytes([ports[0], ports[1]]),
-        dport: u16::from_be_bytes([ports[2], ports[3]]),
+        saddr: ip.src_addr,
+        daddr: ip.dst_addr,
+        sport: u16::from_be_bytes(sport),
+        dport: u16::from_be_bytes(dport),
         proto,
         tcp_flags,
         no_l4_csum,
-        ip_csum,
+        ip_csum: ip.check,
     })
+}
+
+#[inline(always)]
+fn flag(set: u16, bit: u8) -> u8 {
+    if set != 0 { bit } else { 0 }
 }
