@@ -5,11 +5,15 @@
 //! guard drops, and its pin directory is removed.
 
 use std::{
-    fs::File,
+    ffi::OsString,
+    fs::OpenOptions,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::Mutex,
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -28,6 +32,9 @@ pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 pub const TEST_PIN_PREFIX: &str = "bpfproxy-testbed-";
 /// How long the agent gets to come up or to apply a change.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// What the agent logs once it is fully up: maps programmed, interfaces attached, watching
+/// for changes and for signals.
+pub const RUNNING_LINE: &str = "bpfproxy running";
 /// `statfs` magic of bpffs (linux/magic.h).
 const BPF_FS_MAGIC: libc::__fsword_t = 0xcafe_4a11;
 
@@ -98,11 +105,87 @@ pub fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
+/// Runs `nsenter ARGS...` (the agent in its namespace) with its output going to `log`,
+/// which is truncated first unless `append`.
+fn spawn_agent(args: &[OsString], log: &Path, append: bool) -> Result<Child> {
+    let log_file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let mut cmd = Command::new("nsenter");
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        // Own process group: a Ctrl-C meant for the caller is handled by the caller,
+        // which then stops the agent in order.
+        .process_group(0);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // The agent dies with the thread that started it, even on SIGKILL.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    eprintln!(
+        "testbed: starting agent: nsenter {} (log: {})",
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" "),
+        log.display()
+    );
+    cmd.spawn()
+        .context("spawning nsenter (is util-linux installed?)")
+}
+
+/// Runs `bpfproxy ARGS... --bpffs <bpffs>` in this (the caller's) namespace, with or without
+/// an agent, and returns its output whatever its exit status.
+pub fn run_cli(args: &[&str], bpffs: &Path) -> Result<Output> {
+    let bin = bpfproxy_bin()?;
+    Command::new(&bin)
+        .args(args)
+        .arg("--bpffs")
+        .arg(bpffs)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))
+}
+
+/// `text` without ANSI colour sequences (`ESC [ ... letter`), as the agent's log has them.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip `[`, parameters, and the final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A running agent; SIGTERM and pin clean-up on drop.
 pub struct Agent {
     bin: PathBuf,
     bpffs: PathBuf,
     log: PathBuf,
+    /// Arguments of `nsenter`, kept to start the agent again on the same pins.
+    args: Vec<OsString>,
+    /// How many times the agent was started (each start logs [`RUNNING_LINE`] once up).
+    starts: AtomicUsize,
     child: Mutex<Child>,
 }
 
@@ -111,6 +194,18 @@ impl Agent {
     /// `manifests`, pinning under `bpffs` (which must be below /sys/fs/bpf). Its output goes
     /// to a log file (see [`Agent::log`]). Does not wait for it to be ready.
     pub fn start(node: &NetNs, manifests: &Path, interfaces: &str, bpffs: &Path) -> Result<Self> {
+        Self::start_with_args(node, manifests, interfaces, bpffs, &[])
+    }
+
+    /// Like [`Agent::start`], with `extra` arguments after the usual ones (e.g.
+    /// `["--max-services", "1"]`).
+    pub fn start_with_args(
+        node: &NetNs,
+        manifests: &Path,
+        interfaces: &str,
+        bpffs: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let bin = bpfproxy_bin()?;
         ensure_bpffs()?;
         if bpffs.exists() {
@@ -121,52 +216,65 @@ impl Agent {
             "bpfproxy-agent-{}.log",
             bpffs.file_name().unwrap_or_default().to_string_lossy()
         ));
-        let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", node.path().display()))
-            .arg(&bin)
-            .arg("run")
-            .arg("--manifests")
-            .arg(manifests)
-            .arg("--interfaces")
-            .arg(interfaces)
-            .arg("--bpffs")
-            .arg(bpffs)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            // Own process group: a Ctrl-C meant for the caller is handled by the caller,
-            // which then stops the agent in order.
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                // The agent dies with the thread that started it, even on SIGKILL.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        eprintln!(
-            "testbed: starting agent: nsenter --net={} {} run --manifests {} --interfaces {} \
-             --bpffs {} (log: {})",
-            node.path().display(),
-            bin.display(),
-            manifests.display(),
-            interfaces,
-            bpffs.display(),
-            log.display()
-        );
-        let child = cmd
-            .spawn()
-            .context("spawning nsenter (is util-linux installed?)")?;
+        let mut args: Vec<OsString> = vec![
+            format!("--net={}", node.path().display()).into(),
+            bin.clone().into(),
+            "run".into(),
+            "--manifests".into(),
+            manifests.into(),
+            "--interfaces".into(),
+            interfaces.into(),
+            "--bpffs".into(),
+            bpffs.into(),
+        ];
+        args.extend(extra.iter().map(OsString::from));
+        let child = spawn_agent(&args, &log, false)?;
         Ok(Agent {
             bin,
             bpffs: bpffs.to_owned(),
             log,
+            args,
+            starts: AtomicUsize::new(1),
             child: Mutex::new(child),
         })
+    }
+
+    /// Stops the agent with SIGTERM (SIGKILL after 5 s) and leaves its pins in place, as a
+    /// node's service manager would on a restart. Returns how it exited.
+    pub fn stop_keeping_pins(&self) -> Result<ExitStatus> {
+        self.terminate()
+            .context("the agent had already exited before SIGTERM")
+    }
+
+    /// Starts the agent again, with the same arguments and on the same pins, after
+    /// [`Agent::stop_keeping_pins`]. Its output is appended to the same log.
+    pub fn start_again(&self) -> Result<()> {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if child.try_wait()?.is_none() {
+            bail!("the agent is still running; stop it first");
+        }
+        *child = spawn_agent(&self.args, &self.log, true)?;
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Waits (at most [`READY_TIMEOUT`]) until the agent, as last started, logged
+    /// [`RUNNING_LINE`]: past its start-up, with its link, file and signal watchers in
+    /// place. Fails early if it exits.
+    pub fn wait_until_running(&self) -> Result<()> {
+        let want = self.starts.load(Ordering::SeqCst);
+        let res = crate::wait_until("the agent to be running", READY_TIMEOUT, || {
+            if let Err(e) = self.check_running() {
+                return Ok(Some(Err(e)));
+            }
+            let runs = strip_ansi(&self.log())
+                .lines()
+                .filter(|l| l.contains(RUNNING_LINE))
+                .count();
+            Ok((runs >= want).then_some(Ok(())))
+        });
+        res.and_then(|r| r)
+            .with_context(|| format!("agent log:\n{}", self.log()))
     }
 
     pub fn bpffs(&self) -> &Path {
@@ -176,6 +284,18 @@ impl Agent {
     /// Everything the agent logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (at most [`READY_TIMEOUT`]) until a line of the log, colours removed,
+    /// satisfies `pred`, and returns that line. Fails with the log if none does.
+    pub fn wait_for_log_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
+        crate::wait_until(what, READY_TIMEOUT, || {
+            Ok(strip_ansi(&self.log())
+                .lines()
+                .find(|l| pred(l))
+                .map(str::to_owned))
+        })
+        .with_context(|| format!("waiting for {what}; agent log:\n{}", self.log()))
     }
 
     /// Fails if the agent has exited.
@@ -293,29 +413,31 @@ impl Agent {
         .map(|_| ())
     }
 
-    fn stop(&self) {
+    /// SIGTERM, then SIGKILL after 5 s. Returns how the agent exited, or `None` if it had
+    /// exited already.
+    fn terminate(&self) -> Option<ExitStatus> {
         let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
+            return None;
         }
         let pid = Pid::from_raw(child.id() as i32);
         let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if matches!(child.try_wait(), Ok(Some(_))) {
-                return;
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         eprintln!("testbed: agent ignored SIGTERM for 5 s, killing it");
         let _ = child.kill();
-        let _ = child.wait();
+        child.wait().ok()
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.stop();
+        self.terminate();
         if std::thread::panicking() {
             eprintln!(
                 "---- agent log ({}) ----\n{}---- end of agent log ----",

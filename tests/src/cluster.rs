@@ -67,11 +67,19 @@ impl Cluster {
 
     /// Starts the agent on the node's pod-facing veths, reading the manifests directory.
     pub fn start_agent(&mut self) -> Result<&Agent> {
-        let agent = Agent::start(
+        let interfaces = self.topo.node_interfaces_glob();
+        self.start_agent_with(&interfaces, &[])
+    }
+
+    /// Starts the agent with `--interfaces interfaces` and the `extra` arguments, reading
+    /// the manifests directory.
+    pub fn start_agent_with(&mut self, interfaces: &str, extra: &[&str]) -> Result<&Agent> {
+        let agent = Agent::start_with_args(
             &self.topo.node,
             self.manifests.path(),
-            &self.topo.node_interfaces_glob(),
+            interfaces,
             &self.bpffs(),
+            extra,
         )?;
         Ok(self.agent.insert(agent))
     }
