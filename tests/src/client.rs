@@ -107,6 +107,11 @@ impl HttpConnection {
         })
     }
 
+    /// The client's own address and port, as conntrack lists the connection.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.stream.local_addr()?)
+    }
+
     /// Sends `GET /` and returns the body of the `200 OK` answer.
     pub fn get(&mut self) -> Result<String> {
         let request = format!(

@@ -73,6 +73,18 @@ impl Topology {
         Ok(topo)
     }
 
+    /// Adds a client pod `c<n>` to the running topology (its node-side veth appears while
+    /// an agent may be running, as a new pod's would) and returns it.
+    pub fn add_client(&mut self) -> Result<&Pod> {
+        let i = self.clients.len() + 1;
+        if self.clients.len() + self.backends.len() >= 99 {
+            bail!("too many pods");
+        }
+        let pod = self.add_pod(&format!("c{i}"), nth_ip(CLIENT_SUBNET, i))?;
+        self.clients.push(pod);
+        Ok(self.clients.last().expect("just pushed"))
+    }
+
     fn add_pod(&self, name: &str, ip: Ipv4Addr) -> Result<Pod> {
         let index = self.clients.len() + self.backends.len() + 1;
         let node_if = format!("bpv{}-{index}", self.run);
