@@ -32,7 +32,10 @@ pub struct Ct4Value {
     pub dir: u8,
     pub flags: u8,
     pub svc_id: u32,
-    pub _pad: u32,
+    /// Forward entry only: 1 if this connection was counted in `backend_conns4` (it has a
+    /// token in `counted4`) and no FIN/RST was seen yet. A hint that saves closing packets
+    /// of uncounted connections a map operation; the token decides.
+    pub counted: u32,
     /// bpf_ktime_get_ns() when the connection was created.
     pub created_ns: u64,
 }

@@ -11,6 +11,7 @@
 #![no_std]
 
 pub mod conntrack;
+pub mod hash;
 pub mod maps;
 pub mod reply_filter;
 pub mod service;

@@ -12,3 +12,19 @@ pub const STATS: &str = "stats";
 pub const DEFAULT_SERVICES: u32 = 65_536;
 pub const DEFAULT_BACKEND_SLOTS: u32 = 262_144;
 pub const DEFAULT_CONNTRACK: u32 = 262_144;
+pub const MAGLEV4: &str = "maglev4";
+pub const BACKEND_CONNS4: &str = "backend_conns4";
+pub const AFFINITY4: &str = "affinity4";
+pub const SCHED_RR4: &str = "sched_rr4";
+pub const COUNTED4: &str = "counted4";
+
+/// Maglev tables `maglev4` can hold (entries = this * `service::MAGLEV_SIZE`; the map is
+/// not preallocated, so only tables in use take memory). A service being changed holds
+/// two tables for a moment, so about half this many Maglev services fit.
+pub const MAGLEV_TABLES: u32 = 64;
+/// Size of `affinity4` (LRU): clients with ClientIP affinity, over all services.
+pub const DEFAULT_AFFINITY: u32 = 65_536;
+/// Backends whose connections a counting scheduler (lc, sed, nq) compares per new
+/// connection; a service with more compares a window of this many, starting at a slot
+/// that rotates.
+pub const SCHED_SCAN_MAX: u32 = 1024;

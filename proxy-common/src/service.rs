@@ -16,9 +16,108 @@ pub struct Svc4Key {
     pub scope: u8,
 }
 
-/// `scheduler` of a [`Svc4Value`]. Only random exists so far; the field is there so the
-/// schedulers issue adds values without a layout change.
+/// `scheduler` of a [`Svc4Value`]: how a new connection picks its backend. Established
+/// connections never run a scheduler (conntrack has their backend).
+///
+/// Uniform random over the live table.
 pub const SCHED_RANDOM: u8 = 0;
+/// Round robin over the live table (one shared counter per service in `sched_rr4`).
+pub const SCHED_RR: u8 = 1;
+/// Least connections, weighted: the smallest `active / weight` (IPVS `wlc`).
+pub const SCHED_LC: u8 = 2;
+/// Shortest expected delay: the smallest `(active + 1) / weight` (IPVS `sed`).
+pub const SCHED_SED: u8 = 3;
+/// Never queue: an idle backend if there is one, else as `SCHED_SED` (IPVS `nq`).
+pub const SCHED_NQ: u8 = 4;
+/// Source hashing: the client address picks the slot.
+pub const SCHED_SH: u8 = 5;
+/// Destination hashing: the frontend address and port pick the slot.
+pub const SCHED_DH: u8 = 6;
+/// Maglev consistent hashing of the 5-tuple through the service's `maglev4` table.
+pub const SCHED_MAGLEV: u8 = 7;
+
+/// Names of the schedulers, indexed by value (the annotation and CLI spelling).
+pub const SCHED_NAMES: [&str; 8] = ["random", "rr", "lc", "sed", "nq", "sh", "dh", "maglev"];
+
+/// Whether a scheduler needs the per-backend connection counts of `backend_conns4`.
+#[inline(always)]
+pub const fn sched_counts_connections(scheduler: u8) -> bool {
+    matches!(scheduler, SCHED_LC | SCHED_SED | SCHED_NQ)
+}
+
+/// Size of every Maglev lookup table: a prime, so each backend's permutation
+/// (`offset + j * skip mod M`) visits every entry. 16381 keeps the spread within about 1%
+/// of even up to a few hundred backends (M should be much larger than N; Maglev's paper
+/// uses M >= 100 N), and a table's `maglev4` entries cost about 0.8 MB.
+pub const MAGLEV_SIZE: u32 = 16_381;
+
+/// Key of `maglev4`: entry `index` (0..MAGLEV_SIZE) of the Maglev table of backend table
+/// `table` (the same double-buffered id as `backend_slots4`, published with the service).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    pub table: u32,
+    pub index: u32,
+}
+
+/// Key of `backend_conns4`: one backend of one service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendConnsKey {
+    pub svc_id: u32,
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `backend_conns4`: monotonic counters, written only by the kernel programs with
+/// atomic adds. Active connections = `opened - closed`.
+///
+/// `opened` counts the TCP connections a counting scheduler created to this backend, each
+/// of which gets a token in `counted4` (keyed by its forward tuple). `closed` counts each
+/// of them once: whoever deletes the token adds one. A map delete succeeds for one caller
+/// only, so no connection is released twice: the first FIN or RST in either direction
+/// deletes it, and so does a new connection reusing the tuple, and the agent's collector
+/// deletes the tokens whose conntrack entry was evicted (it adds to `closed` through the
+/// `conns_release` program, never by writing this map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendConns {
+    pub opened: u64,
+    pub closed: u64,
+}
+
+impl BackendConns {
+    /// Connections open now (0 if a release raced ahead of its open).
+    #[inline(always)]
+    pub fn active(&self) -> u64 {
+        self.opened.saturating_sub(self.closed)
+    }
+}
+
+/// Key of `affinity4`: ClientIP session affinity of one client to one service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub svc_id: u32,
+    pub client: [u8; 4],
+}
+
+/// Value of `affinity4`: the backend a client sticks to, and when it last started a
+/// connection to it. `slot` is where the backend was in the live table when last used:
+/// checked first (one lookup); when that slot holds another backend, the live table is
+/// scanned for `addr:port`, and an entry whose backend is gone is dropped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub _pad: u16,
+    pub slot: u32,
+    pub _pad2: u32,
+    /// bpf_ktime_get_ns() of the last new connection that used this entry.
+    pub last_ns: u64,
+}
 
 /// Value of `services4`.
 ///
@@ -82,6 +181,11 @@ const _: () = assert!(core::mem::size_of::<Svc4Value>() == 20);
 const _: () = assert!(core::mem::size_of::<BackendSlotKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend4>() == 8);
 const _: () = assert!(core::mem::size_of::<SvcMeta>() == 144);
+const _: () = assert!(core::mem::size_of::<MaglevKey>() == 8);
+const _: () = assert!(core::mem::size_of::<BackendConnsKey>() == 12);
+const _: () = assert!(core::mem::size_of::<BackendConns>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -91,4 +195,9 @@ mod pod {
     unsafe impl aya::Pod for super::BackendSlotKey {}
     unsafe impl aya::Pod for super::Backend4 {}
     unsafe impl aya::Pod for super::SvcMeta {}
+    unsafe impl aya::Pod for super::MaglevKey {}
+    unsafe impl aya::Pod for super::BackendConnsKey {}
+    unsafe impl aya::Pod for super::BackendConns {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
 }

@@ -1,9 +1,15 @@
 //! Connection tracking: one forward and one reply entry per NAT-ed connection.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
-use proxy_common::conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, Ct4Key, Ct4Value};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+};
+use proxy_common::{
+    conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, Ct4Key, Ct4Value},
+    service::BackendConnsKey,
+};
 
-use crate::{maps::CONNTRACK4, parse::Packet};
+use crate::{maps::CONNTRACK4, parse::Packet, sched};
 
 /// The packet's own 5-tuple: the forward key of a client packet, the reply key of a backend's.
 #[inline(always)]
@@ -62,7 +68,32 @@ pub fn note_closing_forward(pkt: &Packet, vip: [u8; 4], vip_port: u16) {
     };
     if let Some(entry) = CONNTRACK4.get_ptr_mut(fwd) {
         note_closing(pkt, entry);
+        release(&fwd, entry);
     }
+}
+
+/// Gives back the connection's count in `backend_conns4`, once (see `sched::release_token`).
+/// `fkey` and `entry` are the forward tuple and entry.
+#[inline(always)]
+pub fn release(fkey: &Ct4Key, entry: *mut Ct4Value) {
+    // SAFETY: `entry` comes from a lookup in this program run. A racing writer of the
+    // hint at worst costs another closing packet one token lookup.
+    unsafe {
+        if (*entry).counted == 0 {
+            return;
+        }
+        (*entry).counted = 0;
+    }
+    sched::release_token(fkey);
+}
+
+/// Drops the forward entry of a closed connection whose tuple a new SYN reuses (after
+/// releasing its count, in case a racing FIN lost its update).
+#[inline(always)]
+pub fn forget_forward(pkt: &Packet, entry: *mut Ct4Value) {
+    let fkey = tuple_key(pkt);
+    release(&fkey, entry);
+    let _ = CONNTRACK4.remove(fkey);
 }
 
 /// Drops the reply entry of a forward entry that is being replaced.
@@ -74,24 +105,51 @@ pub fn forget_reply(pkt: &Packet, backend_addr: [u8; 4], backend_port: u16) {
 /// The map is full beyond what LRU eviction could free.
 pub struct ConntrackFull;
 
-/// Records a new connection from the packet's client to a backend, both directions.
+/// How [`create`] went.
+pub enum Created {
+    /// Both entries are in; the connection goes to the chosen backend.
+    New,
+    /// Another CPU created the same tuple first (a retransmitted SYN racing the first):
+    /// the connection goes to that one's backend.
+    Raced([u8; 4], u16),
+}
+
+/// Records a new connection from the packet's client to a backend, both directions. With
+/// `count` (a TCP connection of a counting scheduler, not already closing), the backend's
+/// `opened` counter gets one, the connection a token in `counted4`, and the forward entry
+/// the `counted` hint.
+///
+/// The forward entry is inserted only if the tuple has none (`BPF_NOEXIST`; the caller
+/// removed a closed one), so two CPUs racing on one tuple create it, and count it, once.
 #[inline(always)]
 pub fn create(
     pkt: &Packet,
     svc_id: u32,
     backend_addr: [u8; 4],
     backend_port: u16,
-) -> Result<(), ConntrackFull> {
+    count: bool,
+) -> Result<Created, ConntrackFull> {
     // SAFETY: a helper without arguments or side effects.
     let created_ns = unsafe { bpf_ktime_get_ns() };
-    let flags = if pkt.is_closing() { CT_FLAG_CLOSING } else { 0 };
+    let closing = pkt.is_closing();
+    let flags = if closing { CT_FLAG_CLOSING } else { 0 };
+    let counters = if count && !closing {
+        sched::conns_entry(BackendConnsKey {
+            svc_id,
+            addr: backend_addr,
+            port: backend_port,
+            _pad: 0,
+        })
+    } else {
+        None
+    };
     let reply = Ct4Value {
         nat_addr: pkt.daddr,
         nat_port: pkt.dport,
         dir: CT_DIR_REPLY,
         flags,
         svc_id,
-        _pad: 0,
+        counted: 0,
         created_ns,
     };
     let rkey = reply_key(pkt, backend_addr, backend_port);
@@ -102,14 +160,44 @@ pub fn create(
         nat_addr: backend_addr,
         nat_port: backend_port,
         dir: CT_DIR_FORWARD,
+        counted: counters.is_some() as u32,
         ..reply
     };
+    let fkey = tuple_key(pkt);
     if CONNTRACK4
-        .insert(tuple_key(pkt), forward, BPF_ANY as u64)
+        .insert(fkey, forward, BPF_NOEXIST as u64)
         .is_err()
     {
-        let _ = CONNTRACK4.remove(rkey);
-        return Err(ConntrackFull);
+        let winner = CONNTRACK4.get_ptr(fkey).map(|e| {
+            // SAFETY: a lookup result.
+            unsafe { ((*e).nat_addr, (*e).nat_port, (*e).dir) }
+        });
+        return match winner {
+            Some((addr, port, CT_DIR_FORWARD)) => {
+                if (addr, port) != (backend_addr, backend_port) {
+                    let _ = CONNTRACK4.remove(rkey);
+                }
+                Ok(Created::Raced(addr, port))
+            }
+            _ => {
+                let _ = CONNTRACK4.remove(rkey);
+                Err(ConntrackFull)
+            }
+        };
     }
-    Ok(())
+    if let Some(c) = counters {
+        let key = BackendConnsKey {
+            svc_id,
+            addr: backend_addr,
+            port: backend_port,
+            _pad: 0,
+        };
+        if !sched::count_open(&fkey, key, c)
+            && let Some(e) = CONNTRACK4.get_ptr_mut(fkey)
+        {
+            // SAFETY: a lookup result.
+            unsafe { (*e).counted = 0 };
+        }
+    }
+    Ok(Created::New)
 }

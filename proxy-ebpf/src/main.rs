@@ -7,6 +7,10 @@
 //! untouched after one hash lookup and one array read. Every exit is counted in `stats`.
 #![no_std]
 #![no_main]
+// Atomic adds on map values: core's Atomic* types have no RMW methods on the BPF target;
+// the intrinsic, its result unused, lowers to the BPF_ATOMIC add of the default ISA.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod conntrack;
 mod csum;
@@ -14,23 +18,25 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod sched;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK as ACT_OK, TC_ACT_SHOT as ACT_SHOT},
-    helpers::bpf_get_prandom_u32,
     macros::classifier,
     programs::TcContext,
 };
 use proxy_common::{
     conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING},
     reply_filter,
-    service::{BackendSlotKey, SCOPE_CLUSTER_IP, Svc4Key},
+    service::{BackendConnsKey, SCOPE_CLUSTER_IP, Svc4Key, sched_counts_connections},
     stats,
 };
 
 use crate::{
-    maps::{BACKEND_SLOTS4, CONNTRACK4, REPLY_FILTER4, SERVICES4, count},
-    parse::{Packet, Skip},
+    conntrack::Created,
+    maps::{CONNTRACK4, REPLY_FILTER4, SERVICES4, count},
+    parse::{ETH_LEN, Packet, Skip, ptr_at},
+    sched::Service,
 };
 
 const OK: i32 = ACT_OK;
@@ -47,6 +53,24 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_floor(_ctx: TcContext) -> i32 {
     OK
+}
+
+/// Not attached anywhere: the agent runs it with BPF_PROG_TEST_RUN to add to a backend's
+/// `closed` counter the connections whose conntrack entry was evicted before they closed,
+/// so `backend_conns4` keeps being written only by atomic adds in the kernel. The "frame"
+/// is 14 ignored bytes, a `BackendConnsKey` and a native-endian u64 count. Returns 0 when
+/// added, 1 when the backend has no counters, 2 for a short frame.
+#[classifier]
+pub fn conns_release(ctx: TcContext) -> i32 {
+    let Some(key) = ptr_at::<BackendConnsKey>(&ctx, ETH_LEN) else {
+        return 2;
+    };
+    let Some(n) = ptr_at::<[u8; 8]>(&ctx, ETH_LEN + core::mem::size_of::<BackendConnsKey>()) else {
+        return 2;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let (key, n) = unsafe { (key.read_unaligned(), u64::from_ne_bytes(n.read_unaligned())) };
+    if sched::add_closed(key, n) { 0 } else { 1 }
 }
 
 /// Counts `stat` and returns `action`.
@@ -82,9 +106,16 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, i32> {
             // SAFETY: a lookup result. A concurrent update of a preallocated hash may
             // recycle the element; reading the three fields at once, right after the
             // lookup, keeps that window to a few instructions (the usual BPF trade-off).
-            let (svc_id, table, backend_count) =
-                unsafe { ((*svc).svc_id, (*svc).table, (*svc).backend_count) };
-            to_service(ctx, &pkt, svc_id, table, backend_count)
+            let svc = unsafe {
+                Service {
+                    svc_id: (*svc).svc_id,
+                    table: (*svc).table,
+                    count: (*svc).backend_count,
+                    scheduler: (*svc).scheduler,
+                    affinity_timeout_s: (*svc).affinity_timeout_s,
+                }
+            };
+            to_service(ctx, &pkt, &svc)
         }
         None => maybe_reply(ctx, &pkt),
     }
@@ -92,20 +123,17 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, i32> {
 
 /// A packet to a service frontend: DNAT to the connection's backend, or pick one.
 #[inline(always)]
-fn to_service(
-    ctx: &TcContext,
-    pkt: &Packet,
-    svc_id: u32,
-    table: u32,
-    backend_count: u32,
-) -> Result<i32, i32> {
+fn to_service(ctx: &TcContext, pkt: &Packet, svc: &Service) -> Result<i32, i32> {
     if let Some(ct) = CONNTRACK4.get_ptr_mut(conntrack::tuple_key(pkt)) {
         // SAFETY: a lookup result, read and written only through this pointer.
         let (dir, flags, addr, port) =
             unsafe { ((*ct).dir, (*ct).flags, (*ct).nat_addr, (*ct).nat_port) };
         if dir == CT_DIR_FORWARD {
             if !(pkt.is_syn() && flags & CT_FLAG_CLOSING != 0) {
-                conntrack::note_closing(pkt, ct);
+                if pkt.is_closing() {
+                    conntrack::note_closing(pkt, ct);
+                    conntrack::release(&conntrack::tuple_key(pkt), ct);
+                }
                 if nat::rewrite_dst(ctx, pkt, addr, port).is_err() {
                     return fail(stats::ERR_REWRITE);
                 }
@@ -113,29 +141,30 @@ fn to_service(
             }
             // A new connection reuses the tuple of a closed one: select anew below.
             conntrack::forget_reply(pkt, addr, port);
+            conntrack::forget_forward(pkt, ct);
         }
     }
 
-    if backend_count == 0 {
+    if svc.count == 0 {
         return match reject::reject(ctx, pkt) {
             Ok(action) => exit(stats::REJECT_NO_BACKEND, action),
             Err(_) => fail(stats::ERR_REWRITE),
         };
     }
-    // SAFETY: a helper without arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % backend_count;
-    let Some(backend) = BACKEND_SLOTS4.get_ptr(BackendSlotKey { table, slot }) else {
+    let Ok(chosen) = sched::choose(pkt, svc) else {
         return exit(stats::ERR_BACKEND_MISSING, OK);
     };
-    // SAFETY: a lookup result.
-    let (addr, port) = unsafe { ((*backend).addr, (*backend).port) };
-    if conntrack::create(pkt, svc_id, addr, port).is_err() {
-        return exit(stats::ERR_CONNTRACK_FULL, OK);
-    }
+    let count = pkt.is_tcp() && sched_counts_connections(svc.scheduler);
+    let (addr, port, stat) =
+        match conntrack::create(pkt, svc.svc_id, chosen.addr, chosen.port, count) {
+            Ok(Created::New) => (chosen.addr, chosen.port, stats::FORWARD_NEW),
+            Ok(Created::Raced(addr, port)) => (addr, port, stats::FORWARD_ESTABLISHED),
+            Err(_) => return exit(stats::ERR_CONNTRACK_FULL, OK),
+        };
     if nat::rewrite_dst(ctx, pkt, addr, port).is_err() {
         return fail(stats::ERR_REWRITE);
     }
-    exit(stats::FORWARD_NEW, OK)
+    exit(stat, OK)
 }
 
 /// A packet to no service: a reply from a backend gets the frontend back as its source.

@@ -2,15 +2,21 @@
 //! userspace overrides at load time. All are BTF map definitions, so `bpftool map dump`
 //! shows keys and values field by field.
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
     conntrack::{Ct4Key, Ct4Value},
-    maps::{DEFAULT_BACKEND_SLOTS, DEFAULT_CONNTRACK, DEFAULT_SERVICES},
+    maps::{
+        DEFAULT_AFFINITY, DEFAULT_BACKEND_SLOTS, DEFAULT_CONNTRACK, DEFAULT_SERVICES, MAGLEV_TABLES,
+    },
     reply_filter::WORDS,
-    service::{Backend4, BackendSlotKey, Svc4Key, Svc4Value, SvcMeta},
+    service::{
+        AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
+        MAGLEV_SIZE, MaglevKey, Svc4Key, Svc4Value, SvcMeta,
+    },
     stats::COUNT,
 };
 
@@ -27,6 +33,48 @@ pub static BACKEND_SLOTS4: HashMap<BackendSlotKey, Backend4, { DEFAULT_BACKEND_S
 #[btf_map(name = "conntrack4")]
 pub static CONNTRACK4: LruHashMap<Ct4Key, Ct4Value, { DEFAULT_CONNTRACK as usize }> =
     LruHashMap::new();
+
+/// Maglev lookup tables: (backend table, 0..MAGLEV_SIZE) -> slot in that backend table.
+/// Built by the agent; not preallocated, so only the tables in use take memory.
+#[btf_map(name = "maglev4")]
+pub static MAGLEV4: HashMap<
+    MaglevKey,
+    u32,
+    { (MAGLEV_TABLES * MAGLEV_SIZE) as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Per-backend connection counters of the counting schedulers (lc, sed, nq):
+/// (svc_id, backend) -> opened/closed, only ever added to atomically.
+#[btf_map(name = "backend_conns4")]
+pub static BACKEND_CONNS4: HashMap<
+    BackendConnsKey,
+    BackendConns,
+    { DEFAULT_BACKEND_SLOTS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// ClientIP session affinity: (svc_id, client) -> backend and last use.
+#[btf_map(name = "affinity4")]
+pub static AFFINITY4: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// Tokens of counted connections: forward tuple -> the counter it holds one `opened` of.
+/// Deleting the token is what entitles to add the matching `closed` (exactly once).
+/// Not LRU: a token must never vanish unseen.
+#[btf_map(name = "counted4")]
+pub static COUNTED4: HashMap<
+    Ct4Key,
+    BackendConnsKey,
+    { DEFAULT_CONNTRACK as usize / 2 },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Round-robin position of each service on each CPU, indexed by svc_id (sized services + 1
+/// at load). Per CPU: the default BPF ISA has no atomic fetch-and-add, and per-CPU
+/// counters keep new connections from bouncing one cache line between CPUs.
+#[btf_map(name = "sched_rr4")]
+pub static SCHED_RR4: PerCpuArray<u32, { DEFAULT_SERVICES as usize + 1 }> = PerCpuArray::new();
 
 /// svc_id -> namespace/name/port name, for the CLI only; the kernel never reads it. The
 /// `export_name` the macro gives it keeps the unreferenced definition in the object's `.maps`.

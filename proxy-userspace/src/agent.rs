@@ -23,7 +23,7 @@ use crate::{
         loader::PROG_TC_INGRESS,
     },
     manifest::ManifestDir,
-    model::{Severity, desired_state},
+    model::{ModelOptions, Scheduler, Severity, desired_state_with},
     planner::{Capacity, MapState, plan},
 };
 
@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub load: LoadOptions,
     /// Full resync period, a safety net for missed events.
     pub resync: Duration,
+    /// Scheduler of Services without a `bpfproxy.io/scheduler` annotation.
+    pub default_scheduler: Scheduler,
 }
 
 enum Trigger {
@@ -63,6 +65,7 @@ struct Reconciler {
     state: MapState,
     capacity: Capacity,
     problems: ProblemLog,
+    options: ModelOptions,
 }
 
 impl Reconciler {
@@ -74,7 +77,8 @@ impl Reconciler {
         }
         problems.extend(report.errors.iter().map(|e| e.to_string()));
         let objects = self.dir.objects();
-        let (desired, issues) = desired_state(&objects.services, &objects.slices);
+        let (desired, issues) =
+            desired_state_with(&objects.services, &objects.slices, &self.options);
         for issue in &issues {
             match issue.severity {
                 Severity::Warning => {
@@ -144,6 +148,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             backend_slots: config.load.sizes.backend_slots,
         },
         problems: ProblemLog::default(),
+        options: ModelOptions {
+            default_scheduler: config.default_scheduler,
+        },
     };
     // Program the maps before attaching, so the first attached packet already sees them.
     reconciler.reconcile(&mut datapath.maps);
@@ -176,6 +183,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = resync.tick() => {
+                collect_connection_counts(&mut datapath, &reconciler.state);
                 reconciler.reconcile(&mut datapath.maps);
                 sync_links(&mut datapath, &mut attachments, &patterns)?;
             }
@@ -233,4 +241,19 @@ fn spawn_link_monitor(tx: mpsc::UnboundedSender<Trigger>) -> anyhow::Result<()> 
         }
     });
     Ok(())
+}
+
+/// Releases the counts of connections whose conntrack entry was evicted, and drops the
+/// counters of drained, removed backends (lc, sed, nq; see
+/// `Datapath::collect_connection_counts`).
+fn collect_connection_counts(datapath: &mut Datapath, state: &MapState) {
+    match datapath.collect_connection_counts(state) {
+        Ok(r) if r.released > 0 || r.removed > 0 => tracing::info!(
+            released = r.released,
+            removed = r.removed,
+            "connection counts collected"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "collecting connection counts"),
+    }
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     datapath::{DatapathError, KernelMaps},
-    model::Protocol,
+    model::{Protocol, Scheduler},
     planner::meta_to_name,
 };
 
@@ -21,6 +21,10 @@ pub struct ServiceRow {
     pub port: u16,
     pub protocol: String,
     pub svc_id: u32,
+    /// The scheduler new connections go through (`random`, `rr`, `maglev`, ...).
+    pub scheduler: String,
+    /// ClientIP session affinity timeout in seconds; 0 = none.
+    pub affinity_timeout_s: u32,
     pub backends: Vec<BackendRow>,
 }
 
@@ -29,6 +33,10 @@ pub struct BackendRow {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub terminating: bool,
+    pub weight: u8,
+    /// Connections open to it, as counted for lc/sed/nq (0 for other schedulers, which
+    /// do not count).
+    pub active_connections: u64,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -50,6 +58,7 @@ fn protocol_name(n: u8) -> String {
 
 pub fn services(maps: &KernelMaps) -> Result<Vec<ServiceRow>, DatapathError> {
     let state = maps.read_state()?;
+    let counts: std::collections::BTreeMap<_, _> = maps.connection_counts().into_iter().collect();
     let mut rows: Vec<ServiceRow> = state
         .services
         .iter()
@@ -63,6 +72,8 @@ pub fn services(maps: &KernelMaps) -> Result<Vec<ServiceRow>, DatapathError> {
                 port: key.port,
                 protocol: protocol_name(key.proto),
                 svc_id: svc.value.svc_id,
+                scheduler: Scheduler::from_value(svc.value.scheduler).name(),
+                affinity_timeout_s: svc.value.affinity_timeout_s,
                 backends: svc
                     .backends
                     .iter()
@@ -70,6 +81,15 @@ pub fn services(maps: &KernelMaps) -> Result<Vec<ServiceRow>, DatapathError> {
                         ip: Ipv4Addr::from(b.addr),
                         port: b.port,
                         terminating: b.flags & proxy_common::service::BACKEND_TERMINATING != 0,
+                        weight: b.weight,
+                        active_connections: counts
+                            .get(&proxy_common::service::BackendConnsKey {
+                                svc_id: svc.value.svc_id,
+                                addr: b.addr,
+                                port: b.port,
+                                _pad: 0,
+                            })
+                            .map_or(0, |c| c.active()),
                     })
                     .collect(),
             }
@@ -112,8 +132,8 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<32} {:<22} {:<6} BACKENDS",
-        "SERVICE", "FRONTEND", "PROTO"
+        "{:<32} {:<22} {:<6} {:<14} BACKENDS",
+        "SERVICE", "FRONTEND", "PROTO", "SCHEDULER"
     );
     for r in rows {
         let mut name = format!("{}/{}", r.namespace, r.name);
@@ -128,14 +148,29 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
                 .iter()
                 .map(|b| {
                     let t = if b.terminating { " (terminating)" } else { "" };
-                    format!("{}:{}{t}", b.ip, b.port)
+                    let w = if b.weight > 1 {
+                        format!(" w{}", b.weight)
+                    } else {
+                        String::new()
+                    };
+                    let counting = ["lc", "sed", "nq"].contains(&r.scheduler.as_str());
+                    let c = if counting {
+                        format!(" ({} open)", b.active_connections)
+                    } else {
+                        String::new()
+                    };
+                    format!("{}:{}{w}{c}{t}", b.ip, b.port)
                 })
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let mut scheduler = r.scheduler.clone();
+        if r.affinity_timeout_s != 0 {
+            scheduler.push_str(&format!("+aff{}s", r.affinity_timeout_s));
+        }
         let _ = writeln!(
             out,
-            "{name:<32} {:<22} {:<6} {backends}",
+            "{name:<32} {:<22} {:<6} {scheduler:<14} {backends}",
             format!("{}:{}", r.ip, r.port),
             r.protocol
         );

@@ -6,6 +6,7 @@ use bpfproxy::{
     agent::{AgentConfig, run},
     datapath::{KernelMaps, LoadOptions, MapSizes},
     inspect,
+    model::Scheduler,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_common::maps;
@@ -55,6 +56,10 @@ enum Command {
         /// Load this eBPF object instead of the embedded one.
         #[arg(long)]
         object: Option<PathBuf>,
+        /// Scheduler of Services without a `bpfproxy.io/scheduler` annotation: random, rr,
+        /// lc, sed, nq, sh, dh or maglev.
+        #[arg(long, default_value = "random", value_parser = parse_scheduler)]
+        scheduler: Scheduler,
         /// Seconds between full resyncs (a safety net; changes apply at once).
         #[arg(long, default_value_t = 30)]
         resync_seconds: u64,
@@ -110,6 +115,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             max_connections,
             object,
             resync_seconds,
+            scheduler,
         } => {
             let config = AgentConfig {
                 manifests,
@@ -124,6 +130,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     },
                 },
                 resync: Duration::from_secs(resync_seconds.max(1)),
+                default_scheduler: scheduler,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -166,4 +173,13 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn parse_scheduler(name: &str) -> Result<Scheduler, String> {
+    Scheduler::from_name(name).ok_or_else(|| {
+        format!(
+            "{name:?} is not one of {}",
+            proxy_common::service::SCHED_NAMES.join(", ")
+        )
+    })
 }

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
 use proxy_common::{
     PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    service::{SCOPE_CLUSTER_IP, Svc4Key},
+    service::{SCHED_NAMES, SCOPE_CLUSTER_IP, Svc4Key},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -110,12 +110,84 @@ pub struct DesiredService {
     pub affinity_timeout_s: u32,
 }
 
+/// A scheduler: how a service port picks the backend of a new connection. The value is
+/// the `scheduler` byte of the kernel's service entry (`proxy_common::service::SCHED_*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Scheduler(u8);
+
+impl Scheduler {
+    pub const RANDOM: Scheduler = Scheduler(proxy_common::service::SCHED_RANDOM);
+    pub const RR: Scheduler = Scheduler(proxy_common::service::SCHED_RR);
+    pub const LC: Scheduler = Scheduler(proxy_common::service::SCHED_LC);
+    pub const SED: Scheduler = Scheduler(proxy_common::service::SCHED_SED);
+    pub const NQ: Scheduler = Scheduler(proxy_common::service::SCHED_NQ);
+    pub const SH: Scheduler = Scheduler(proxy_common::service::SCHED_SH);
+    pub const DH: Scheduler = Scheduler(proxy_common::service::SCHED_DH);
+    pub const MAGLEV: Scheduler = Scheduler(proxy_common::service::SCHED_MAGLEV);
+
+    /// By name, as in the `bpfproxy.io/scheduler` annotation (`random`, `rr`, `lc`, `sed`,
+    /// `nq`, `sh`, `dh`, `maglev`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        SCHED_NAMES
+            .iter()
+            .position(|n| *n == name)
+            .map(|i| Scheduler(i as u8))
+    }
+
+    /// From the kernel's byte (unknown values are kept, and shown as numbers).
+    pub fn from_value(value: u8) -> Self {
+        Scheduler(value)
+    }
+
+    pub fn value(self) -> u8 {
+        self.0
+    }
+
+    pub fn name(self) -> String {
+        SCHED_NAMES
+            .get(self.0 as usize)
+            .map_or_else(|| self.0.to_string(), |n| n.to_string())
+    }
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// How one service port schedules: the scheduler and the backends' weights (1 unless an
+/// annotation says otherwise; Kubernetes endpoints carry none).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scheduling {
+    pub scheduler: Scheduler,
+    /// Weight by backend address (1..=255); a backend not listed weighs 1.
+    pub weights: BTreeMap<Ipv4Addr, u8>,
+}
+
+impl Scheduling {
+    /// The weight of a backend.
+    pub fn weight(&self, addr: Ipv4Addr) -> u8 {
+        self.weights.get(&addr).copied().unwrap_or(1)
+    }
+}
+
 /// Everything the cluster wants served, keyed by frontend.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<Frontend, DesiredService>,
+    /// Services that do not schedule as `Scheduling::default()` (random, all weights 1);
+    /// a frontend missing here uses the default.
+    pub scheduling: BTreeMap<Frontend, Scheduling>,
+}
+
+impl DesiredState {
+    /// The scheduling of a frontend.
+    pub fn scheduling_of(&self, frontend: &Frontend) -> Scheduling {
+        self.scheduling.get(frontend).cloned().unwrap_or_default()
+    }
 }
 
 pub mod build;
 
-pub use build::{ModelIssue, Severity, desired_state};
+pub use build::{ModelIssue, ModelOptions, Severity, desired_state, desired_state_with};

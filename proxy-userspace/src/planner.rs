@@ -9,12 +9,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use proxy_common::{
     PROTO_UDP, maps, reply_filter,
     service::{
-        BACKEND_TERMINATING, Backend4, BackendSlotKey, NAME_LEN, PORT_NAME_LEN, SCHED_RANDOM,
+        BACKEND_TERMINATING, Backend4, BackendSlotKey, NAME_LEN, PORT_NAME_LEN, SCHED_MAGLEV,
         Svc4Key, Svc4Value, SvcMeta,
     },
 };
 
-use crate::model::{DesiredService, DesiredState, Endpoint, Frontend, Protocol, ServicePortName};
+use crate::{
+    maglev,
+    model::{
+        DesiredService, DesiredState, Endpoint, Frontend, Protocol, Scheduling, ServicePortName,
+    },
+};
 
 /// One service as programmed in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,6 +97,16 @@ pub enum MapOp {
     SetReplyFilterWord {
         index: u32,
         word: u64,
+    },
+    /// Write the Maglev table of backend table `table`: entry `i` -> slot `slots[i]`
+    /// (`maglev4`). Written before the `PutService` that publishes `table`.
+    PutMaglevTable {
+        table: u32,
+        slots: Vec<u32>,
+    },
+    /// Delete the Maglev table of `table` (after the service stopped using it).
+    DeleteMaglevTable {
+        table: u32,
     },
     /// Drop UDP conntrack entries of `frontend` whose backend is one of `backends`
     /// (kube-proxy clears UDP conntrack when an endpoint goes, so clients move at once).
@@ -433,8 +448,11 @@ impl MapState {
                     *w = *word;
                 }
             }
-            // Conntrack is not mirrored.
-            MapOp::PurgeUdpConntrack { .. } => {}
+            // Conntrack is not mirrored; Maglev tables follow from the services (a live
+            // table of a `maglev` service has one), so they are not mirrored either.
+            MapOp::PurgeUdpConntrack { .. }
+            | MapOp::PutMaglevTable { .. }
+            | MapOp::DeleteMaglevTable { .. } => {}
         }
     }
 }
@@ -463,7 +481,8 @@ pub fn plan(
     };
     let mut plan = Plan::default();
     for svc in desired.services.values() {
-        if let Some(step) = planner.upsert(svc) {
+        let scheduling = desired.scheduling_of(&svc.frontend);
+        if let Some(step) = planner.upsert(svc, &scheduling) {
             plan.steps.push(step);
         }
     }
@@ -552,16 +571,25 @@ impl Planner {
 
     /// The step that adds or updates one service, or `None` when it is unchanged (or
     /// refused).
-    fn upsert(&mut self, svc: &DesiredService) -> Option<Step> {
+    fn upsert(&mut self, svc: &DesiredService, scheduling: &Scheduling) -> Option<Step> {
         let key = svc.frontend.key();
-        let backends: Vec<Backend4> = svc.endpoints.iter().map(backend_from_endpoint).collect();
+        let backends: Vec<Backend4> = svc
+            .endpoints
+            .iter()
+            .map(|e| Backend4 {
+                weight: scheduling.weight(e.addr),
+                ..backend_from_endpoint(e)
+            })
+            .collect();
         let count = backends.len() as u32;
         let meta = meta_from_name(&svc.name);
+        let scheduler = scheduling.scheduler.value();
+        let maglev = scheduler == SCHED_MAGLEV;
         let value = |svc_id: u32, table: u32| Svc4Value {
             svc_id,
             table,
             backend_count: count,
-            scheduler: SCHED_RANDOM,
+            scheduler,
             flags: 0,
             _pad: 0,
             affinity_timeout_s: svc.affinity_timeout_s,
@@ -576,13 +604,22 @@ impl Planner {
                     value: *b,
                 });
             }
+            if maglev && !backends.is_empty() {
+                ops.push(MapOp::PutMaglevTable {
+                    table,
+                    slots: maglev::table_for(&backends),
+                });
+            }
         };
         let mut ops = Vec::new();
         let new_id = match self.state.services.get(&key).cloned() {
             Some(cur) => {
                 let id = cur.value.svc_id;
+                let was_maglev = cur.value.scheduler == SCHED_MAGLEV && !cur.backends.is_empty();
+                // A Maglev table is written with the backends, into the table being filled.
                 let switch = cur.backends != backends
-                    || cur.value.backend_count as usize != cur.backends.len();
+                    || cur.value.backend_count as usize != cur.backends.len()
+                    || (maglev && !was_maglev);
                 if meta != cur.meta {
                     ops.push(MapOp::PutMeta { svc_id: id, meta });
                 }
@@ -599,6 +636,11 @@ impl Planner {
                                 table: cur.value.table,
                                 slot,
                             },
+                        });
+                    }
+                    if was_maglev {
+                        ops.push(MapOp::DeleteMaglevTable {
+                            table: cur.value.table,
                         });
                     }
                     self.delete_spares(&mut ops, cur.value.table, 0);
@@ -626,6 +668,11 @@ impl Planner {
                         key,
                         value: value(id, cur.value.table),
                     });
+                    if was_maglev && !maglev {
+                        ops.push(MapOp::DeleteMaglevTable {
+                            table: cur.value.table,
+                        });
+                    }
                 }
                 None
             }
@@ -689,6 +736,25 @@ impl Planner {
                 _ => {}
             }
         }
+        let maglev_tables = |state: &MapState| {
+            state
+                .services
+                .values()
+                .filter(|s| s.value.scheduler == SCHED_MAGLEV && !s.backends.is_empty())
+                .count()
+        };
+        let new_tables = ops
+            .iter()
+            .filter(|op| matches!(op, MapOp::PutMaglevTable { .. }))
+            .count();
+        if new_tables > 0 && maglev_tables(&self.state) + new_tables > maps::MAGLEV_TABLES as usize
+        {
+            return Err(PlanError::Full {
+                name: name.clone(),
+                map: maps::MAGLEV4,
+                size: maps::MAGLEV_TABLES * proxy_common::service::MAGLEV_SIZE,
+            });
+        }
         if self.slots + added > self.capacity.backend_slots as usize {
             return Err(PlanError::Full {
                 name: name.clone(),
@@ -708,6 +774,11 @@ impl Planner {
         let cur = self.state.services[key].clone();
         let id = cur.value.svc_id;
         let mut ops = vec![MapOp::DeleteService { key: *key }];
+        if cur.value.scheduler == SCHED_MAGLEV && !cur.backends.is_empty() {
+            ops.push(MapOp::DeleteMaglevTable {
+                table: cur.value.table,
+            });
+        }
         for slot in 0..cur.backends.len() as u32 {
             ops.push(MapOp::DeleteBackend {
                 key: BackendSlotKey {
@@ -812,6 +883,7 @@ mod tests {
     fn desired(services: impl IntoIterator<Item = DesiredService>) -> DesiredState {
         DesiredState {
             services: services.into_iter().map(|s| (s.frontend, s)).collect(),
+            scheduling: BTreeMap::new(),
         }
     }
 
@@ -850,11 +922,110 @@ mod tests {
             svc_id,
             table,
             backend_count: count,
-            scheduler: SCHED_RANDOM,
+            scheduler: proxy_common::service::SCHED_RANDOM,
             flags: 0,
             _pad: 0,
             affinity_timeout_s: 0,
         }
+    }
+
+    fn scheduling(scheduler: crate::model::Scheduler) -> Scheduling {
+        Scheduling {
+            scheduler,
+            weights: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_scheduler_and_weights_reach_the_service_value_and_slots() {
+        use crate::model::Scheduler;
+        let f = frontend(10, 80, Protocol::Tcp);
+        let mut d = desired([service("web", f, eps(&[1, 2]))]);
+        let mut sched = scheduling(Scheduler::LC);
+        sched.weights.insert(Ipv4Addr::new(10, 244, 0, 2), 5);
+        d.scheduling.insert(f, sched);
+        let mut state = MapState::default();
+        step(&mut state, &d);
+        let svc = &state.services[&f.key()];
+        assert_eq!(svc.value.scheduler, proxy_common::service::SCHED_LC);
+        assert_eq!(
+            svc.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            [1, 5]
+        );
+        // Only the scheduler changes: one put of the value, same table.
+        d.scheduling.get_mut(&f).unwrap().scheduler = Scheduler::RR;
+        let (p, errors) = plan(&d, &state, BIG);
+        assert!(errors.is_empty());
+        assert_eq!(p.steps.len(), 1);
+        assert!(matches!(
+            p.steps[0].ops[..],
+            [MapOp::PutService { value, .. }] if value.scheduler == proxy_common::service::SCHED_RR && value.table == svc.value.table
+        ));
+    }
+
+    #[test]
+    fn a_maglev_table_is_written_before_its_table_is_published_and_deleted_after() {
+        use crate::model::Scheduler;
+        let f = frontend(11, 80, Protocol::Tcp);
+        let mut d = desired([service("mg", f, eps(&[1, 2, 3]))]);
+        d.scheduling.insert(f, scheduling(Scheduler::MAGLEV));
+        let mut state = MapState::default();
+        let p = step(&mut state, &d);
+        let ops = &p.steps[0].ops;
+        let put = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::PutMaglevTable { table: 2, slots } if slots.len() == proxy_common::service::MAGLEV_SIZE as usize && slots.iter().all(|s| *s < 3)))
+            .expect("maglev table of table 2");
+        let publish = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::PutService { .. }))
+            .unwrap();
+        assert!(put < publish);
+
+        // A backend goes: a new table in the other buffer, then the old one deleted.
+        let mut d2 = desired([service("mg", f, eps(&[1, 3]))]);
+        d2.scheduling = d.scheduling.clone();
+        let p = step(&mut state, &d2);
+        let ops = &p.steps[0].ops;
+        let put = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::PutMaglevTable { table: 3, .. }))
+            .unwrap();
+        let publish = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::PutService { .. }))
+            .unwrap();
+        let delete = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::DeleteMaglevTable { table: 2 }))
+            .unwrap();
+        assert!(put < publish && publish < delete);
+
+        // Switching to random keeps the backends and drops the table.
+        let d3 = desired([service("mg", f, eps(&[1, 3]))]);
+        let p = step(&mut state, &d3);
+        assert!(matches!(
+            p.steps[0].ops[..],
+            [
+                MapOp::PutService { .. },
+                MapOp::DeleteMaglevTable { table: 3 }
+            ]
+        ));
+        // And back to maglev: a fresh table through a switch.
+        let p = step(&mut state, &d2);
+        assert!(
+            p.steps[0]
+                .ops
+                .iter()
+                .any(|o| matches!(o, MapOp::PutMaglevTable { table: 2, .. }))
+        );
+        // Removal deletes it.
+        let p = step(&mut state, &desired([]));
+        assert!(
+            p.steps[0]
+                .ops
+                .contains(&MapOp::DeleteMaglevTable { table: 2 })
+        );
     }
 
     /// Service ops of a plan, without the reply filter.
@@ -1400,7 +1571,8 @@ mod tests {
                     .copied()
                     .unwrap_or(0),
             },
-            MapOp::PurgeUdpConntrack { .. } => return None,
+            MapOp::PutMaglevTable { table, .. } => MapOp::DeleteMaglevTable { table: *table },
+            MapOp::PurgeUdpConntrack { .. } | MapOp::DeleteMaglevTable { .. } => return None,
         })
     }
 

@@ -10,7 +10,10 @@ use aya::{
 use proxy_common::{
     conntrack::{Ct4Key, Ct4Value},
     maps, reply_filter,
-    service::{Backend4, BackendSlotKey, Svc4Key, Svc4Value, SvcMeta},
+    service::{
+        AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
+        MAGLEV_SIZE, MaglevKey, SCHED_MAGLEV, Svc4Key, Svc4Value, SvcMeta,
+    },
     stats,
 };
 
@@ -24,6 +27,10 @@ pub struct KernelMaps {
     pub meta: HashMap<MapData, u32, SvcMeta>,
     pub reply_filter: Array<MapData, u64>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub maglev: HashMap<MapData, MaglevKey, u32>,
+    pub backend_conns: HashMap<MapData, BackendConnsKey, BackendConns>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub counted: HashMap<MapData, Ct4Key, BackendConnsKey>,
 }
 
 /// What [`KernelMaps::apply`] did: steps that failed were rolled back and are named here.
@@ -55,6 +62,10 @@ impl KernelMaps {
             meta: typed(get(maps::SVC_META)?, maps::SVC_META)?,
             reply_filter: typed(get(maps::REPLY_FILTER4)?, maps::REPLY_FILTER4)?,
             stats: typed(get(maps::STATS)?, maps::STATS)?,
+            maglev: typed(get(maps::MAGLEV4)?, maps::MAGLEV4)?,
+            backend_conns: typed(get(maps::BACKEND_CONNS4)?, maps::BACKEND_CONNS4)?,
+            affinity: typed(get(maps::AFFINITY4)?, maps::AFFINITY4)?,
+            counted: typed(get(maps::COUNTED4)?, maps::COUNTED4)?,
         })
     }
 
@@ -147,7 +158,22 @@ impl KernelMaps {
         for id in &stale_ids {
             self.meta.remove(id).map_err(map_err(maps::SVC_META))?;
         }
-        Ok(stale_slots.len() + stale_ids.len())
+        let live_maglev: BTreeSet<u32> = state
+            .services
+            .values()
+            .filter(|s| s.value.scheduler == SCHED_MAGLEV)
+            .map(|s| s.value.table)
+            .collect();
+        let stale_maglev: Vec<MaglevKey> = self
+            .maglev
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live_maglev.contains(&k.table))
+            .collect();
+        for key in &stale_maglev {
+            ignore_missing(self.maglev.remove(key)).map_err(map_err(maps::MAGLEV4))?;
+        }
+        Ok(stale_slots.len() + stale_ids.len() + stale_maglev.len())
     }
 
     /// Applies a plan: prologue, then each step as a unit (a step that fails is rolled back
@@ -239,6 +265,10 @@ impl KernelMaps {
                         word,
                     })
             }
+            // Only tables no live service reads are written, so undoing is deleting.
+            MapOp::PutMaglevTable { table, .. } => Some(MapOp::DeleteMaglevTable { table: *table }),
+            // Deleted only after the service stopped using it; nothing to restore.
+            MapOp::DeleteMaglevTable { .. } => None,
             // Dropped conntrack entries are not restored: clients simply pick anew.
             MapOp::PurgeUdpConntrack { .. } => None,
         }
@@ -274,7 +304,42 @@ impl KernelMaps {
                 self.purge_udp_conntrack(frontend, backends);
                 Ok(())
             }
+            MapOp::PutMaglevTable { table, slots } => {
+                for (index, slot) in slots.iter().enumerate() {
+                    let key = MaglevKey {
+                        table: *table,
+                        index: index as u32,
+                    };
+                    self.maglev
+                        .insert(key, slot, 0)
+                        .map_err(map_err(maps::MAGLEV4))?;
+                }
+                Ok(())
+            }
+            MapOp::DeleteMaglevTable { table } => {
+                for index in 0..MAGLEV_SIZE {
+                    let key = MaglevKey {
+                        table: *table,
+                        index,
+                    };
+                    ignore_missing(self.maglev.remove(&key)).map_err(map_err(maps::MAGLEV4))?;
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// The Maglev table of backend table `table` as the kernel holds it (entries missing
+    /// from the map are `None`).
+    pub fn maglev_table(&self, table: u32) -> Vec<Option<u32>> {
+        (0..MAGLEV_SIZE)
+            .map(|index| self.maglev.get(&MaglevKey { table, index }, 0).ok())
+            .collect()
+    }
+
+    /// The per-backend connection counters of the counting schedulers.
+    pub fn connection_counts(&self) -> Vec<(BackendConnsKey, BackendConns)> {
+        self.backend_conns.iter().filter_map(Result::ok).collect()
     }
 
     /// Deletes the UDP conntrack entries between clients of `frontend` and `backends`, both

@@ -4,6 +4,7 @@
 //! pinned map instead of creating one), so services and connections survive a restart.
 
 use std::{
+    collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
 };
@@ -11,15 +12,19 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapInfo, MapType},
-    programs::SchedClassifier,
+    programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use proxy_common::{
     conntrack::{Ct4Key, Ct4Value},
     maps,
-    service::{Backend4, BackendSlotKey, Svc4Key, Svc4Value, SvcMeta},
+    service::{
+        AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
+        MaglevKey, Svc4Key, Svc4Value, SvcMeta,
+    },
 };
 
 use super::{DatapathError, KernelMaps, bpffs};
+use crate::planner::MapState;
 
 /// The object built by `cargo xtask build-ebpf`, embedded by build.rs.
 static EMBEDDED_OBJECT: &[u8] =
@@ -29,6 +34,8 @@ static EMBEDDED_OBJECT: &[u8] =
 pub const PROG_TC_INGRESS: &str = "tc_ingress";
 /// A program that only returns TC_ACT_OK: the floor benchmarks measure against.
 pub const PROG_TC_FLOOR: &str = "tc_floor";
+/// Run by the agent (BPF_PROG_TEST_RUN) to release the counts of evicted connections.
+pub const PROG_CONNS_RELEASE: &str = "conns_release";
 
 /// Sizes of the maps that grow with the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,7 +65,7 @@ pub struct LoadOptions {
 }
 
 /// Expected shape of each pinned map: (name, type, key size, value size).
-fn map_shapes() -> [(&'static str, MapType, usize, usize); 6] {
+fn map_shapes() -> [(&'static str, MapType, usize, usize); 11] {
     use std::mem::size_of;
     [
         (
@@ -97,6 +104,36 @@ fn map_shapes() -> [(&'static str, MapType, usize, usize); 6] {
             size_of::<u32>(),
             size_of::<u64>(),
         ),
+        (
+            maps::MAGLEV4,
+            MapType::Hash,
+            size_of::<MaglevKey>(),
+            size_of::<u32>(),
+        ),
+        (
+            maps::BACKEND_CONNS4,
+            MapType::Hash,
+            size_of::<BackendConnsKey>(),
+            size_of::<BackendConns>(),
+        ),
+        (
+            maps::AFFINITY4,
+            MapType::LruHash,
+            size_of::<AffinityKey>(),
+            size_of::<AffinityValue>(),
+        ),
+        (
+            maps::SCHED_RR4,
+            MapType::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<u32>(),
+        ),
+        (
+            maps::COUNTED4,
+            MapType::Hash,
+            size_of::<Ct4Key>(),
+            size_of::<BackendConnsKey>(),
+        ),
     ]
 }
 
@@ -127,7 +164,13 @@ impl Datapath {
             .map_max_entries(maps::SERVICES4, opts.sizes.services)
             .map_max_entries(maps::SVC_META, opts.sizes.services)
             .map_max_entries(maps::BACKEND_SLOTS4, opts.sizes.backend_slots)
-            .map_max_entries(maps::CONNTRACK4, opts.sizes.conntrack);
+            .map_max_entries(maps::CONNTRACK4, opts.sizes.conntrack)
+            // Indexed by svc_id, which the planner keeps within 1..=services.
+            .map_max_entries(maps::SCHED_RR4, opts.sizes.services.saturating_add(1))
+            // Counters exist only for backends of counting services: at most one per slot.
+            .map_max_entries(maps::BACKEND_CONNS4, opts.sizes.backend_slots)
+            // One token per counted connection, which has two conntrack entries.
+            .map_max_entries(maps::COUNTED4, (opts.sizes.conntrack / 2).max(1));
         let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
                 bpffs::ensure_pin_dir(dir)?;
@@ -144,7 +187,7 @@ impl Datapath {
         }
         let mut ebpf = loader.load(bytes)?;
 
-        for name in [PROG_TC_INGRESS, PROG_TC_FLOOR] {
+        for name in [PROG_TC_INGRESS, PROG_TC_FLOOR, PROG_CONNS_RELEASE] {
             let prog = classifier(&mut ebpf, name)?;
             prog.load().map_err(|source| DatapathError::Program {
                 name: name.to_string(),
@@ -161,6 +204,98 @@ impl Datapath {
 
     pub fn program_mut(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
         classifier(&mut self.ebpf, name)
+    }
+
+    /// Keeps the connection counts of lc/sed/nq from drifting when conntrack entries go
+    /// without a FIN or RST (LRU eviction), and drops the counters of backends that are gone
+    /// and drained.
+    ///
+    /// Each counted connection holds a token in `counted4` under its forward tuple; the one
+    /// who deletes the token adds the connection's `closed` (a delete succeeds once). A
+    /// token whose forward conntrack entry is gone belongs to an evicted connection: it is
+    /// deleted here and, if this delete was the one that succeeded, released through the
+    /// `conns_release` program, so the kernel stays the only writer of the counters.
+    pub fn collect_connection_counts(
+        &mut self,
+        state: &MapState,
+    ) -> Result<CollectReport, DatapathError> {
+        let mut report = CollectReport::default();
+        let tokens: Vec<(Ct4Key, BackendConnsKey)> =
+            self.maps.counted.iter().filter_map(Result::ok).collect();
+        let mut held: BTreeSet<BackendConnsKey> = BTreeSet::new();
+        for (tuple, backend) in tokens {
+            if self.maps.conntrack.get(&tuple, 0).is_ok() {
+                held.insert(backend);
+                continue;
+            }
+            if self.maps.counted.remove(&tuple).is_ok() {
+                self.release_connections(&backend, 1)?;
+                report.released += 1;
+            }
+        }
+        let live: BTreeSet<BackendConnsKey> = state
+            .services
+            .values()
+            .flat_map(|s| {
+                s.backends.iter().map(|b| BackendConnsKey {
+                    svc_id: s.value.svc_id,
+                    addr: b.addr,
+                    port: b.port,
+                    _pad: 0,
+                })
+            })
+            .collect();
+        for (key, counts) in self.maps.connection_counts() {
+            if counts.active() == 0 && !held.contains(&key) && !live.contains(&key) {
+                let _ = self.maps.backend_conns.remove(&key);
+                report.removed += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Adds `n` to a backend's `closed` counter, in the kernel (see
+    /// [`Datapath::collect_connection_counts`]).
+    pub fn release_connections(
+        &mut self,
+        key: &BackendConnsKey,
+        n: u64,
+    ) -> Result<(), DatapathError> {
+        let mut frame = vec![0u8; 14];
+        frame.extend_from_slice(bytemuck_bytes(key));
+        frame.extend_from_slice(&n.to_ne_bytes());
+        let prog = self.program_mut(PROG_CONNS_RELEASE)?;
+        let opts = TestRunOptions {
+            data_in: Some(&frame),
+            ..TestRunOptions::new()
+        };
+        prog.test_run(opts)
+            .map_err(|source| DatapathError::Program {
+                name: PROG_CONNS_RELEASE.to_string(),
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+/// What one pass of [`Datapath::collect_connection_counts`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CollectReport {
+    /// Connections released because their conntrack entry was evicted.
+    pub released: u64,
+    /// Counters removed (backends no longer served, with nothing open).
+    pub removed: usize,
+}
+
+/// The bytes of a key (repr(C), no implicit padding).
+fn bytemuck_bytes(key: &BackendConnsKey) -> &[u8] {
+    // SAFETY: BackendConnsKey is repr(C) with every byte covered by a field (asserted in
+    // proxy-common), so all its bytes are initialised.
+    unsafe {
+        std::slice::from_raw_parts(
+            (key as *const BackendConnsKey).cast::<u8>(),
+            std::mem::size_of::<BackendConnsKey>(),
+        )
     }
 }
 

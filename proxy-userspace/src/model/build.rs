@@ -25,7 +25,10 @@ use k8s_openapi::api::{
     discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice},
 };
 
-use super::{DesiredService, DesiredState, Endpoint, Frontend, Protocol, ServicePortName};
+use super::{
+    DesiredService, DesiredState, Endpoint, Frontend, Protocol, Scheduler, Scheduling,
+    ServicePortName,
+};
 
 /// Label that hands a Service (or slice) to another proxy; kube-proxy ignores such objects.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -33,6 +36,19 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Label of an EndpointSlice naming its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// Annotation of a Service choosing its scheduler (`rr`, `maglev`, ...).
+pub const ANNOTATION_SCHEDULER: &str = "bpfproxy.io/scheduler";
+/// Annotation of a Service giving backend weights: `10.244.1.5=3,10.244.2.7=2` (address
+/// `=` weight 1..=255; unlisted backends weigh 1).
+pub const ANNOTATION_WEIGHTS: &str = "bpfproxy.io/weights";
+
+/// Choices of the operator that the model applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelOptions {
+    /// The scheduler of Services without a `bpfproxy.io/scheduler` annotation.
+    pub default_scheduler: Scheduler,
+}
 
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when not set.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
@@ -310,6 +326,51 @@ impl Builder {
         None
     }
 
+    /// The scheduler and weights of a Service, from its annotations.
+    fn scheduling(&mut self, object: &str, svc: &Service, default: Scheduler) -> Scheduling {
+        let annotations = svc.metadata.annotations.as_ref();
+        let scheduler = match annotations.and_then(|a| a.get(ANNOTATION_SCHEDULER)) {
+            None => default,
+            Some(name) => match Scheduler::from_name(name.trim()) {
+                Some(s) => s,
+                None => {
+                    self.issue(
+                        Severity::Warning,
+                        object,
+                        format!("metadata.annotations[{ANNOTATION_SCHEDULER}]"),
+                        format!(
+                            "{name:?} is not one of {}; using {default}",
+                            proxy_common::service::SCHED_NAMES.join(", ")
+                        ),
+                    );
+                    default
+                }
+            },
+        };
+        let mut weights = BTreeMap::new();
+        if let Some(list) = annotations.and_then(|a| a.get(ANNOTATION_WEIGHTS)) {
+            let field = format!("metadata.annotations[{ANNOTATION_WEIGHTS}]");
+            for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                let parsed = item
+                    .split_once('=')
+                    .and_then(|(a, w)| Some((parse_ipv4(a.trim())?, w.trim().parse::<u8>().ok()?)));
+                match parsed {
+                    Some((addr, w)) if w >= 1 => {
+                        weights.insert(addr, w);
+                    }
+                    _ => self.issue(
+                        Severity::Warning,
+                        object,
+                        field.clone(),
+                        format!("{item:?} is not ADDRESS=WEIGHT with a weight of 1-255; ignored"),
+                    ),
+                }
+            }
+        }
+        weights.retain(|_, w| *w != 1);
+        Scheduling { scheduler, weights }
+    }
+
     fn affinity(&mut self, object: &str, svc: &Service) -> u32 {
         let Some(spec) = svc.spec.as_ref() else {
             return 0;
@@ -438,6 +499,15 @@ pub fn desired_state(
     services: &[Service],
     slices: &[EndpointSlice],
 ) -> (DesiredState, Vec<ModelIssue>) {
+    desired_state_with(services, slices, &ModelOptions::default())
+}
+
+/// [`desired_state`] with the operator's options (the default scheduler).
+pub fn desired_state_with(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    options: &ModelOptions,
+) -> (DesiredState, Vec<ModelIssue>) {
     let mut b = Builder { issues: Vec::new() };
     let endpoints = b.collect_endpoints(slices);
 
@@ -482,6 +552,7 @@ pub fn desired_state(
             );
         }
         let affinity_timeout_s = b.affinity(&object, svc);
+        let scheduling = b.scheduling(&object, svc, options.default_scheduler);
         for (i, port) in spec.ports.iter().flatten().enumerate() {
             let Some(frontend) = b.frontend(&object, i, addr, port) else {
                 continue;
@@ -532,6 +603,9 @@ pub fn desired_state(
                     affinity_timeout_s,
                 },
             );
+            if scheduling != Scheduling::default() {
+                state.scheduling.insert(frontend, scheduling.clone());
+            }
         }
     }
     (state, b.issues)
@@ -941,6 +1015,52 @@ spec:
             issues[0].field,
             "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
         );
+    }
+
+    #[test]
+    fn scheduler_and_weights_come_from_annotations_with_a_default() {
+        let with = |annotations: &str, default: Scheduler| {
+            let yaml = format!(
+                "metadata: {{name: s, annotations: {{{annotations}}}}}\nspec: {{clusterIP: 10.96.0.80, ports: [{{port: 80}}]}}"
+            );
+            let options = ModelOptions {
+                default_scheduler: default,
+            };
+            let (state, issues) = desired_state_with(&[svc(&yaml)], &[], &options);
+            (
+                state.scheduling_of(&fe("10.96.0.80", 80, Protocol::Tcp)),
+                state.scheduling.len(),
+                issues,
+            )
+        };
+        let (s, n, issues) = with("", Scheduler::RANDOM);
+        assert_eq!(
+            (s, n),
+            (Scheduling::default(), 0),
+            "the default is not stored"
+        );
+        assert!(issues.is_empty());
+        assert_eq!(with("", Scheduler::RR).0.scheduler, Scheduler::RR);
+        for name in ["random", "rr", "lc", "sed", "nq", "sh", "dh", "maglev"] {
+            let s = with(&format!("bpfproxy.io/scheduler: {name}"), Scheduler::RR).0;
+            assert_eq!(s.scheduler.name(), name);
+        }
+        let (s, _, issues) = with("bpfproxy.io/scheduler: wrr", Scheduler::LC);
+        assert_eq!(s.scheduler, Scheduler::LC);
+        assert_eq!(issues.len(), 1);
+        assert_eq!(
+            issues[0].field,
+            "metadata.annotations[bpfproxy.io/scheduler]"
+        );
+        let (s, _, issues) = with(
+            "bpfproxy.io/scheduler: maglev, bpfproxy.io/weights: '10.0.0.1=3, 10.0.0.2=1,10.0.0.3=0,x'",
+            Scheduler::RANDOM,
+        );
+        assert_eq!(s.scheduler, Scheduler::MAGLEV);
+        assert_eq!(s.weight("10.0.0.1".parse().unwrap()), 3);
+        assert_eq!(s.weight("10.0.0.2".parse().unwrap()), 1);
+        assert_eq!(s.weight("10.0.0.9".parse().unwrap()), 1);
+        assert_eq!(issues.len(), 2, "{issues:?}");
     }
 
     #[test]
