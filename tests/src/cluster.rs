@@ -72,7 +72,9 @@ impl Cluster {
     }
 
     /// Starts the agent with `--interfaces interfaces` and the `extra` arguments, reading
-    /// the manifests directory.
+    /// the manifests directory, and waits until it has attached to every interface: a
+    /// service shows in the maps before the last veth is attached, and a reply leaving a
+    /// backend through a veth not yet attached would pass untranslated.
     pub fn start_agent_with(&mut self, interfaces: &str, extra: &[&str]) -> Result<&Agent> {
         let agent = Agent::start_with_args(
             &self.topo.node,
@@ -81,7 +83,9 @@ impl Cluster {
             &self.bpffs(),
             extra,
         )?;
-        Ok(self.agent.insert(agent))
+        let agent = self.agent.insert(agent);
+        agent.wait_until_running()?;
+        Ok(agent)
     }
 
     /// The running agent. Panics if [`Cluster::start_agent`] was not called.
