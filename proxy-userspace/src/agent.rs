@@ -1,11 +1,18 @@
-//! The node agent's run loop: manifests in, maps out, interfaces kept attached.
+//! The node agent's run loop: Services and EndpointSlices in (from a manifest directory or
+//! the Kubernetes API), maps out, interfaces kept attached.
 //!
-//! Every trigger (a manifest file changed, a link appeared or went, a periodic resync) runs
-//! the same reconcile: read the sources, build the desired model, plan against the map
-//! mirror, apply. Reconciling from scratch each time keeps the loop free of event-ordering
+//! Every trigger (a manifest file changed, an API object changed, a link appeared or went,
+//! a periodic resync) runs the same reconcile: read the source, build the desired model,
+//! plan against the map mirror, apply. The periodic resync first reads the maps back from
+//! the kernel, so an entry changed or deleted by hand is repaired. Reconciling from scratch each time keeps the loop free of event-ordering
 //! bugs; the planner makes it cheap, since unchanged services produce no writes.
 
-use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
@@ -22,24 +29,101 @@ use crate::{
         attach::{Attachments, InterfacePatterns, list_interfaces},
         loader::PROG_TC_INGRESS,
     },
+    kube_source::{KubeOptions, KubeSource},
     manifest::ManifestDir,
-    model::{ModelOptions, Scheduler, Severity, desired_state_with},
+    model::{DesiredState, ModelOptions, Protocol, Scheduler, Severity, desired_state_with},
     planner::{Capacity, MapState, plan},
 };
 
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of YAML/JSON manifests (standalone mode), watched live.
+    Manifests(PathBuf),
+    /// The Kubernetes API.
+    Kube(KubeOptions),
+}
+
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub interfaces: Vec<String>,
     pub load: LoadOptions,
     /// Full resync period, a safety net for missed events.
     pub resync: Duration,
     /// Scheduler of Services without a `bpfproxy.io/scheduler` annotation.
     pub default_scheduler: Scheduler,
+    /// Where to answer `GET /healthz` (200 once the maps were programmed from the source
+    /// and the loop is alive, 503 before or when it stalls); `None`: no health endpoint.
+    pub health_addr: Option<std::net::SocketAddr>,
+}
+
+/// What `/healthz` reports: the last time the loop reconciled from a complete source.
+#[derive(Clone, Default)]
+struct Health(Arc<std::sync::Mutex<Option<Instant>>>);
+
+impl Health {
+    fn synced(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    fn healthy(&self, within: Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() <= within)
+    }
+}
+
+/// A minimal HTTP health endpoint (kube-proxy's `/healthz` port): any request is answered
+/// 200 `ok` or 503 `not synced`.
+async fn serve_health(
+    addr: std::net::SocketAddr,
+    health: Health,
+    within: Duration,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("health endpoint on {addr}"))?;
+    tracing::info!(%addr, "health endpoint: GET /healthz");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let health = health.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await;
+                let (status, body) = if health.healthy(within) {
+                    ("200 OK", "ok\n")
+                } else {
+                    ("503 Service Unavailable", "not synced\n")
+                };
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
 }
 
 enum Trigger {
     Manifests,
+    Kube,
     Links,
+}
+
+enum Source {
+    Manifests(ManifestDir),
+    Kube {
+        source: KubeSource,
+        /// Said once that the maps wait for the initial lists.
+        waiting_logged: bool,
+    },
 }
 
 /// Logs each problem once while it lasts, not on every reconcile.
@@ -61,7 +145,8 @@ impl ProblemLog {
 }
 
 struct Reconciler {
-    dir: ManifestDir,
+    source: Source,
+    health: Health,
     state: MapState,
     capacity: Capacity,
     problems: ProblemLog,
@@ -69,16 +154,63 @@ struct Reconciler {
 }
 
 impl Reconciler {
+    /// Reads the maps back from the kernel into the mirror (repairing drift on the next
+    /// reconcile), then reconciles.
+    fn resync(&mut self, maps: &mut KernelMaps) {
+        match maps.read_state() {
+            Ok(mut read) => {
+                read.reindex();
+                if read != self.state {
+                    tracing::warn!(
+                        "the maps differ from what the agent wrote (changed by hand?); repairing"
+                    );
+                    match maps.remove_orphans(&read) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(orphans = n, "removed map entries no service refers to")
+                        }
+                        Err(e) => tracing::error!("removing orphan map entries: {e}"),
+                    }
+                    self.state = read;
+                }
+            }
+            Err(e) => tracing::error!("reading the maps back for the periodic resync: {e}"),
+        }
+        self.reconcile(maps);
+    }
+
     fn reconcile(&mut self, maps: &mut KernelMaps) {
         let mut problems = BTreeSet::new();
-        let report = self.dir.reload();
-        for skip in &report.skipped {
-            tracing::debug!("{skip}");
-        }
-        problems.extend(report.errors.iter().map(|e| e.to_string()));
-        let objects = self.dir.objects();
-        let (desired, issues) =
-            desired_state_with(&objects.services, &objects.slices, &self.options);
+        let (desired, issues) = match &mut self.source {
+            Source::Manifests(dir) => {
+                let report = dir.reload();
+                for skip in &report.skipped {
+                    tracing::debug!("{skip}");
+                }
+                problems.extend(report.errors.iter().map(|e| e.to_string()));
+                let objects = dir.objects();
+                desired_state_with(&objects.services, &objects.slices, &self.options)
+            }
+            Source::Kube {
+                source,
+                waiting_logged,
+            } => {
+                if !source.ready() {
+                    // Program nothing from a partial list: the pinned maps keep serving.
+                    if !*waiting_logged {
+                        tracing::info!(
+                            "waiting for the initial lists of Services and EndpointSlices before programming the maps"
+                        );
+                        *waiting_logged = true;
+                    }
+                    return;
+                }
+                let (services, slices) = source.objects();
+                desired_state_with(&services, &slices, &self.options)
+            }
+        };
+        let desired = without_unsupported(desired, &mut problems);
+        self.health.synced();
         for issue in &issues {
             match issue.severity {
                 Severity::Warning => {
@@ -106,12 +238,30 @@ impl Reconciler {
     }
 }
 
+/// The desired state less what the datapath cannot serve (SCTP: its programs parse TCP and
+/// UDP only), each left out named in `problems` rather than programmed to never match.
+pub fn without_unsupported(
+    mut desired: DesiredState,
+    problems: &mut BTreeSet<String>,
+) -> DesiredState {
+    desired.services.retain(|frontend, service| {
+        if frontend.protocol == Protocol::Sctp {
+            problems.insert(format!(
+                "Service {}/{}: {frontend}: SCTP is not supported by the datapath; not programmed",
+                service.name.namespace, service.name.name
+            ));
+            return false;
+        }
+        true
+    });
+    desired
+}
+
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    if !config.manifests.is_dir() {
-        bail!(
-            "--manifests {}: not a directory",
-            config.manifests.display()
-        );
+    if let SourceConfig::Manifests(dir) = &config.source
+        && !dir.is_dir()
+    {
+        bail!("--manifests {}: not a directory", dir.display());
     }
     let patterns = InterfacePatterns::parse(&config.interfaces)?;
     let mut datapath = Datapath::load(&config.load)?;
@@ -140,8 +290,34 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     }
 
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let source = match &config.source {
+        SourceConfig::Manifests(dir) => Source::Manifests(ManifestDir::new(dir.clone())),
+        SourceConfig::Kube(options) => {
+            let (kube_tx, mut kube_rx) = mpsc::unbounded_channel();
+            let source = KubeSource::start(options, kube_tx).await?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while kube_rx.recv().await.is_some() {
+                    if tx.send(Trigger::Kube).is_err() {
+                        break;
+                    }
+                }
+            });
+            Source::Kube {
+                source,
+                waiting_logged: false,
+            }
+        }
+    };
+    let health = Health::default();
+    if let Some(addr) = config.health_addr {
+        // Stalled if no reconcile ran for three resync periods.
+        serve_health(addr, health.clone(), config.resync * 3).await?;
+    }
     let mut reconciler = Reconciler {
-        dir: ManifestDir::new(config.manifests.clone()),
+        source,
+        health,
         state,
         capacity: Capacity {
             services: config.load.sizes.services,
@@ -157,24 +333,35 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut attachments = Attachments::default();
     sync_links(&mut datapath, &mut attachments, &patterns)?;
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let manifest_tx = tx.clone();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = manifest_tx.send(Trigger::Manifests);
+    // Kept alive for the whole run.
+    let _manifest_watcher = match &config.source {
+        SourceConfig::Manifests(dir) => {
+            let manifest_tx = tx.clone();
+            let mut watcher =
+                notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                    if event.is_ok() {
+                        let _ = manifest_tx.send(Trigger::Manifests);
+                    }
+                })
+                .context("starting the manifest watcher")?;
+            watcher
+                .watch(dir, notify::RecursiveMode::NonRecursive)
+                .with_context(|| format!("watching {}", dir.display()))?;
+            Some(watcher)
         }
-    })
-    .context("starting the manifest watcher")?;
-    watcher
-        .watch(&config.manifests, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", config.manifests.display()))?;
+        SourceConfig::Kube(_) => None,
+    };
     spawn_link_monitor(tx)?;
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(config.resync);
+    let source_name = match &config.source {
+        SourceConfig::Manifests(dir) => format!("manifests {}", dir.display()),
+        SourceConfig::Kube(o) => format!("Kubernetes API (node {})", o.node_name),
+    };
     tracing::info!(
-        manifests = %config.manifests.display(),
+        source = %source_name,
         interfaces = %config.interfaces.join(","),
         "bpfproxy running"
     );
@@ -184,19 +371,22 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = resync.tick() => {
                 collect_connection_counts(&mut datapath, &reconciler.state);
-                reconciler.reconcile(&mut datapath.maps);
+                reconciler.resync(&mut datapath.maps);
                 sync_links(&mut datapath, &mut attachments, &patterns)?;
             }
             Some(trigger) = rx.recv() => {
                 // Editors write a file in several events; let them settle, then take all.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let mut manifests = matches!(trigger, Trigger::Manifests);
+                // API events apply at once (what queued meanwhile is taken together).
+                if !matches!(trigger, Trigger::Kube) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let mut objects = matches!(trigger, Trigger::Manifests | Trigger::Kube);
                 let mut links = matches!(trigger, Trigger::Links);
                 while let Ok(t) = rx.try_recv() {
-                    manifests |= matches!(t, Trigger::Manifests);
+                    objects |= matches!(t, Trigger::Manifests | Trigger::Kube);
                     links |= matches!(t, Trigger::Links);
                 }
-                if manifests {
+                if objects {
                     reconciler.reconcile(&mut datapath.maps);
                 }
                 if links {

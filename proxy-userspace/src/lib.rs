@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod inspect;
+pub mod kube_source;
 pub mod maglev;
 pub mod manifest;
 pub mod model;

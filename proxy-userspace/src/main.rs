@@ -3,9 +3,10 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use bpfproxy::{
-    agent::{AgentConfig, run},
+    agent::{AgentConfig, SourceConfig, run},
     datapath::{KernelMaps, LoadOptions, MapSizes},
     inspect,
+    kube_source::{KubeOptions, node_name_or_hostname},
     model::Scheduler,
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -35,8 +36,16 @@ enum Command {
     /// Run the node agent in the foreground until SIGTERM or SIGINT.
     Run {
         /// Folder of Kubernetes YAML/JSON manifests (Service, EndpointSlice); watched live.
+        /// Without it the agent watches the Kubernetes API.
         #[arg(long)]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
+        /// Kubeconfig file for the API (default: `KUBECONFIG`, `~/.kube/config`, then the
+        /// in-cluster service account).
+        #[arg(long, conflicts_with = "manifests")]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name (default: the hostname).
+        #[arg(long, env = "NODE_NAME", conflicts_with = "manifests")]
+        node_name: Option<String>,
         /// Interfaces to attach to, by name or glob (e.g. `veth*`), comma separated.
         /// Interfaces that appear later and match are attached too.
         #[arg(long, value_delimiter = ',', required = true)]
@@ -60,9 +69,13 @@ enum Command {
         /// lc, sed, nq, sh, dh or maglev.
         #[arg(long, default_value = "random", value_parser = parse_scheduler)]
         scheduler: Scheduler,
-        /// Seconds between full resyncs (a safety net; changes apply at once).
+        /// Seconds between full resyncs: the maps are read back and anything that drifted
+        /// (e.g. an entry deleted by hand) is repaired. Changes apply at once regardless.
         #[arg(long, default_value_t = 30)]
         resync_seconds: u64,
+        /// Answer `GET /healthz` on this address (e.g. `0.0.0.0:10256`, kube-proxy's).
+        #[arg(long)]
+        health_addr: Option<std::net::SocketAddr>,
     },
     /// Services as the kernel holds them.
     Services {
@@ -108,6 +121,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run {
             manifests,
+            kubeconfig,
+            node_name,
             interfaces,
             bpffs,
             max_services,
@@ -116,9 +131,17 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             object,
             resync_seconds,
             scheduler,
+            health_addr,
         } => {
+            let source = match manifests {
+                Some(dir) => SourceConfig::Manifests(dir),
+                None => SourceConfig::Kube(KubeOptions {
+                    kubeconfig,
+                    node_name: node_name_or_hostname(node_name),
+                }),
+            };
             let config = AgentConfig {
-                manifests,
+                source,
                 interfaces,
                 load: LoadOptions {
                     object,
@@ -131,6 +154,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 },
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 default_scheduler: scheduler,
+                health_addr,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
