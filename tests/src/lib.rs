@@ -14,6 +14,7 @@
 //! made on drop, also when a test panics. Every socket has timeouts and every loop a bound.
 
 pub mod agent;
+pub mod apiserver;
 pub mod client;
 pub mod cluster;
 pub mod manifests;
@@ -33,6 +34,7 @@ use anyhow::{Result, bail};
 
 pub use crate::{
     agent::{Agent, BackendInfo, ServiceInfo},
+    apiserver::ApiServer,
     client::{ConnectOutcome, HttpConnection, UdpOutcome, connect, http_get, udp_request},
     cluster::Cluster,
     manifests::{EndpointSlice, ManifestDir, Service},
