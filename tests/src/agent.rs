@@ -281,6 +281,11 @@ impl Agent {
         &self.bpffs
     }
 
+    /// Process id of the agent (`nsenter --net` execs it, so it is the child's own).
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
+    }
+
     /// Everything the agent logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
