@@ -1,0 +1,169 @@
+//! The real agent (`target/release/bpfproxy run`, through the testbed's [`Agent`]) serving
+//! the synthetic cluster, and what it costs in memory.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use bpfproxy::datapath::loader::map_names;
+use testbed::{
+    Agent, ManifestDir, NetNs,
+    agent::{BPFFS_ROOT, TEST_PIN_PREFIX, strip_ansi},
+};
+
+use crate::cluster::{self, SynthService};
+
+/// The agent and its manifests directory; dropping it stops the agent and removes both
+/// its pins and the manifests.
+pub struct RunningAgent {
+    pub agent: Agent,
+    _manifests: ManifestDir,
+    /// From spawning the agent to its log saying every service is in the maps.
+    pub ready_after: Duration,
+}
+
+/// Services per manifest file. The agent's YAML reader costs time quadratic in the
+/// documents of one file (each document is re-padded to its line number), so the services
+/// are spread over files of this many (`BPFPROXY_BENCH_FILE_SERVICES` overrides it).
+pub const FILE_SERVICES: usize = 100;
+
+fn file_services() -> usize {
+    std::env::var("BPFPROXY_BENCH_FILE_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(FILE_SERVICES)
+}
+
+/// Writes the manifests of `services`, starts the agent in `node` on the interfaces
+/// matching `interfaces`, and waits until it has programmed all of them.
+pub fn start(
+    node: &NetNs,
+    run: &str,
+    interfaces: &str,
+    services: &[SynthService],
+) -> Result<RunningAgent> {
+    let manifests = ManifestDir::create(run)?;
+    for (i, chunk) in services.chunks(file_services()).enumerate() {
+        manifests.write(
+            &format!("services-{i:05}.yaml"),
+            &cluster::manifests_yaml(chunk),
+        )?;
+    }
+    let bpffs = PathBuf::from(BPFFS_ROOT).join(format!("{TEST_PIN_PREFIX}{run}"));
+    let start = Instant::now();
+    // No periodic resync while measuring (it reads every map back): no contender runs a
+    // control plane during the measurements.
+    let agent = Agent::start_with_args(
+        node,
+        manifests.path(),
+        interfaces,
+        &bpffs,
+        &["--resync-seconds", "3600"],
+    )?;
+    // Generous: the agent parses every manifest before programming.
+    let timeout = Duration::from_secs(60) + Duration::from_millis(services.len() as u64);
+    let want = format!("maps updated services={} changed=", services.len());
+    loop {
+        if let Err(e) = agent.check_running() {
+            bail!("{e}; agent log:\n{}", agent.log());
+        }
+        if strip_ansi(&agent.log()).contains(&want) {
+            break;
+        }
+        if testbed::stop_requested() {
+            bail!("interrupted");
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "the agent did not program {} services within {timeout:?}; log:\n{}",
+                services.len(),
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ready_after = start.elapsed();
+    // Past its start-up: interfaces attached, watchers in place.
+    agent.wait_until_running()?;
+    Ok(RunningAgent {
+        agent,
+        _manifests: manifests,
+        ready_after,
+    })
+}
+
+/// Memory of a running agent.
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    pub rss_bytes: f64,
+    pub peak_rss_bytes: f64,
+    /// Sum of `bytes_memlock` of the pinned maps, as bpftool shows them.
+    pub maps_memlock_bytes: f64,
+}
+
+fn status_kb(status: &str, field: &str) -> Option<f64> {
+    status.lines().find_map(|l| {
+        let v = l.strip_prefix(field)?.strip_prefix(':')?;
+        v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()
+    })
+}
+
+impl RunningAgent {
+    pub fn memory(&self) -> Result<Memory> {
+        let pid = self.agent.pid();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() != "bpfproxy" {
+            bail!("process {pid} is {:?}, not the agent", comm.trim());
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        let rss = status_kb(&status, "VmRSS").context("no VmRSS")?;
+        let peak = status_kb(&status, "VmHWM").context("no VmHWM")?;
+        let mut memlock = 0.0;
+        for name in map_names() {
+            memlock += map_memlock(&self.agent.bpffs().join(name))?;
+        }
+        Ok(Memory {
+            rss_bytes: rss * 1024.0,
+            peak_rss_bytes: peak * 1024.0,
+            maps_memlock_bytes: memlock,
+        })
+    }
+}
+
+/// `bytes_memlock` of a pinned map, from `bpftool -j map show pinned`.
+fn map_memlock(pin: &std::path::Path) -> Result<f64> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .context("running bpftool")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool map show pinned {}: {}",
+            pin.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing bpftool's JSON for {}", pin.display()))?;
+    v.get("bytes_memlock")
+        .and_then(serde_json::Value::as_f64)
+        .with_context(|| format!("no bytes_memlock for {}", pin.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields() {
+        let s = "Name:\tbpfproxy\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\n";
+        assert_eq!(status_kb(s, "VmRSS"), Some(10240.0));
+        assert_eq!(status_kb(s, "VmHWM"), Some(20480.0));
+    }
+}
