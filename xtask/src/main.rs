@@ -1,5 +1,6 @@
 //! `cargo xtask`: bpfproxy's build, test and demo tasks. Each installs what it needs.
 
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -37,6 +38,19 @@ enum Command {
     Test,
     /// Build, then show bpfproxy balancing a service in throw-away namespaces (root).
     Demo,
+    /// Build, then benchmark bpfproxy against iptables, nftables and direct access in
+    /// throw-away namespaces (root); results under bench/results.
+    Bench {
+        /// About two minutes: fewer scales, runs and seconds.
+        #[arg(long)]
+        quick: bool,
+        /// Tiny sizes: only checks that the harness works.
+        #[arg(long, conflicts_with = "quick")]
+        smoke: bool,
+        /// Only these sections: datapath,e2e,control,memory.
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn workspace_root() -> PathBuf {
@@ -83,5 +97,8 @@ fn run(command: Command) -> Result<()> {
         Command::Build => build::build(&ws).map(|_| ()),
         Command::Test => test::test(&ws),
         Command::Demo => demo::demo(&ws),
+        Command::Bench { quick, smoke, only } => {
+            bench::bench(&ws, &bench::BenchOptions { quick, smoke, only })
+        }
     }
 }

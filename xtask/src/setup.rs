@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: installs what building and testing need, skipping what is there.
 //!
-//! - Debian packages `bpftool`, `iproute2` (`ip`) and `util-linux` (`nsenter`), when
-//!   missing and running as root;
+//! - Debian packages `bpftool`, `iproute2` (`ip`) and `util-linux` (`nsenter`), and
+//!   `iptables` and `nftables` for the benchmark's contenders, when missing and running as
+//!   root;
 //! - the nightly toolchain's `rust-src` (for `-Z build-std=core`), and clippy/rustfmt of the
 //!   default toolchain;
 //! - `bpf-linker` 0.13, built against the nightly's own libLLVM, so the linker and rustc
@@ -51,6 +52,15 @@ const SYSTEM_TOOLS: &[SystemTool] = &[
     SystemTool {
         probe: &["nsenter", "--version"],
         package: "util-linux",
+    },
+    // The contenders of `cargo xtask bench` (and of its smoke test).
+    SystemTool {
+        probe: &["iptables", "--version"],
+        package: "iptables",
+    },
+    SystemTool {
+        probe: &["nft", "--version"],
+        package: "nftables",
     },
 ];
 

@@ -11,7 +11,13 @@ use anyhow::Result;
 use crate::{build::build, cmd::Cmd};
 
 /// The host crates that clippy and rustfmt check.
-const HOST_CRATES: &[&str] = &["proxy-common", "proxy-userspace", "xtask", "bpfproxy-tests"];
+const HOST_CRATES: &[&str] = &[
+    "proxy-common",
+    "proxy-userspace",
+    "xtask",
+    "bpfproxy-tests",
+    "bpfproxy-bench",
+];
 
 struct Step {
     name: &'static str,
