@@ -258,6 +258,9 @@ pub fn without_unsupported(
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM during start-up must still detach what was attached.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
     if let SourceConfig::Manifests(dir) = &config.source
         && !dir.is_dir()
     {
@@ -310,6 +313,26 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
         }
     };
+    // Watch before the first reconcile, so changes made during start-up are queued, not
+    // lost until the next resync. Kept alive for the whole run.
+    let _manifest_watcher = match &config.source {
+        SourceConfig::Manifests(dir) => {
+            let manifest_tx = tx.clone();
+            let mut watcher =
+                notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                    if event.is_ok() {
+                        let _ = manifest_tx.send(Trigger::Manifests);
+                    }
+                })
+                .context("starting the manifest watcher")?;
+            watcher
+                .watch(dir, notify::RecursiveMode::NonRecursive)
+                .with_context(|| format!("watching {}", dir.display()))?;
+            Some(watcher)
+        }
+        SourceConfig::Kube(_) => None,
+    };
+    spawn_link_monitor(tx.clone())?;
     let health = Health::default();
     if let Some(addr) = config.health_addr {
         // Stalled if no reconcile ran for three resync periods.
@@ -333,28 +356,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut attachments = Attachments::default();
     sync_links(&mut datapath, &mut attachments, &patterns)?;
 
-    // Kept alive for the whole run.
-    let _manifest_watcher = match &config.source {
-        SourceConfig::Manifests(dir) => {
-            let manifest_tx = tx.clone();
-            let mut watcher =
-                notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                    if event.is_ok() {
-                        let _ = manifest_tx.send(Trigger::Manifests);
-                    }
-                })
-                .context("starting the manifest watcher")?;
-            watcher
-                .watch(dir, notify::RecursiveMode::NonRecursive)
-                .with_context(|| format!("watching {}", dir.display()))?;
-            Some(watcher)
-        }
-        SourceConfig::Kube(_) => None,
-    };
-    spawn_link_monitor(tx)?;
-
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(config.resync);
     let source_name = match &config.source {
         SourceConfig::Manifests(dir) => format!("manifests {}", dir.display()),
