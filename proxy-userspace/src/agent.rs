@@ -320,7 +320,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             let manifest_tx = tx.clone();
             let mut watcher =
                 notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                    if event.is_ok() {
+                    // Not on access: every reload opens the files, and reacting to that
+                    // reloaded forever (a core busy at 10,000 services).
+                    if event.is_ok_and(|e| !e.kind.is_access()) {
                         let _ = manifest_tx.send(Trigger::Manifests);
                     }
                 })
