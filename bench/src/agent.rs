@@ -23,6 +23,43 @@ pub struct RunningAgent {
     _manifests: ManifestDir,
     /// From spawning the agent to its log saying every service is in the maps.
     pub ready_after: Duration,
+    /// CPU time the agent used from its start until it went idle, or `None` if it did not
+    /// go idle within [`IDLE_TIMEOUT`].
+    pub cpu_until_idle: Option<Duration>,
+}
+
+/// How long the agent gets to go idle after start-up.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle: at most this much CPU time over [`IDLE_WINDOW`].
+const IDLE_CPU: Duration = Duration::from_millis(20);
+const IDLE_WINDOW: Duration = Duration::from_secs(1);
+
+/// User plus system CPU time of a process.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (in parentheses, which may hold spaces) come the fields from
+    // the third on: utime and stime are the 14th and 15th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+}
+
+/// Waits until `pid` uses at most [`IDLE_CPU`] in an [`IDLE_WINDOW`]; returns its CPU time
+/// then, or `None` after `timeout`.
+pub fn wait_idle(pid: u32, timeout: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut last = cpu_time(pid)?;
+    while start.elapsed() < timeout && !testbed::stop_requested() {
+        std::thread::sleep(IDLE_WINDOW);
+        let now = cpu_time(pid)?;
+        if now.saturating_sub(last) <= IDLE_CPU {
+            return Some(now);
+        }
+        last = now;
+    }
+    None
 }
 
 /// Services per manifest file. The agent's YAML reader costs time quadratic in the
@@ -87,12 +124,20 @@ pub fn start(
         std::thread::sleep(Duration::from_millis(20));
     }
     let ready_after = start.elapsed();
-    // Past its start-up: interfaces attached, watchers in place.
+    // Past its start-up: interfaces attached, watchers in place; then nothing more to do.
     agent.wait_until_running()?;
+    let cpu_until_idle = wait_idle(agent.pid(), IDLE_TIMEOUT);
+    if cpu_until_idle.is_none() {
+        eprintln!(
+            "warning: the agent serving {} services is still busy {IDLE_TIMEOUT:?} after start-up",
+            services.len()
+        );
+    }
     Ok(RunningAgent {
         agent,
         _manifests: manifests,
         ready_after,
+        cpu_until_idle,
     })
 }
 

@@ -18,6 +18,7 @@ pub fn run(settings: &Settings, notes: &mut Vec<String>) -> Result<Vec<Figure>> 
     for &n in &settings.memory_scales {
         let services = cluster::fillers(n, settings.endpoints_per_service);
         let (mut rss, mut peak, mut memlock, mut ready) = (vec![], vec![], vec![], vec![]);
+        let mut cpu = vec![];
         for run in 0..settings.memory_runs {
             if testbed::stop_requested() {
                 anyhow::bail!("interrupted");
@@ -27,9 +28,17 @@ pub fn run(settings: &Settings, notes: &mut Vec<String>) -> Result<Vec<Figure>> 
             let running = agent::start(&node, &id, &format!("bpv{id}-*"), &services)
                 .with_context(|| format!("agent with {n} services"))?;
             let m = running.memory()?;
+            let Some(busy) = running.cpu_until_idle else {
+                anyhow::bail!(
+                    "the agent serving {n} services did not go idle within {:?}",
+                    agent::IDLE_TIMEOUT
+                );
+            };
+            cpu.push(busy.as_secs_f64());
             eprintln!(
-                "memory: {n} services, run {run}: agent ready after {:.2} s, RSS {:.1} MiB (peak {:.1}), maps {:.1} MiB",
+                "memory: {n} services, run {run}: agent ready after {:.2} s, idle after {:.2} s of CPU, RSS {:.1} MiB (peak {:.1}), maps {:.1} MiB",
                 running.ready_after.as_secs_f64(),
+                busy.as_secs_f64(),
                 m.rss_bytes / MIB,
                 m.peak_rss_bytes / MIB,
                 m.maps_memlock_bytes / MIB
@@ -72,6 +81,14 @@ pub fn run(settings: &Settings, notes: &mut Vec<String>) -> Result<Vec<Figure>> 
             n,
             "s",
             ready,
+        ));
+        figures.push(Figure::new(
+            "control",
+            "agent_start_cpu",
+            "bpfproxy",
+            n,
+            "s",
+            cpu,
         ));
     }
     notes.push(

@@ -135,6 +135,7 @@ fn smoke_run_writes_every_figure() {
             check_figure(figures, "memory", metric, "bpfproxy", n);
         }
         check_figure(figures, "control", "agent_start", "bpfproxy", n);
+        check_figure(figures, "control", "agent_start_cpu", "bpfproxy", n);
     }
 
     // The tables and plots next to it.
