@@ -234,9 +234,22 @@ fn tuple_with_filter_bit(l: &Loaded, set: bool) -> Option<(Ipv4Addr, u16)> {
         .find(|&(addr, port)| l.filter_bit(addr, port) == set)
 }
 
-/// Figures of one scale.
-fn measure_scale(settings: &Settings, n: usize, notes: &mut Vec<String>) -> Result<Vec<Figure>> {
-    let largest = settings.datapath_scales.iter().copied().max().unwrap_or(n);
+/// The object programmed with `n` services, the measured connection open, and the frames
+/// of the repeated figures: metric, frame, the counter of its path.
+struct Prepared {
+    l: Loaded,
+    established: Vec<u8>,
+    repeated: Vec<(&'static str, Vec<u8>, u32)>,
+}
+
+fn prepare(settings: &Settings, n: usize, notes: &mut Vec<String>) -> Result<Prepared> {
+    let largest = settings
+        .datapath_scales
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(n)
+        .max(n);
     let mut l = Loaded::load(sizes_for(largest, settings.endpoints_per_service))?;
     let all = services(n, settings.endpoints_per_service);
     let p = l.program(&cluster::desired_state(&all))?;
@@ -275,8 +288,7 @@ fn measure_scale(settings: &Settings, n: usize, notes: &mut Vec<String>) -> Resu
     let (ret, _) = l.test_run(PROG_TC_INGRESS, &reopen, 1)?;
     ensure!(ret == TC_ACT_OK, "SYN+FIN: tc_ingress returned {ret}");
 
-    // Repeated figures: metric, frame, the counter of its path.
-    let mut repeated: Vec<(&str, Vec<u8>, u32)> = Vec::new();
+    let mut repeated: Vec<(&'static str, Vec<u8>, u32)> = Vec::new();
     if let Some(miss) = miss {
         repeated.push((
             "non_service",
@@ -298,6 +310,42 @@ fn measure_scale(settings: &Settings, n: usize, notes: &mut Vec<String>) -> Resu
         ("reply", reply, stats::REPLY),
         ("new_connection_repeated", reopen, stats::FORWARD_NEW),
     ]);
+    Ok(Prepared {
+        l,
+        established,
+        repeated,
+    })
+}
+
+/// Runs one repeated figure (`metric`) at `n` services again and again for `secs` seconds,
+/// for a profiler watching (`perf record -a`); returns its ns per packet.
+pub fn spin(settings: &Settings, metric: &str, n: usize, secs: f64) -> Result<f64> {
+    let Prepared {
+        mut l, repeated, ..
+    } = prepare(settings, n, &mut Vec::new())?;
+    let (_, frame, stat) = repeated
+        .iter()
+        .find(|(m, ..)| *m == metric)
+        .with_context(|| {
+            let names: Vec<&str> = repeated.iter().map(|(m, ..)| *m).collect();
+            format!("no repeated figure {metric:?}; there are {names:?}")
+        })?;
+    let start = Instant::now();
+    let mut ns = Vec::new();
+    while start.elapsed().as_secs_f64() < secs && !testbed::stop_requested() {
+        ns.push(l.repeated(frame, settings.datapath_repeat, *stat, metric)?);
+    }
+    Ok(summary(&ns).0)
+}
+
+/// Figures of one scale.
+fn measure_scale(settings: &Settings, n: usize, notes: &mut Vec<String>) -> Result<Vec<Figure>> {
+    let Prepared {
+        mut l,
+        established,
+        repeated,
+    } = prepare(settings, n, notes)?;
+    let vip = (cluster::MEASURED_VIP, cluster::MEASURED_PORT);
 
     let repeat = settings.datapath_repeat;
     let mut floor = Vec::new();

@@ -25,11 +25,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use nix::{
-    sched::{CloneFlags, setns},
+    sched::{CloneFlags, CpuSet, sched_setaffinity, setns},
     sys::{
         socket::{setsockopt, sockopt},
         time::TimeVal,
     },
+    unistd::Pid,
 };
 use testbed::NetNs;
 
@@ -48,12 +49,29 @@ const RESPONSE_CLOSE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
 const RESPONSE_KEEP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
-fn enter(ns_path: &Path) -> Result<()> {
-    let file = File::open(ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
-    setns(file.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+/// The CPU every client and server thread runs on: the last one. On one CPU a request's
+/// round trip is CPU work (both threads, the softirqs, the datapath) rather than the wake-up
+/// latency of an idle vCPU, and the connection rate is the rate one CPU sustains, so the
+/// figures measure what each contender costs, while the other CPUs take the machine's
+/// other work.
+pub fn load_cpu() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from) - 1
+}
+
+/// Pins the calling thread to [`load_cpu`].
+fn pin() -> Result<()> {
+    let mut set = CpuSet::new();
+    set.set(load_cpu()).context("CPU set")?;
+    sched_setaffinity(Pid::from_raw(0), &set).context("sched_setaffinity")?;
     Ok(())
 }
 
+/// Enters the network namespace at `ns_path` and pins the thread to the load CPU.
+fn enter(ns_path: &Path) -> Result<()> {
+    let file = File::open(ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
+    setns(file.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+    pin()
+}
 /// A backend's HTTP server; stops and joins its threads on drop.
 pub struct Server {
     stop: Arc<AtomicBool>,
@@ -83,7 +101,12 @@ impl Server {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("bench-srv-{i}"))
-                    .spawn(move || serve(&listener, &stop))?,
+                    .spawn(move || {
+                        if let Err(e) = pin() {
+                            eprintln!("bench server: {e:#}");
+                        }
+                        serve(&listener, &stop)
+                    })?,
             );
         }
         Ok(Server { stop, threads })

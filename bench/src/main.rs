@@ -72,6 +72,16 @@ struct Cli {
     /// endpoint change) into --out, to look at or to load by hand.
     #[arg(long, value_name = "N")]
     write_rules: Option<usize>,
+    /// Measure nothing but run one repeated datapath figure (e.g. `established`) over and
+    /// over, for a profiler (`perf record -a -g`) to watch.
+    #[arg(long, value_name = "FIGURE")]
+    spin: Option<String>,
+    /// With --spin: services programmed.
+    #[arg(long, default_value_t = 1)]
+    spin_services: usize,
+    /// With --spin: how long.
+    #[arg(long, default_value_t = 10.0)]
+    spin_seconds: f64,
 }
 
 /// The rule files of `n` services, as section 3 loads them.
@@ -156,7 +166,9 @@ fn methods(s: &Settings, m: &Machine) -> Vec<String> {
             "End to end: for each contender fresh namespaces (node, 1 client pod, {} backend \
              pods, testbed topology), the same Rust HTTP servers and client; the measured \
              service last of the N (last rule of KUBE-SERVICES), {} endpoints per other \
-             service. Connection rate: {} client threads, each connect / one request with \
+             service. Every client and server thread runs on one CPU (CPU {}), so a round \
+             trip is CPU work rather than an idle vCPU's wake-up and the rate is what one CPU \
+             sustains. Connection rate: {} client threads, each connect / one request with \
              Connection: close / read to the end / close, for {} s after a 0.3 s warm-up. \
              Latency: one kept-alive connection, requests one after the other for {} s after \
              200 warm-up requests. {} rounds, the contenders taking turns; ratios pair each run \
@@ -168,6 +180,7 @@ fn methods(s: &Settings, m: &Machine) -> Vec<String> {
              ({}). Direct: the client connects to the backend pod addresses in turn.",
             s.backends,
             s.endpoints_per_service,
+            load::load_cpu(),
             s.client_threads,
             s.conn_rate_secs,
             s.latency_secs,
@@ -225,6 +238,14 @@ fn run(cli: &Cli) -> Result<()> {
         Mode::Full
     };
     let settings = Settings::new(mode);
+    if let Some(metric) = &cli.spin {
+        let ns = datapath::spin(&settings, metric, cli.spin_services, cli.spin_seconds)?;
+        println!(
+            "{metric} at {} services: {ns:.1} ns per packet",
+            cli.spin_services
+        );
+        return Ok(());
+    }
     let wanted = |s: Section| cli.only.is_empty() || cli.only.contains(&s);
     let started = jiff::Timestamp::now();
     let clock = Instant::now();
