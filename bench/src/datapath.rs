@@ -338,59 +338,58 @@ pub fn spin(settings: &Settings, metric: &str, n: usize, secs: f64) -> Result<f6
     Ok(summary(&ns).0)
 }
 
-/// Figures of one scale.
-fn measure_scale(settings: &Settings, n: usize, notes: &mut Vec<String>) -> Result<Vec<Figure>> {
-    let Prepared {
-        mut l,
-        established,
-        repeated,
-    } = prepare(settings, n, notes)?;
-    let vip = (cluster::MEASURED_VIP, cluster::MEASURED_PORT);
+/// The runs of one scale so far.
+#[derive(Default)]
+struct Runs {
+    floor: Vec<f64>,
+    floor_single: Vec<f64>,
+    /// One list per repeated figure, in the order of `Prepared::repeated`.
+    repeated: Vec<Vec<f64>>,
+    new_connection: Vec<f64>,
+}
 
+/// Run `run` of every figure at one scale.
+fn one_run(settings: &Settings, run: usize, p: &mut Prepared, runs: &mut Runs) -> Result<()> {
     let repeat = settings.datapath_repeat;
-    let mut floor = Vec::new();
-    let mut floor_single = Vec::new();
-    let mut figures: Vec<(&str, Vec<f64>)> =
-        repeated.iter().map(|(m, ..)| (*m, Vec::new())).collect();
-    let mut new_connection = Vec::new();
-    for run in 0..settings.datapath_runs {
-        if testbed::stop_requested() {
-            bail!("interrupted");
-        }
-        let (ret, t) = l.test_run(PROG_TC_FLOOR, &established, repeat)?;
-        ensure!(ret == TC_ACT_OK, "tc_floor returned {ret}");
-        floor.push(t.as_nanos() as f64);
-        for ((metric, frame, stat), slot) in repeated.iter().zip(&mut figures) {
-            slot.1.push(l.repeated(frame, repeat, *stat, metric)?);
-        }
-
-        // New connections: single runs from distinct source ports, one source address per
-        // run, interleaved with single runs of the floor.
-        let source = Ipv4Addr::new(10, 240, 3, (run % 250) as u8 + 1);
-        let before = l.counter(stats::FORWARD_NEW);
-        let mut new_ns = Vec::with_capacity(settings.new_conn_samples);
-        let mut floor_ns = Vec::with_capacity(settings.new_conn_samples);
-        for i in 0..settings.new_conn_samples {
-            let syn = tcp_frame((source, 1024 + i as u16), vip, SYN, b"");
-            let (ret, t) = l.test_run(PROG_TC_INGRESS, &syn, 1)?;
-            ensure!(
-                ret == TC_ACT_OK,
-                "new connection: tc_ingress returned {ret}"
-            );
-            new_ns.push(t.as_nanos() as f64);
-            let (_, t) = l.test_run(PROG_TC_FLOOR, &syn, 1)?;
-            floor_ns.push(t.as_nanos() as f64);
-        }
-        let created = l.counter(stats::FORWARD_NEW) - before;
-        ensure!(
-            created == settings.new_conn_samples as u64,
-            "new connection: {created} of {} SYNs took the new-connection path",
-            settings.new_conn_samples
-        );
-        new_connection.push(summary(&new_ns).0);
-        floor_single.push(summary(&floor_ns).0);
+    let l = &mut p.l;
+    let (ret, t) = l.test_run(PROG_TC_FLOOR, &p.established, repeat)?;
+    ensure!(ret == TC_ACT_OK, "tc_floor returned {ret}");
+    runs.floor.push(t.as_nanos() as f64);
+    runs.repeated.resize(p.repeated.len(), Vec::new());
+    for ((metric, frame, stat), slot) in p.repeated.iter().zip(&mut runs.repeated) {
+        slot.push(l.repeated(frame, repeat, *stat, metric)?);
     }
 
+    // New connections: single runs from distinct source ports, one source address per
+    // run, interleaved with single runs of the floor.
+    let vip = (cluster::MEASURED_VIP, cluster::MEASURED_PORT);
+    let source = Ipv4Addr::new(10, 240, 3, (run % 250) as u8 + 1);
+    let before = l.counter(stats::FORWARD_NEW);
+    let mut new_ns = Vec::with_capacity(settings.new_conn_samples);
+    let mut floor_ns = Vec::with_capacity(settings.new_conn_samples);
+    for i in 0..settings.new_conn_samples {
+        let syn = tcp_frame((source, 1024 + i as u16), vip, SYN, b"");
+        let (ret, t) = l.test_run(PROG_TC_INGRESS, &syn, 1)?;
+        ensure!(
+            ret == TC_ACT_OK,
+            "new connection: tc_ingress returned {ret}"
+        );
+        new_ns.push(t.as_nanos() as f64);
+        let (_, t) = l.test_run(PROG_TC_FLOOR, &syn, 1)?;
+        floor_ns.push(t.as_nanos() as f64);
+    }
+    let created = l.counter(stats::FORWARD_NEW) - before;
+    ensure!(
+        created == settings.new_conn_samples as u64,
+        "new connection: {created} of {} SYNs took the new-connection path",
+        settings.new_conn_samples
+    );
+    runs.new_connection.push(summary(&new_ns).0);
+    runs.floor_single.push(summary(&floor_ns).0);
+    Ok(())
+}
+
+fn figures_of(n: usize, p: &Prepared, runs: Runs) -> Vec<Figure> {
     let mut out = vec![
         Figure::new(
             "datapath",
@@ -398,7 +397,7 @@ fn measure_scale(settings: &Settings, n: usize, notes: &mut Vec<String>) -> Resu
             "tc_floor",
             n,
             "ns/packet",
-            floor.clone(),
+            runs.floor.clone(),
         ),
         Figure::new(
             "datapath",
@@ -406,13 +405,13 @@ fn measure_scale(settings: &Settings, n: usize, notes: &mut Vec<String>) -> Resu
             "tc_floor",
             n,
             "ns/packet",
-            floor_single.clone(),
+            runs.floor_single.clone(),
         ),
     ];
-    for (metric, runs) in figures {
+    for ((metric, ..), values) in p.repeated.iter().zip(runs.repeated) {
         out.push(
-            Figure::new("datapath", metric, "bpfproxy", n, "ns/packet", runs)
-                .with_ratio("tc_floor floor", &floor),
+            Figure::new("datapath", metric, "bpfproxy", n, "ns/packet", values)
+                .with_ratio("tc_floor floor", &runs.floor),
         );
     }
     out.push(
@@ -422,18 +421,33 @@ fn measure_scale(settings: &Settings, n: usize, notes: &mut Vec<String>) -> Resu
             "bpfproxy",
             n,
             "ns/packet",
-            new_connection,
+            runs.new_connection,
         )
-        .with_ratio("tc_floor floor_single", &floor_single),
+        .with_ratio("tc_floor floor_single", &runs.floor_single),
     );
-    Ok(out)
+    out
 }
 
+/// Every scale is loaded and programmed first (one object each), then the runs go round
+/// the scales, so that the scales are compared side by side as the figures are.
 pub fn run(settings: &Settings, notes: &mut Vec<String>) -> Result<Vec<Figure>> {
-    let mut all = Vec::new();
+    let mut scales = Vec::new();
     for &n in &settings.datapath_scales {
         eprintln!("datapath: {n} services");
-        all.extend(measure_scale(settings, n, notes).with_context(|| format!("{n} services"))?);
+        let p = prepare(settings, n, notes).with_context(|| format!("{n} services"))?;
+        scales.push((n, p, Runs::default()));
     }
-    Ok(all)
+    for run in 0..settings.datapath_runs {
+        for (n, p, runs) in &mut scales {
+            if testbed::stop_requested() {
+                bail!("interrupted");
+            }
+            one_run(settings, run, p, runs).with_context(|| format!("{n} services"))?;
+        }
+        eprintln!("datapath: run {run} done");
+    }
+    Ok(scales
+        .into_iter()
+        .flat_map(|(n, p, runs)| figures_of(n, &p, runs))
+        .collect())
 }

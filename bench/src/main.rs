@@ -158,8 +158,9 @@ fn methods(s: &Settings, m: &Machine) -> Vec<String> {
              service is its own backend (VIP:80 -> VIP:80), so every repeated run rewrites \
              and stays on the established (or reply) path. New connections: the median of \
              {} single runs (repeat 1) of SYNs from distinct source ports, with tc_floor single \
-             runs interleaved as their floor. Each figure: median of {} runs; ratios to \
-             tc_floor of the same run. One flow per figure, so its map entries stay cache-hot.",
+             runs interleaved as their floor. Each figure: median of {} runs, the runs \
+             going round the scales (one loaded object each); ratios to tc_floor of the \
+             same run. One flow per figure, so its map entries stay cache-hot.",
             s.datapath_repeat, s.new_conn_samples, s.datapath_runs
         ),
         format!(

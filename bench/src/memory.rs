@@ -9,7 +9,9 @@
 use anyhow::{Context as _, Result};
 use testbed::NetNs;
 
-use crate::{agent, cluster, config::Settings, figures::Figure};
+use proxy_common::maps;
+
+use crate::{agent, cluster, config::Settings, figures::Figure, report};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -91,11 +93,13 @@ pub fn run(settings: &Settings, notes: &mut Vec<String>) -> Result<Vec<Figure>> 
             cpu,
         ));
     }
-    notes.push(
-        "memory: the maps are preallocated at the agent's default sizes (65,536 services, \
-         262,144 backend slots, 262,144 connections), so their memlock does not grow with the \
-         number of services"
-            .into(),
-    );
+    notes.push(format!(
+        "memory: the maps are preallocated at the agent's default sizes ({} services, {} \
+         backend slots, {} connections, ...), so their memlock does not grow with the number \
+         of services",
+        report::count(maps::DEFAULT_SERVICES as usize),
+        report::count(maps::DEFAULT_BACKEND_SLOTS as usize),
+        report::count(maps::DEFAULT_CONNTRACK as usize)
+    ));
     Ok(figures)
 }
