@@ -17,6 +17,8 @@ pub mod agent;
 pub mod apiserver;
 pub mod client;
 pub mod cluster;
+#[cfg(feature = "datapath")]
+pub mod datapath;
 pub mod manifests;
 pub mod netns;
 pub mod servers;

@@ -8,45 +8,28 @@
 //! counters' lifecycle is driven by real packets. Needs root and the built object, like
 //! `packet_fixtures.rs`.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use aya::programs::{TestRun, TestRunOptions};
 use bpfproxy::{
-    datapath::{Datapath, LoadOptions, MapSizes, loader::PROG_TC_INGRESS},
     model::{
         DesiredService, DesiredState, Endpoint, Frontend, Protocol, Scheduler, Scheduling,
         ServicePortName,
     },
-    planner::{Capacity, MapState, plan},
+    planner::{Capacity, plan},
 };
-use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{SlicedPacket, TransportSlice};
 use proxy_common::{
     PROTO_TCP,
     conntrack::Ct4Key,
     service::{AffinityKey, BackendConns, BackendConnsKey, SCOPE_CLUSTER_IP, Svc4Key},
     stats,
 };
+use testbed::datapath::{ACK, DatapathHarness, FIN, MapSizes, RST, SYN, tcp_frame};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
-
-const FIN: u8 = 0x01;
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const ACK: u8 = 0x10;
-
-fn object_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("BPFPROXY_EBPF_OBJ") {
-        return Some(PathBuf::from(p));
-    }
-    let built = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/bpfel-unknown-none/release/proxy-ebpf"
-    ));
-    built.is_file().then_some(built)
-}
 
 /// Round robin keeps its position per CPU: keep this thread on one.
 fn pin_to_one_cpu() {
@@ -57,9 +40,23 @@ fn pin_to_one_cpu() {
 }
 
 struct Harness {
-    dp: Datapath,
-    state: MapState,
+    bpf: DatapathHarness,
     desired: DesiredState,
+}
+
+/// The object, its maps and the planner's mirror (`h.dp`, `h.state`) are the shared
+/// harness's.
+impl std::ops::Deref for Harness {
+    type Target = DatapathHarness;
+    fn deref(&self) -> &DatapathHarness {
+        &self.bpf
+    }
+}
+
+impl std::ops::DerefMut for Harness {
+    fn deref_mut(&mut self) -> &mut DatapathHarness {
+        &mut self.bpf
+    }
 }
 
 fn backend_ip(i: u32) -> Ipv4Addr {
@@ -69,20 +66,13 @@ fn backend_ip(i: u32) -> Ipv4Addr {
 impl Harness {
     fn load() -> Harness {
         pin_to_one_cpu();
-        let opts = LoadOptions {
-            object: object_path(),
-            pin_dir: None,
-            sizes: MapSizes {
-                services: 64,
-                backend_slots: 4096,
-                conntrack: 131_072,
-            },
-        };
-        let dp = Datapath::load(&opts).unwrap_or_else(|e| panic!("loading (root? built?): {e}"));
-        let state = dp.maps.read_state().expect("reading the maps");
+        let bpf = DatapathHarness::load(MapSizes {
+            services: 64,
+            backend_slots: 4096,
+            conntrack: 131_072,
+        });
         Harness {
-            dp,
-            state,
+            bpf,
             desired: DesiredState::default(),
         }
     }
@@ -135,32 +125,17 @@ impl Harness {
             services: 64,
             backend_slots: 4096,
         };
-        let (p, errors) = plan(&self.desired, &self.state, capacity);
+        let (p, errors) = plan(&self.desired, &self.bpf.state, capacity);
         assert!(errors.is_empty(), "{errors:?}");
-        let report = self.dp.maps.apply(&p, &mut self.state);
-        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        self.bpf.apply_plan(&p);
     }
 
     fn svc_id(&self) -> u32 {
-        self.state.services[&svc_key()].value.svc_id
+        self.bpf.state.services[&svc_key()].value.svc_id
     }
 
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; 256];
-        let res = {
-            let opts = TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            };
-            self.dp
-                .program_mut(PROG_TC_INGRESS)
-                .expect("program")
-                .test_run(opts)
-                .expect("BPF_PROG_TEST_RUN")
-        };
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        self.bpf.run(frame)
     }
 
     /// Sends a client packet to the VIP; returns the backend address it went to.
@@ -192,7 +167,7 @@ impl Harness {
     }
 
     fn counter(&self, index: u32) -> u64 {
-        self.dp.maps.counters()[index as usize].1
+        self.bpf.counter(index)
     }
 
     fn conns(&self, backend: Ipv4Addr) -> BackendConns {
@@ -253,24 +228,7 @@ fn fwd_key(client: (Ipv4Addr, u16)) -> Ct4Key {
 }
 
 fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 5], [2, 0, 0, 0, 0, 1])
-        .ipv4(src.0.octets(), dst.0.octets(), 64)
-        .tcp(src.1, dst.1, 1, 64240);
-    if flags & FIN != 0 {
-        b = b.fin();
-    }
-    if flags & SYN != 0 {
-        b = b.syn();
-    }
-    if flags & RST != 0 {
-        b = b.rst();
-    }
-    if flags & ACK != 0 {
-        b = b.ack(1);
-    }
-    let mut v = Vec::new();
-    b.write(&mut v, &[]).unwrap();
-    v
+    tcp_frame((src.0.octets(), src.1), (dst.0.octets(), dst.1), flags, &[])
 }
 
 fn destination(frame: &[u8]) -> (Ipv4Addr, u16) {
@@ -454,7 +412,7 @@ fn connection_counts_return_to_zero_after_any_mix_of_closes() {
         10,
         "only the evicted ones: {open:?}"
     );
-    let report = h.dp.collect_connection_counts(&h.state).unwrap();
+    let report = h.collect_connection_counts();
     assert_eq!(report.released, 10);
     for x in &b {
         let c = h.conns(*x);
@@ -463,7 +421,7 @@ fn connection_counts_return_to_zero_after_any_mix_of_closes() {
     }
     assert_eq!(h.dp.maps.counted.keys().count(), 0, "no token left");
     // A second pass finds nothing more to do.
-    let again = h.dp.collect_connection_counts(&h.state).unwrap();
+    let again = h.collect_connection_counts();
     assert_eq!(again.released, 0);
 }
 
@@ -477,13 +435,13 @@ fn counters_of_a_removed_backend_drain_and_go() {
     let rest: Vec<Ipv4Addr> = b.iter().copied().filter(|x| *x != be).collect();
     h.serve(&rest, Scheduler::LC, &[], 0);
     // Still open: the counter stays.
-    h.dp.collect_connection_counts(&h.state).unwrap();
+    h.collect_connection_counts();
     assert_eq!(h.conns(be).active(), 1);
     // The established connection still reaches it and closes.
     assert_eq!(h.send(c, ACK), be);
     h.send(c, FIN | ACK);
     assert_eq!(h.conns(be).active(), 0);
-    let report = h.dp.collect_connection_counts(&h.state).unwrap();
+    let report = h.collect_connection_counts();
     assert_eq!(report.removed, 1);
     let key = conns_key(h.svc_id(), be);
     assert!(h.dp.maps.backend_conns.get(&key, 0).is_err());
