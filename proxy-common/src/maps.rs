@@ -28,3 +28,29 @@ pub const DEFAULT_AFFINITY: u32 = 65_536;
 /// connection; a service with more compares a window of this many, starting at a slot
 /// that rotates.
 pub const SCHED_SCAN_MAX: u32 = 1024;
+
+/// Pin name of the one-entry array that records which layout the pinned maps have.
+pub const LAYOUT: &str = "layout";
+/// Folder (under the pin folder) where the tc links are pinned, one per interface, so the
+/// programs stay attached while the agent restarts.
+pub const LINKS_DIR: &str = "links";
+
+/// Version of the layout of the pinned maps, written in the `layout` map when a pin folder
+/// is created. An agent reuses pins only if their version is this one (or one listed in
+/// [`LAYOUT_ADOPTS`]); any other it refuses without writing, since it would read old bytes
+/// with a new meaning (or the reverse).
+///
+/// **Bump it in the same commit** as any change to what is pinned: a map added or removed,
+/// a key, value or map type changed (size or meaning of a field, padding turned into a
+/// field, a new `SCHED_*` or flag value that older programs would misread), or a changed
+/// map size rule. Also add a new map to `map_shapes` in `proxy-userspace`'s `loader.rs` so
+/// its key and value sizes are checked. Nothing else is needed: new pin folders get the new
+/// version, and folders of other versions are refused with a message telling the operator
+/// to run `bpfproxy cleanup`.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Older layout versions whose pins this version takes over in place: only when the change
+/// since was purely additive (new maps, every existing map unchanged), list the old version
+/// here; the agent then creates the new maps next to the old ones and records
+/// [`LAYOUT_VERSION`] in the folder, so an upgrade keeps services and connections.
+pub const LAYOUT_ADOPTS: &[u32] = &[];

@@ -55,6 +55,9 @@ pub struct AgentConfig {
     /// Where to answer `GET /healthz` (200 once the maps were programmed from the source
     /// and the loop is alive, 503 before or when it stalls); `None`: no health endpoint.
     pub health_addr: Option<std::net::SocketAddr>,
+    /// Take the programs off the interfaces on exit (and remove their link pins) instead of
+    /// leaving them attached for the next agent to take over.
+    pub detach_on_exit: bool,
 }
 
 /// What `/healthz` reports: the last time the loop reconciled from a complete source.
@@ -258,7 +261,7 @@ pub fn without_unsupported(
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    // Handlers first: a SIGTERM during start-up must still detach what was attached.
+    // Handlers first: a SIGTERM during start-up must still end the agent in order.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     if let SourceConfig::Manifests(dir) = &config.source
@@ -355,7 +358,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     // Program the maps before attaching, so the first attached packet already sees them.
     reconciler.reconcile(&mut datapath.maps);
-    let mut attachments = Attachments::default();
+    // Links pinned next to the maps: they outlive the agent, and the next one swaps its
+    // program into them (see `Attachments`).
+    let mut attachments = match &datapath.pin_dir {
+        Some(dir) => Attachments::pinned(dir.join(proxy_common::maps::LINKS_DIR)),
+        None => Attachments::default(),
+    };
     sync_links(&mut datapath, &mut attachments, &patterns)?;
 
     let mut resync = tokio::time::interval(config.resync);
@@ -398,8 +406,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!("stopping: detaching programs; maps stay pinned for the CLI and a restart");
-    attachments.detach_all(datapath.program_mut(PROG_TC_INGRESS)?);
+    if config.detach_on_exit {
+        tracing::info!("stopping: detaching programs; maps stay pinned for the CLI and a restart");
+        attachments.detach_all();
+    } else {
+        let kept = attachments.leave_attached();
+        tracing::info!(
+            links = kept,
+            "stopping: programs stay attached and maps pinned, so traffic keeps flowing until the next agent takes over (`bpfproxy cleanup` removes them)"
+        );
+    }
     Ok(())
 }
 

@@ -76,6 +76,17 @@ enum Command {
         /// Answer `GET /healthz` on this address (e.g. `0.0.0.0:10256`, kube-proxy's).
         #[arg(long)]
         health_addr: Option<std::net::SocketAddr>,
+        /// On exit, take the programs off the interfaces. By default they stay attached
+        /// (links pinned under --bpffs) so a restart or upgrade drops nothing; the next
+        /// agent swaps its programs in, and `bpfproxy cleanup` removes everything.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Remove every program, link and pin bpfproxy made under --bpffs (stop the agent
+    /// first). Traffic then passes untranslated. Safe to run again.
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
     },
     /// Services as the kernel holds them.
     Services {
@@ -132,6 +143,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             resync_seconds,
             scheduler,
             health_addr,
+            detach_on_exit,
         } => {
             let source = match manifests {
                 Some(dir) => SourceConfig::Manifests(dir),
@@ -155,6 +167,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 default_scheduler: scheduler,
                 health_addr,
+                detach_on_exit,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -162,6 +175,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 .build()?
                 .block_on(run(config))
         }
+        Command::Cleanup { bpffs } => cleanup(&bpffs),
         Command::Services { bpffs, output } => {
             let rows = inspect::services(&KernelMaps::open_pinned(&bpffs)?)?;
             match output {
@@ -197,6 +211,26 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
+    let report = bpfproxy::datapath::cleanup::cleanup(dir)?;
+    if !report.existed {
+        println!("nothing to clean up: {} does not exist", dir.display());
+        return Ok(());
+    }
+    for (interface, link, program) in &report.detached {
+        match interface.as_str() {
+            "" => println!("removed link {link} (program {program}): its interface was gone"),
+            name => println!("detached from {name} (link {link}, program {program})"),
+        }
+    }
+    println!(
+        "removed {} pins and {}: nothing of bpfproxy is left there",
+        report.removed.len() + report.detached.len(),
+        dir.display()
+    );
+    Ok(())
 }
 
 fn parse_scheduler(name: &str) -> Result<Scheduler, String> {

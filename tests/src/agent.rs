@@ -2,7 +2,8 @@
 //!
 //! The agent is started with `nsenter --net=/run/netns/<node>` (not `ip netns exec`, which
 //! mounts a private /sys and so would hide the pins in bpffs). It is sent SIGTERM when the
-//! guard drops, and its pin directory is removed.
+//! guard drops, and everything it pinned is removed (`bpfproxy cleanup`: its tc links stay
+//! attached after SIGTERM, so a restart drops nothing).
 
 use std::{
     ffi::OsString,
@@ -258,6 +259,35 @@ impl Agent {
         Ok(())
     }
 
+    /// Like [`Agent::start_again`], with `extra` arguments after the usual ones for this
+    /// start only (e.g. `["--object", path]` to upgrade to another eBPF object).
+    pub fn start_again_with(&self, extra: &[&str]) -> Result<()> {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if child.try_wait()?.is_none() {
+            bail!("the agent is still running; stop it first");
+        }
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(OsString::from));
+        *child = spawn_agent(&args, &self.log, true)?;
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Waits (at most [`READY_TIMEOUT`]) for the agent to exit on its own (e.g. refusing
+    /// to start) and returns how it exited.
+    pub fn wait_for_exit(&self) -> Result<ExitStatus> {
+        crate::wait_until("the agent to exit", READY_TIMEOUT, || {
+            let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+            Ok(child.try_wait()?)
+        })
+        .with_context(|| format!("agent log:\n{}", self.log()))
+    }
+
+    /// The tc links pinned under `<bpffs>/links`, by pin name, as bpftool shows them.
+    pub fn pinned_links(&self) -> Result<Vec<PinnedLinkInfo>> {
+        pinned_links(&self.bpffs)
+    }
+
     /// Waits (at most [`READY_TIMEOUT`]) until the agent, as last started, logged
     /// [`RUNNING_LINE`]: past its start-up, with its link, file and signal watchers in
     /// place. Fails early if it exits.
@@ -440,9 +470,66 @@ impl Agent {
     }
 }
 
+/// A tc link pinned by the agent, as `bpftool link show pinned` reports it (bpftool 7.1
+/// knows no tcx details such as the interface; query the interface for those).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinnedLinkInfo {
+    /// The pin's file name (the interface name, `.` written `%2e`).
+    pub pin: String,
+    pub link_id: u64,
+    pub prog_id: u64,
+}
+
+/// The links pinned under `<bpffs>/links` (none if the folder is missing).
+pub fn pinned_links(bpffs: &Path) -> Result<Vec<PinnedLinkInfo>> {
+    let dir = bpffs.join("links");
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(out);
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let show = Command::new("bpftool")
+            .args(["-j", "link", "show", "pinned"])
+            .arg(&path)
+            .output()
+            .context("running bpftool (is it installed?)")?;
+        if !show.status.success() {
+            bail!(
+                "`bpftool link show pinned {}`: {}",
+                path.display(),
+                String::from_utf8_lossy(&show.stderr).trim()
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&show.stdout)
+            .with_context(|| format!("bpftool's JSON for {}", path.display()))?;
+        let field = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        out.push(PinnedLinkInfo {
+            pin: entry.file_name().to_string_lossy().into_owned(),
+            link_id: field("id"),
+            prog_id: field("prog_id"),
+        });
+    }
+    out.sort_by(|a, b| a.pin.cmp(&b.pin));
+    Ok(out)
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.terminate();
+        // The agent leaves its programs attached through pinned links, which would keep
+        // them (and their maps) alive after the namespaces are gone: take everything off.
+        if self.bpffs.starts_with(BPFFS_ROOT) && self.bpffs.exists() {
+            match run_cli(&["cleanup"], &self.bpffs) {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => eprintln!(
+                    "testbed: `bpfproxy cleanup --bpffs {}` failed: {}",
+                    self.bpffs.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                Err(e) => eprintln!("testbed: bpfproxy cleanup: {e:#}"),
+            }
+        }
         if std::thread::panicking() {
             eprintln!(
                 "---- agent log ({}) ----\n{}---- end of agent log ----",

@@ -41,7 +41,7 @@ pub use crate::{
     cluster::Cluster,
     manifests::{EndpointSlice, ManifestDir, Service},
     netns::NetNs,
-    servers::{HttpServer, UdpServer},
+    servers::{EchoServer, HttpServer, UdpServer},
     topology::{Pod, Topology},
 };
 

@@ -2,7 +2,8 @@
 //!
 //! [`HttpServer`] answers every HTTP request on a connection (keep-alive) with
 //! `200 OK` and the name as body; [`UdpServer`] answers every datagram with the name.
-//! Both stop, and join their threads, when the guard drops.
+//! [`EchoServer`] sends every byte back (for streams checked byte by byte). All stop, and
+//! join their threads, when the guard drops.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -228,4 +229,109 @@ impl Drop for UdpServer {
             let _ = t.join();
         }
     }
+}
+
+/// A TCP echo server in a namespace: every connection gets back each byte it sends, in
+/// order, and is closed after the client closes its side. Stops on drop.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    /// Bytes echoed so far, over all connections.
+    echoed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Listens on 0.0.0.0:`port` inside `ns`.
+    pub fn start(ns: &NetNs, port: u16) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let echoed = Arc::new(AtomicU64::new(0));
+        let listener = ns
+            .run(move || -> std::io::Result<TcpListener> {
+                let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })?
+            .with_context(|| format!("binding TCP port {port} in {}", ns.name()))?;
+        let addr = listener.local_addr()?;
+        let thread = {
+            let (stop, echoed) = (stop.clone(), echoed.clone());
+            std::thread::Builder::new()
+                .name(format!("echo-{port}"))
+                .spawn(move || {
+                    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        match listener.accept() {
+                            Ok((stream, _)) => {
+                                let (stop, echoed) = (stop.clone(), echoed.clone());
+                                match std::thread::Builder::new().name("echo-conn".into()).spawn(
+                                    move || {
+                                        if let Err(e) = echo(stream, &stop, &echoed) {
+                                            eprintln!("testbed: echo server: {e}");
+                                        }
+                                    },
+                                ) {
+                                    Ok(t) => conns.push(t),
+                                    Err(e) => eprintln!("testbed: echo server: spawning: {e}"),
+                                }
+                                conns.retain(|t| !t.is_finished());
+                            }
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
+                            Err(e) => {
+                                eprintln!("testbed: echo server: accept: {e}");
+                                std::thread::sleep(POLL);
+                            }
+                        }
+                    }
+                    for t in conns {
+                        let _ = t.join();
+                    }
+                })?
+        };
+        Ok(EchoServer {
+            addr,
+            echoed,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Bytes echoed so far.
+    pub fn echoed(&self) -> u64 {
+        self.echoed.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn echo(mut stream: TcpStream, stop: &AtomicBool, echoed: &AtomicU64) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(POLL * 5))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut chunk = [0u8; 16 * 1024];
+    let mut last_activity = Instant::now();
+    while !stop.load(Ordering::SeqCst) && last_activity.elapsed() < IDLE_LIMIT {
+        match stream.read(&mut chunk) {
+            Ok(0) => {
+                // The client is done: close our side so it reads EOF after the last byte.
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                return Ok(());
+            }
+            Ok(n) => {
+                stream.write_all(&chunk[..n])?;
+                echoed.fetch_add(n as u64, Ordering::Relaxed);
+                last_activity = Instant::now();
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -1,16 +1,26 @@
 //! Attaches the ingress program to interfaces whose names match the operator's patterns,
 //! and keeps that true as interfaces come and go (pod veths are created and deleted all the
-//! time): every link event from netlink triggers a re-scan of the interfaces.
+//! time): every link event from netlink triggers a re-scan of the interfaces. Links are
+//! pinned so the programs stay attached across an agent restart (see [`Attachments`]).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    path::{Path, PathBuf},
+};
 
 use aya::{
-    programs::{SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId},
+    programs::{
+        MultiProgLink, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc,
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
+    },
     util::KernelVersion,
 };
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
-use super::DatapathError;
+use super::{DatapathError, link_sys};
 
 /// Interface name patterns (`eth0`, `veth*`, `lxc?*`).
 #[derive(Clone, Debug)]
@@ -63,20 +73,48 @@ pub fn list_interfaces() -> Vec<(u32, String)> {
         .unwrap_or_default()
 }
 
-/// Where the program is attached: interface name -> (ifindex, link).
+/// Where the program is attached: interface name -> attachment.
+///
+/// With a pin folder, every tcx link is pinned at `<pin folder>/links/<interface>`: the
+/// programs stay attached when the agent exits, and the next agent takes each pinned link
+/// over by replacing the program inside it (`BPF_LINK_UPDATE`, one atomic swap), so no
+/// packet ever passes an interface without a program. Clsact filters (kernels before 6.6)
+/// cannot be pinned; they go with the agent.
 #[derive(Default)]
 pub struct Attachments {
-    links: BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    /// `<pin folder>/links`; `None`: links live as long as the agent.
+    pin_dir: Option<PathBuf>,
+    /// Whether the links pinned by an earlier agent were taken over (done on the first sync).
+    adopted: bool,
+    links: BTreeMap<String, Attached>,
+}
+
+struct Attached {
+    index: u32,
+    /// Owned here, not by the program: dropping it closes its fd (a pinned tcx link stays
+    /// attached; an unpinned one, or a clsact filter, is detached).
+    link: SchedClassifierLink,
+    pin: Option<PathBuf>,
 }
 
 impl Attachments {
+    /// Attachments whose links are pinned under `dir` (created if missing) and outlive the
+    /// agent.
+    pub fn pinned(dir: PathBuf) -> Self {
+        Attachments {
+            pin_dir: Some(dir),
+            ..Attachments::default()
+        }
+    }
+
     pub fn interfaces(&self) -> impl Iterator<Item = &str> {
         self.links.keys().map(String::as_str)
     }
 
     /// Attaches to every matching interface not yet attached and forgets interfaces that
-    /// are gone (their tcx links went with them). Returns errors by interface; an interface
-    /// that fails does not stop the others.
+    /// are gone (their tcx links went with them). The first call first takes over the links
+    /// pinned by an earlier agent. Returns errors by interface; an interface that fails
+    /// does not stop the others.
     pub fn sync(
         &mut self,
         prog: &mut SchedClassifier,
@@ -84,16 +122,19 @@ impl Attachments {
     ) -> Vec<DatapathError> {
         let present = list_interfaces();
         let mut errors = Vec::new();
+        if !self.adopted {
+            self.adopted = true;
+            self.adopt(prog, patterns, &present, &mut errors);
+        }
         let gone: Vec<String> = self
             .links
             .iter()
-            .filter(|(name, (index, _))| !present.iter().any(|(i, n)| i == index && n == *name))
+            .filter(|(name, a)| !present.iter().any(|(i, n)| *i == a.index && n == *name))
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
-            if let Some((_, link)) = self.links.remove(&name) {
-                // The device is gone, so is the attachment; dropping the link closes its fd.
-                let _ = prog.take_link(link);
+            if let Some(attached) = self.links.remove(&name) {
+                release(&name, attached, false);
                 tracing::info!(interface = %name, "interface gone, detached");
             }
         }
@@ -101,10 +142,10 @@ impl Attachments {
             if self.links.contains_key(&name) || !patterns.matches(&name) {
                 continue;
             }
-            match attach_ingress(prog, &name) {
-                Ok(link) => {
-                    tracing::info!(interface = %name, "attached tc ingress");
-                    self.links.insert(name, (index, link));
+            match attach_ingress(prog, &name).and_then(|id| self.own(prog, id, &name)) {
+                Ok((link, pin)) => {
+                    tracing::info!(interface = %name, pinned = pin.is_some(), "attached tc ingress");
+                    self.links.insert(name, Attached { index, link, pin });
                 }
                 Err(e) => errors.push(e),
             }
@@ -112,14 +153,180 @@ impl Attachments {
         errors
     }
 
-    /// Detaches from every interface.
-    pub fn detach_all(&mut self, prog: &mut SchedClassifier) {
-        for (name, (_, link)) in std::mem::take(&mut self.links) {
-            if let Err(e) = prog.detach(link) {
-                tracing::warn!(interface = %name, error = %e, "detach failed");
+    /// Takes a new link out of the program and pins it.
+    fn own(
+        &self,
+        prog: &mut SchedClassifier,
+        id: SchedClassifierLinkId,
+        name: &str,
+    ) -> Result<(SchedClassifierLink, Option<PathBuf>), DatapathError> {
+        let err = |reason: String| DatapathError::Interface {
+            interface: name.to_string(),
+            reason,
+        };
+        let link = prog
+            .take_link(id)
+            .map_err(|e| err(format!("taking the link: {e}")))?;
+        let (Some(dir), Ok(fd)) = (&self.pin_dir, MultiProgLink::fd(&link)) else {
+            // Not pinning, or a clsact filter (no fd to pin).
+            return Ok((link, None));
+        };
+        let path = dir.join(pin_name(name));
+        // A pin of the same name left over (the interface was recreated): replace it.
+        let _ = fs::remove_file(&path);
+        link_sys::obj_pin(fd, &path)
+            .map_err(|e| err(format!("pinning its tc link at {}: {e}", path.display())))?;
+        Ok((link, Some(path)))
+    }
+
+    /// Takes over the links pinned by an earlier agent: each one on an interface that is
+    /// present and still matches gets this agent's program, swapped in place; the others
+    /// (interface gone, or no longer wanted) are unpinned, which detaches them.
+    fn adopt(
+        &mut self,
+        prog: &mut SchedClassifier,
+        patterns: &InterfacePatterns,
+        present: &[(u32, String)],
+        errors: &mut Vec<DatapathError>,
+    ) {
+        let Some(dir) = self.pin_dir.clone() else {
+            return;
+        };
+        if let Err(e) = fs::create_dir_all(&dir) {
+            errors.push(DatapathError::Bpffs {
+                path: dir,
+                reason: format!("creating the link folder: {e}"),
+            });
+            return;
+        }
+        let mut entries: Vec<PathBuf> = match fs::read_dir(&dir) {
+            Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+            Err(e) => {
+                errors.push(DatapathError::Bpffs {
+                    path: dir,
+                    reason: format!("reading the link folder: {e}"),
+                });
+                return;
             }
+        };
+        entries.sort();
+        for path in entries {
+            let pinned_name = path
+                .file_name()
+                .map(|n| unpin_name(&n.to_string_lossy()))
+                .unwrap_or_default();
+            let link = match open_pinned_tcx(&path) {
+                Ok(l) => l,
+                Err(reason) => {
+                    // Not a tcx link of ours: nothing can use it; unpin it.
+                    tracing::warn!(pin = %path.display(), %reason, "removing an unusable link pin");
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+            };
+            let info = MultiProgLink::fd(&link)
+                .map_err(io::Error::other)
+                .and_then(link_sys::tcx_link_info);
+            let here = info.as_ref().ok().and_then(|info| {
+                present
+                    .iter()
+                    .find(|(i, n)| info.ifindex != 0 && *i == info.ifindex && patterns.matches(n))
+            });
+            let Some((index, name)) = here.filter(|(_, n)| !self.links.contains_key(n)) else {
+                // The interface is gone (ifindex 0), renamed out of the patterns, or no longer
+                // wanted: the pin was the last holder, so removing it detaches the link.
+                let _ = fs::remove_file(&path);
+                drop(link);
+                tracing::info!(interface = %pinned_name, "removed the pinned link of an interface no longer served");
+                continue;
+            };
+            let old_prog = info.as_ref().map(|i| i.prog_id).unwrap_or_default();
+            let replaced = prog.attach_to_link(link).and_then(|id| prog.take_link(id));
+            let link = match replaced {
+                Ok(link) => link,
+                Err(e) => {
+                    // The link (and its old program) stays pinned and attached.
+                    errors.push(DatapathError::Interface {
+                        interface: name.clone(),
+                        reason: format!("replacing the program in its pinned link: {e}"),
+                    });
+                    continue;
+                }
+            };
+            let mut pin = path.clone();
+            let wanted = dir.join(pin_name(name));
+            if wanted != path
+                && let Ok(fd) = MultiProgLink::fd(&link)
+                && link_sys::obj_pin(fd, &wanted).is_ok()
+            {
+                // Renamed interface: pinned under its new name.
+                let _ = fs::remove_file(&path);
+                pin = wanted;
+            }
+            tracing::info!(
+                interface = %name,
+                link = info.as_ref().map(|i| i.link_id).unwrap_or_default(),
+                old_program = old_prog,
+                "took over the pinned tc link: program replaced in place"
+            );
+            self.links.insert(
+                name.clone(),
+                Attached {
+                    index: *index,
+                    link,
+                    pin: Some(pin),
+                },
+            );
         }
     }
+
+    /// Detaches from every interface and removes the link pins.
+    pub fn detach_all(&mut self) {
+        for (name, attached) in std::mem::take(&mut self.links) {
+            release(&name, attached, true);
+        }
+    }
+
+    /// Leaves every pinned link attached (the agent exits; the next one takes them over).
+    /// Returns how many stay; unpinned links are detached as they drop.
+    pub fn leave_attached(self) -> usize {
+        self.links.values().filter(|a| a.pin.is_some()).count()
+    }
+}
+
+/// Unpins a link and, with `detach`, takes it off its interface even if something else
+/// still holds it; dropping the link closes this agent's fd.
+fn release(name: &str, attached: Attached, detach: bool) {
+    if let Some(pin) = &attached.pin
+        && let Err(e) = fs::remove_file(pin)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(interface = %name, pin = %pin.display(), error = %e, "removing link pin");
+    }
+    if detach
+        && let Ok(fd) = MultiProgLink::fd(&attached.link)
+        && let Err(e) = link_sys::link_detach(fd)
+    {
+        tracing::warn!(interface = %name, error = %e, "detach failed");
+    }
+    drop(attached.link);
+}
+
+/// Opens a pinned tcx link; the reason if it is not one.
+fn open_pinned_tcx(path: &Path) -> Result<SchedClassifierLink, String> {
+    let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())
+}
+
+/// The pin name of an interface: bpffs refuses `.` in names (reserved), which interface
+/// names may hold (`eth0.100`), so `.` and the escape `%` are percent-encoded.
+pub fn pin_name(interface: &str) -> String {
+    interface.replace('%', "%25").replace('.', "%2e")
+}
+
+/// The interface name of a pin name (see [`pin_name`]).
+pub fn unpin_name(pin: &str) -> String {
+    pin.replace("%2e", ".").replace("%25", "%")
 }
 
 fn attach_ingress(

@@ -82,6 +82,8 @@ impl KernelMaps {
         if !dir.join(maps::SERVICES4).exists() {
             return Err(DatapathError::NotPinned(dir.to_path_buf()));
         }
+        // Maps of another layout would print garbage.
+        super::layout::check(dir)?;
         Self::from_lookup(|name| {
             let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
             Map::from_map_data(data).map_err(map_err(name))

@@ -2,6 +2,8 @@
 //!
 //! Maps are pinned by name, and a restarted agent reuses the pins it finds (aya opens a
 //! pinned map instead of creating one), so services and connections survive a restart.
+//! A folder records its map layout version ([`layout`]); pins of another version are
+//! refused before anything is written.
 
 use std::{
     collections::BTreeSet,
@@ -23,7 +25,10 @@ use proxy_common::{
     },
 };
 
-use super::{DatapathError, KernelMaps, bpffs};
+use super::{
+    DatapathError, KernelMaps, bpffs,
+    layout::{self, Layout},
+};
 use crate::planner::MapState;
 
 /// The object built by `cargo xtask build-ebpf`, embedded by build.rs.
@@ -171,9 +176,24 @@ impl Datapath {
             .map_max_entries(maps::BACKEND_CONNS4, opts.sizes.backend_slots)
             // One token per counted connection, which has two conntrack entries.
             .map_max_entries(maps::COUNTED4, (opts.sizes.conntrack / 2).max(1));
+        let mut adopting = false;
         let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
                 bpffs::ensure_pin_dir(dir)?;
+                // Before anything under `dir` is opened for writing.
+                match layout::check(dir)? {
+                    Layout::Fresh => layout::stamp(dir)?,
+                    Layout::Current => {}
+                    Layout::Adoptable(found) => {
+                        tracing::info!(
+                            dir = %dir.display(),
+                            found,
+                            version = maps::LAYOUT_VERSION,
+                            "taking over pins of an older, compatible map layout"
+                        );
+                        adopting = true;
+                    }
+                }
                 check_pins(dir)?;
                 map_shapes()
                     .iter()
@@ -195,6 +215,10 @@ impl Datapath {
             })?;
         }
         let maps = KernelMaps::take_from(&mut ebpf)?;
+        if adopting && let Some(dir) = &opts.pin_dir {
+            // The new maps exist now: the folder is of this version.
+            layout::stamp(dir)?;
+        }
         Ok(Datapath {
             ebpf,
             maps,

@@ -4,7 +4,10 @@
 
 pub mod attach;
 pub mod bpffs;
+pub mod cleanup;
 pub mod kernel_maps;
+pub mod layout;
+mod link_sys;
 pub mod loader;
 
 pub use kernel_maps::{ApplyReport, KernelMaps};
@@ -41,7 +44,7 @@ pub enum DatapathError {
     #[error("the eBPF object has no map {0}")]
     MissingMap(String),
     #[error(
-        "pinned map {path} does not fit this version (key {key_size}/value {value_size} bytes, type {map_type}; expected {want_key}/{want_value}, type {want_type}); stop the agent and remove {dir} to start afresh"
+        "pinned map {path} does not fit this version (key {key_size}/value {value_size} bytes, type {map_type}; expected {want_key}/{want_value}, type {want_type}); stop the agent and run `bpfproxy cleanup --bpffs {dir}` to start afresh (its services are programmed again from the source; tracked connections are lost)"
     )]
     IncompatiblePin {
         path: PathBuf,
@@ -53,6 +56,14 @@ pub enum DatapathError {
         want_value: u32,
         want_type: String,
     },
+    #[error(
+        "the pins under {dir} have map layout version {found}, and this bpfproxy understands version {want}: it will neither use nor change them. Either run the bpfproxy that made them, or stop every agent using {dir} and run `bpfproxy cleanup --bpffs {dir}`, then start this one (its services are programmed again from the source; connections tracked in the old maps are lost)"
+    )]
+    LayoutMismatch { dir: PathBuf, found: u32, want: u32 },
+    #[error(
+        "the pins under {dir} carry no map layout version (made by a bpfproxy older than layout versions, or by something else): this bpfproxy will neither use nor change them. Stop every agent using {dir} and run `bpfproxy cleanup --bpffs {dir}`, then start this one"
+    )]
+    Unversioned { dir: PathBuf },
     #[error("no pinned maps under {0}: is the agent running with this --bpffs?")]
     NotPinned(PathBuf),
     #[error("bpffs at {path}: {reason}")]

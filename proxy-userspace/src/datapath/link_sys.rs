@@ -1,0 +1,90 @@
+//! The two bpf(2) link calls aya 0.14 does not expose: reading which interface a tcx link
+//! is on (`BPF_OBJ_GET_INFO_BY_FD`: aya's `LinkInfo` gives only the link and program ids),
+//! and forcing a link off its interface (`BPF_LINK_DETACH`, kernel 5.9+), which `bpfproxy
+//! cleanup` needs because a pinned link stays attached as long as anything holds it.
+//! Pinning goes through here too (`BPF_OBJ_PIN` on a borrowed fd), because aya's
+//! `FdLink::pin` consumes the link and drops it, detaching it, when pinning fails. Replacing
+//! the program in a link is aya's `SchedClassifier::attach_to_link` (`BPF_LINK_UPDATE`).
+
+use std::{
+    ffi::CString,
+    io,
+    mem::{size_of, zeroed},
+    os::{
+        fd::{AsRawFd as _, BorrowedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
+
+/// What the kernel says of a tcx link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcxLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// 0 once the interface is gone (the link then holds its program but runs nowhere).
+    pub ifindex: u32,
+}
+
+fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
+    // SAFETY: `attr` is a zero-initialised bpf_attr with the fields of `cmd` set, and lives
+    // across the call; the kernel reads at most size_of::<bpf_attr>() bytes of it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_int,
+            attr as *mut bpf_attr,
+            size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The tcx link behind `fd`; an error if it is another kind of link.
+pub fn tcx_link_info(fd: BorrowedFd<'_>) -> io::Result<TcxLinkInfo> {
+    // SAFETY: both are plain C structs for which all-zero bytes are valid.
+    let mut info: bpf_link_info = unsafe { zeroed() };
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.info.bpf_fd = fd.as_raw_fd() as u32;
+    attr.info.info_len = size_of::<bpf_link_info>() as u32;
+    attr.info.info = &mut info as *mut bpf_link_info as u64;
+    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    if info.type_ != bpf_link_type::BPF_LINK_TYPE_TCX as u32 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("link {} is not a tcx link (type {})", info.id, info.type_),
+        ));
+    }
+    Ok(TcxLinkInfo {
+        link_id: info.id,
+        prog_id: info.prog_id,
+        // SAFETY: the kernel filled the tcx member, the type says so.
+        ifindex: unsafe { info.__bindgen_anon_1.tcx.ifindex },
+    })
+}
+
+/// Detaches the link from its hook now, whoever else holds it (a pin, another process).
+pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: a plain C struct for which all-zero bytes are valid.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.link_detach.link_fd = fd.as_raw_fd() as u32;
+    sys_bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr)
+}
+
+/// Pins the object behind `fd` at `path` (on bpffs; the parent folder must exist).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a plain C struct for which all-zero bytes are valid.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.__bindgen_anon_4.bpf_fd = fd.as_raw_fd() as u32;
+    // `c_path` outlives the call.
+    attr.__bindgen_anon_4.pathname = c_path.as_ptr() as u64;
+    sys_bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr)
+}
