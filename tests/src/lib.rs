@@ -111,6 +111,8 @@ fn reap_stale() {
             if let Some(run) = name.strip_prefix(agent::TEST_PIN_PREFIX)
                 && dead(run)
             {
+                // The agent is gone, so the pins are the last holders of its tc links:
+                // removing them detaches the links and frees the programs and maps.
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }

@@ -492,8 +492,8 @@ fn a_restarted_agent_keeps_established_connections_on_their_backend() {
         ensure!(ALL.contains(&mine.as_str()), "first answer {mine:?}");
         let client = conn.local_addr()?.to_string();
 
-        // Nothing is sent on the connection between the stop and the restart: untranslated
-        // packets in that window would reach the wrong place.
+        // The programs stay attached while no agent runs (e2e_restart.rs streams across
+        // that window); here the point is the connection's backend after the restart.
         let status = agent.stop_keeping_pins()?;
         ensure!(
             status.success(),

@@ -344,3 +344,18 @@ fn attach_ingress(
             reason: format!("attaching tc ingress: {e}"),
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{pin_name, unpin_name};
+
+    #[test]
+    fn pin_names_have_no_dot_and_map_back_to_the_interface() {
+        for name in ["eth0", "eth0.100", "veth%1", "a.b.c", "%2e", "lxc_1-x"] {
+            let pin = pin_name(name);
+            assert!(!pin.contains('.'), "{name} -> {pin}");
+            assert_eq!(unpin_name(&pin), name, "{name} -> {pin}");
+        }
+        assert_eq!(pin_name("eth0.100"), "eth0%2e100");
+    }
+}
