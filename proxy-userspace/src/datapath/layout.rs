@@ -48,6 +48,11 @@ pub fn read_version(dir: &Path) -> Result<Option<u32>, DatapathError> {
 
 /// Checks the layout of the pins under `dir` without writing anything.
 pub fn check(dir: &Path) -> Result<Layout, DatapathError> {
+    check_with(dir, maps::LAYOUT_VERSION, maps::LAYOUT_ADOPTS)
+}
+
+/// [`check`] for a binary of layout `want` that adopts `adopts`.
+fn check_with(dir: &Path, want: u32, adopts: &[u32]) -> Result<Layout, DatapathError> {
     let found = match read_version(dir) {
         Ok(found) => found,
         // A `layout` pin that is not a u32 array: not ours to interpret.
@@ -58,12 +63,12 @@ pub fn check(dir: &Path) -> Result<Layout, DatapathError> {
         }
     };
     match found {
-        Some(v) if v == maps::LAYOUT_VERSION => Ok(Layout::Current),
-        Some(v) if maps::LAYOUT_ADOPTS.contains(&v) => Ok(Layout::Adoptable(v)),
+        Some(v) if v == want => Ok(Layout::Current),
+        Some(v) if adopts.contains(&v) => Ok(Layout::Adoptable(v)),
         Some(v) => Err(DatapathError::LayoutMismatch {
             dir: dir.to_path_buf(),
             found: v,
-            want: maps::LAYOUT_VERSION,
+            want,
         }),
         None if has_pins(dir) => Err(DatapathError::Unversioned {
             dir: dir.to_path_buf(),
@@ -81,6 +86,10 @@ fn has_pins(dir: &Path) -> bool {
 /// map is pinned, so no folder has maps without a version) or updates it (after taking
 /// over an adoptable one).
 pub fn stamp(dir: &Path) -> Result<(), DatapathError> {
+    stamp_with(dir, maps::LAYOUT_VERSION)
+}
+
+fn stamp_with(dir: &Path, version: u32) -> Result<(), DatapathError> {
     let path = dir.join(maps::LAYOUT);
     if path.exists() {
         let data = MapData::from_pin(&path).map_err(map_err)?;
@@ -88,7 +97,7 @@ pub fn stamp(dir: &Path) -> Result<(), DatapathError> {
             .map_err(map_err)?
             .try_into()
             .map_err(map_err)?;
-        return array.set(0, maps::LAYOUT_VERSION, 0).map_err(map_err);
+        return array.set(0, version, 0).map_err(map_err);
     }
     let obj = aya_obj::Map::new_from_params(
         bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
@@ -103,9 +112,70 @@ pub fn stamp(dir: &Path) -> Result<(), DatapathError> {
         .try_into()
         .map_err(map_err)?;
     // The version is in before the pin appears, so no reader sees a 0.
-    array.set(0, maps::LAYOUT_VERSION, 0).map_err(map_err)?;
+    array.set(0, version, 0).map_err(map_err)?;
     array.pin(&path).map_err(|e| DatapathError::Bpffs {
         path: path.clone(),
         reason: format!("pinning the layout version: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::datapath::bpffs;
+
+    /// A pin folder of this test on bpffs, removed on drop (needs root, like CI).
+    struct Folder(PathBuf);
+
+    impl Drop for Folder {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn versions_are_stamped_taken_over_when_additive_and_refused_otherwise() {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/bpfproxy-unit-layout-{}",
+            std::process::id()
+        ));
+        let folder = Folder(dir.clone());
+        bpffs::ensure_pin_dir(&folder.0).expect("a pin folder on bpffs (run as root)");
+
+        // Version 3 adopts 2 (say 3 only added a map).
+        assert_eq!(check_with(&dir, 3, &[2]).unwrap(), Layout::Fresh);
+        stamp_with(&dir, 2).unwrap();
+        assert_eq!(read_version(&dir).unwrap(), Some(2));
+        assert_eq!(check_with(&dir, 3, &[2]).unwrap(), Layout::Adoptable(2));
+        stamp_with(&dir, 3).unwrap();
+        assert_eq!(check_with(&dir, 3, &[2]).unwrap(), Layout::Current);
+
+        // A binary of version 2 does not understand 3, nor does 4 (which adopts only 2).
+        for (want, adopts) in [(2, &[][..]), (4, &[2][..])] {
+            let err = check_with(&dir, want, adopts).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, DatapathError::LayoutMismatch { found: 3, .. }),
+                "{text}"
+            );
+            for part in [
+                dir.display().to_string(),
+                "version 3".into(),
+                format!("version {want}"),
+                format!("bpfproxy cleanup --bpffs {}", dir.display()),
+            ] {
+                assert!(text.contains(&part), "{part:?} missing from {text}");
+            }
+        }
+
+        // Pins without a version record are nobody's to interpret.
+        std::fs::remove_file(dir.join(maps::LAYOUT)).unwrap();
+        std::fs::create_dir(dir.join(maps::LINKS_DIR)).unwrap();
+        assert!(matches!(
+            check_with(&dir, 3, &[2]),
+            Err(DatapathError::Unversioned { .. })
+        ));
+    }
 }
