@@ -1,8 +1,8 @@
 //! Restarting and upgrading the agent without dropping anything, the layout version of the
 //! pins, and `bpfproxy cleanup`.
 //!
-//! What an operator checks: a TCP stream crossing `SIGTERM` and a new start (same binary,
-//! or another eBPF object as in an upgrade) gets every byte back, in order, once; new
+//! What an operator checks: a TCP stream crossing `SIGTERM` (or a crash, SIGKILL) and a new
+//! start (same binary, or another eBPF object as in an upgrade) gets every byte back, in order, once; new
 //! connections made all along succeed; the tc links are the same links before and after
 //! (never detached) and run the new program afterwards. Pins of another layout version are
 //! refused with a message saying what to do, and left as they were. `bpfproxy cleanup`
@@ -23,6 +23,10 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use aya::programs::{SchedClassifier, TcAttachType};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use testbed::{
     Cluster, EchoServer, EndpointSlice, NetNs, Service,
     agent::{PinnedLinkInfo, pinned_links, run_cli, strip_ansi},
@@ -247,21 +251,37 @@ fn ebpf_object() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// How [`restart`] stops the agent.
+#[derive(Clone, Copy)]
+enum Stop {
+    Term,
+    Kill,
+}
+
 /// Stops the agent, keeps it down for [`DOWNTIME`] (with `agent_down` set), starts it
 /// again with `extra` and waits until it runs. Checks that the links are the same links
 /// as before (never detached), now running a new program.
-fn restart(cluster: &Cluster, agent_down: &AtomicBool, extra: &[&str]) -> Result<()> {
+fn restart(cluster: &Cluster, agent_down: &AtomicBool, stop: Stop, extra: &[&str]) -> Result<()> {
     let agent = cluster.agent();
     let before = agent.pinned_links()?;
     ensure!(
         before.len() == cluster.topo.clients.len() + ALL.len(),
         "one pinned link per pod veth expected: {before:?}"
     );
-    let status = agent.stop_keeping_pins()?;
-    ensure!(
-        status.success(),
-        "the agent exited with {status} on SIGTERM"
-    );
+    match stop {
+        Stop::Term => {
+            let status = agent.stop_keeping_pins()?;
+            ensure!(
+                status.success(),
+                "the agent exited with {status} on SIGTERM"
+            );
+        }
+        Stop::Kill => {
+            // A crash: the agent runs no exit path at all.
+            kill(Pid::from_raw(agent.pid() as i32), Signal::SIGKILL)?;
+            agent.wait_for_exit()?;
+        }
+    }
     agent_down.store(true, Ordering::SeqCst);
     let kept = agent.pinned_links()?;
     ensure!(
@@ -312,7 +332,7 @@ fn restart(cluster: &Cluster, agent_down: &AtomicBool, extra: &[&str]) -> Result
 }
 
 #[test]
-fn a_stream_and_new_connections_cross_a_restart_and_an_upgrade_without_loss() {
+fn a_stream_and_new_connections_cross_a_restart_an_upgrade_and_a_crash_without_loss() {
     with_cluster(1, &[], |cluster| {
         let object = ebpf_object()?;
         let object = object.to_string_lossy().into_owned();
@@ -329,9 +349,12 @@ fn a_stream_and_new_connections_cross_a_restart_and_an_upgrade_without_loss() {
                 })?;
                 // The same binary again, then an "upgrade": the agent loading its
                 // programs from another object file.
-                restart(cluster, &agent_down, &[])?;
+                restart(cluster, &agent_down, Stop::Term, &[])?;
                 std::thread::sleep(Duration::from_millis(500));
-                restart(cluster, &agent_down, &["--object", &object])?;
+                restart(cluster, &agent_down, Stop::Term, &["--object", &object])?;
+                std::thread::sleep(Duration::from_millis(500));
+                // And after a crash (SIGKILL) the same holds.
+                restart(cluster, &agent_down, Stop::Kill, &[])?;
                 std::thread::sleep(Duration::from_millis(500));
                 Ok(())
             })();
