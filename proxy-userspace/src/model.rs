@@ -189,5 +189,7 @@ impl DesiredState {
 }
 
 pub mod build;
+pub mod incremental;
 
 pub use build::{ModelIssue, ModelOptions, Severity, desired_state, desired_state_with};
+pub use incremental::Model;

@@ -129,15 +129,15 @@ fn has_label(labels: Option<&BTreeMap<String, String>>, key: &str) -> bool {
 }
 
 /// One backend candidate before the ready/terminating selection.
-#[derive(Clone, Copy, Debug)]
-struct Candidate {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Candidate {
     ready: bool,
     serving: bool,
     terminating: bool,
 }
 
 /// The endpoints of one (namespace, service, port name, protocol), keyed by IP:port.
-type CandidateSet = BTreeMap<(Ipv4Addr, u16), Candidate>;
+pub(crate) type CandidateSet = BTreeMap<(Ipv4Addr, u16), Candidate>;
 
 /// (namespace, service name, port name, protocol).
 type PortGroupKey = (String, String, String, Protocol);
@@ -169,76 +169,93 @@ impl Builder {
         });
         let mut groups: BTreeMap<PortGroupKey, CandidateSet> = BTreeMap::new();
         for slice in sorted {
-            let namespace = slice.metadata.namespace.clone().unwrap_or_default();
-            let object = format!(
-                "EndpointSlice {namespace}/{}",
-                slice.metadata.name.as_deref().unwrap_or("")
-            );
-            let labels = slice.metadata.labels.as_ref();
-            if has_label(labels, LABEL_SERVICE_PROXY_NAME) || has_label(labels, LABEL_HEADLESS) {
-                continue;
-            }
-            let Some(service) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-                self.issue(
-                    Severity::Notice,
-                    &object,
-                    "metadata.labels".into(),
-                    format!("no {LABEL_SERVICE_NAME} label, so it belongs to no Service; ignored"),
-                );
+            let part = slice_part(slice);
+            self.issues.extend(part.issues);
+            let Some(service) = part.service else {
                 continue;
             };
-            // FQDN slices have no meaning for a proxy; IPv6 ones are the IPv6 datapath's.
-            if slice.address_type != "IPv4" {
-                continue;
-            }
-            let candidates: Vec<(Ipv4Addr, Candidate)> = slice
-                .endpoints
-                .iter()
-                .enumerate()
-                .filter_map(|(i, e)| self.candidate(&object, i, e))
-                .collect();
-            for (pi, port) in slice.ports.iter().flatten().enumerate() {
-                let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
-                    self.issue(
-                        Severity::Warning,
-                        &object,
-                        format!("ports[{pi}].protocol"),
-                        format!(
-                            "{:?} is not TCP, UDP or SCTP; port ignored",
-                            port.protocol.as_deref().unwrap_or("")
-                        ),
-                    );
-                    continue;
-                };
-                let number = match port.port {
-                    // No port (means "all ports") or 0: kube-proxy skips it.
-                    None | Some(0) => continue,
-                    Some(p) => match u16::try_from(p) {
-                        Ok(p) => p,
-                        Err(_) => {
-                            self.issue(
-                                Severity::Warning,
-                                &object,
-                                format!("ports[{pi}].port"),
-                                format!("{p} is out of range 1-65535; port ignored"),
-                            );
-                            continue;
-                        }
-                    },
-                };
+            let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+            for (port_name, protocol, number) in &part.ports {
                 let key = (
                     namespace.clone(),
                     service.clone(),
-                    port.name.clone().unwrap_or_default(),
-                    protocol,
+                    port_name.clone(),
+                    *protocol,
                 );
                 let set = groups.entry(key).or_default();
-                for &(addr, candidate) in &candidates {
-                    merge_candidate(set, (addr, number), candidate);
+                for &(addr, candidate) in &part.endpoints {
+                    merge_candidate(set, (addr, *number), candidate);
                 }
             }
         }
         groups
+    }
+
+    /// The part of one slice (see [`slice_part`]), its issues left in `self`.
+    fn slice(&mut self, slice: &EndpointSlice) -> SlicePart {
+        let mut part = SlicePart::default();
+        let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+        let object = format!(
+            "EndpointSlice {namespace}/{}",
+            slice.metadata.name.as_deref().unwrap_or("")
+        );
+        let labels = slice.metadata.labels.as_ref();
+        if has_label(labels, LABEL_SERVICE_PROXY_NAME) || has_label(labels, LABEL_HEADLESS) {
+            return part;
+        }
+        let Some(service) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+            self.issue(
+                Severity::Notice,
+                &object,
+                "metadata.labels".into(),
+                format!("no {LABEL_SERVICE_NAME} label, so it belongs to no Service; ignored"),
+            );
+            return part;
+        };
+        // FQDN slices have no meaning for a proxy; IPv6 ones are the IPv6 datapath's.
+        if slice.address_type != "IPv4" {
+            return part;
+        }
+        part.service = Some(service.clone());
+        part.endpoints = slice
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| self.candidate(&object, i, e))
+            .collect();
+        for (pi, port) in slice.ports.iter().flatten().enumerate() {
+            let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
+                self.issue(
+                    Severity::Warning,
+                    &object,
+                    format!("ports[{pi}].protocol"),
+                    format!(
+                        "{:?} is not TCP, UDP or SCTP; port ignored",
+                        port.protocol.as_deref().unwrap_or("")
+                    ),
+                );
+                continue;
+            };
+            let number = match port.port {
+                // No port (means "all ports") or 0: kube-proxy skips it.
+                None | Some(0) => continue,
+                Some(p) => match u16::try_from(p) {
+                    Ok(p) => p,
+                    Err(_) => {
+                        self.issue(
+                            Severity::Warning,
+                            &object,
+                            format!("ports[{pi}].port"),
+                            format!("{p} is out of range 1-65535; port ignored"),
+                        );
+                        continue;
+                    }
+                },
+            };
+            part.ports
+                .push((port.name.clone().unwrap_or_default(), protocol, number));
+        }
+        part
     }
 
     fn candidate(
@@ -452,7 +469,7 @@ impl Builder {
 }
 
 /// Adds a candidate for IP:port, keeping the non-terminating copy of a duplicate.
-fn merge_candidate(set: &mut CandidateSet, key: (Ipv4Addr, u16), candidate: Candidate) {
+pub(crate) fn merge_candidate(set: &mut CandidateSet, key: (Ipv4Addr, u16), candidate: Candidate) {
     match set.entry(key) {
         Entry::Vacant(v) => {
             v.insert(candidate);
@@ -467,7 +484,7 @@ fn merge_candidate(set: &mut CandidateSet, key: (Ipv4Addr, u16), candidate: Cand
 
 /// Ready endpoints; when none is ready, the serving and terminating ones (marked
 /// terminating). Sorted and unique.
-fn select_endpoints(set: Option<&CandidateSet>) -> Vec<Endpoint> {
+pub(crate) fn select_endpoints(set: Option<&CandidateSet>) -> Vec<Endpoint> {
     let Some(set) = set else { return Vec::new() };
     let ready: Vec<Endpoint> = set
         .iter()
@@ -521,94 +538,196 @@ pub fn desired_state_with(
     // Which Service holds each frontend, and through which port index.
     let mut owners: BTreeMap<Frontend, (String, usize)> = BTreeMap::new();
     for svc in sorted {
+        let part = service_part(svc, options);
+        b.issues.extend(part.issues.iter().cloned());
         let namespace = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
-        let object = format!("Service {namespace}/{name}");
-        let labels = svc.metadata.labels.as_ref();
-        if has_label(labels, LABEL_SERVICE_PROXY_NAME) || has_label(labels, LABEL_HEADLESS) {
-            continue;
-        }
-        let Some(spec) = svc.spec.as_ref() else {
-            b.issue(
-                Severity::Warning,
-                &object,
-                "spec".into(),
-                "missing; not served".into(),
-            );
-            continue;
-        };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            continue;
-        }
-        let Some(addr) = b.cluster_ip(&object, svc) else {
-            continue;
-        };
-        if spec.internal_traffic_policy.as_deref() == Some("Local") {
-            b.issue(
-                Severity::Notice,
-                &object,
-                "spec.internalTrafficPolicy".into(),
-                "Local is not supported yet; all endpoints of the cluster are used".into(),
-            );
-        }
-        let affinity_timeout_s = b.affinity(&object, svc);
-        let scheduling = b.scheduling(&object, svc, options.default_scheduler);
-        for (i, port) in spec.ports.iter().flatten().enumerate() {
-            let Some(frontend) = b.frontend(&object, i, addr, port) else {
-                continue;
-            };
-            let port_name = port.name.clone().unwrap_or_default();
-            let spn = ServicePortName {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                port_name: port_name.clone(),
-                protocol: frontend.protocol,
-            };
-            match owners.entry(frontend) {
+        let object = service_object(&namespace, &name);
+        for port in &part.ports {
+            match owners.entry(port.frontend) {
                 Entry::Occupied(o) => {
                     let (owner, owner_port) = o.get();
-                    let message = if *owner == object {
-                        format!(
-                            "{frontend} is already served by spec.ports[{owner_port}]; port ignored"
-                        )
-                    } else {
-                        format!(
-                            "{frontend} is also claimed by {owner} (spec.ports[{owner_port}]), which sorts first and keeps it; port ignored"
-                        )
-                    };
-                    b.issue(
-                        Severity::Warning,
-                        &object,
-                        format!("spec.ports[{i}]"),
-                        message,
-                    );
+                    b.issues
+                        .push(claimed_issue(&object, port, owner, *owner_port));
                     continue;
                 }
                 Entry::Vacant(v) => {
-                    v.insert((object.clone(), i));
+                    v.insert((object.clone(), port.index));
                 }
             }
             let group = (
                 namespace.clone(),
                 name.clone(),
-                port_name,
-                frontend.protocol,
+                port.name.port_name.clone(),
+                port.frontend.protocol,
             );
             state.services.insert(
-                frontend,
-                DesiredService {
-                    frontend,
-                    name: spn,
-                    endpoints: select_endpoints(endpoints.get(&group)),
-                    affinity_timeout_s,
-                },
+                port.frontend,
+                part.desired(port, select_endpoints(endpoints.get(&group))),
             );
-            if scheduling != Scheduling::default() {
-                state.scheduling.insert(frontend, scheduling.clone());
+            if part.scheduling != Scheduling::default() {
+                state
+                    .scheduling
+                    .insert(port.frontend, part.scheduling.clone());
             }
         }
     }
     (state, b.issues)
+}
+
+/// `Service namespace/name`, as issues name a Service.
+pub(crate) fn service_object(namespace: &str, name: &str) -> String {
+    format!("Service {namespace}/{name}")
+}
+
+/// The issue of a Service port whose frontend `owner` (which sorts first) already holds.
+pub(crate) fn claimed_issue(
+    object: &str,
+    port: &PortPart,
+    owner: &str,
+    owner_port: usize,
+) -> ModelIssue {
+    ModelIssue {
+        severity: Severity::Warning,
+        object: object.to_string(),
+        field: format!("spec.ports[{}]", port.index),
+        message: format!(
+            "{} is also claimed by {owner} (spec.ports[{owner_port}]), which sorts first and keeps it; port ignored",
+            port.frontend
+        ),
+    }
+}
+
+/// What one EndpointSlice contributes, parsed once: its Service (in its namespace), its
+/// usable ports and its IPv4 endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SlicePart {
+    /// The Service's name; `None` when the slice is ignored (labels, address type).
+    pub service: Option<String>,
+    /// (port name, protocol, number) of each usable port, in order.
+    pub ports: Vec<(String, Protocol, u16)>,
+    pub endpoints: Vec<(Ipv4Addr, Candidate)>,
+    pub issues: Vec<ModelIssue>,
+}
+
+/// The [`SlicePart`] of one EndpointSlice.
+pub(crate) fn slice_part(slice: &EndpointSlice) -> SlicePart {
+    let mut b = Builder { issues: Vec::new() };
+    let mut part = b.slice(slice);
+    part.issues = b.issues;
+    part
+}
+
+impl SlicePart {
+    /// Merges the candidates of `port_name`/`protocol` into `set`.
+    pub(crate) fn merge_into(&self, set: &mut CandidateSet, port_name: &str, protocol: Protocol) {
+        for (name, proto, number) in &self.ports {
+            if name == port_name && *proto == protocol {
+                for &(addr, candidate) in &self.endpoints {
+                    merge_candidate(set, (addr, *number), candidate);
+                }
+            }
+        }
+    }
+}
+
+/// One served port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PortPart {
+    pub frontend: Frontend,
+    /// Index in `spec.ports`.
+    pub index: usize,
+    pub name: ServicePortName,
+}
+
+/// What one Service contributes without its endpoints, parsed once: its served ports
+/// (each frontend once, the first port claiming it wins), affinity and scheduling.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ServicePart {
+    pub ports: Vec<PortPart>,
+    pub affinity_timeout_s: u32,
+    pub scheduling: Scheduling,
+    pub issues: Vec<ModelIssue>,
+}
+
+impl ServicePart {
+    /// The desired service of one of its ports, given the port's endpoints.
+    pub(crate) fn desired(&self, port: &PortPart, endpoints: Vec<Endpoint>) -> DesiredService {
+        DesiredService {
+            frontend: port.frontend,
+            name: port.name.clone(),
+            endpoints,
+            affinity_timeout_s: self.affinity_timeout_s,
+        }
+    }
+}
+
+/// The [`ServicePart`] of one Service (empty when it is not served: labelled, headless,
+/// ExternalName, no usable ClusterIP).
+pub(crate) fn service_part(svc: &Service, options: &ModelOptions) -> ServicePart {
+    let mut b = Builder { issues: Vec::new() };
+    let mut part = ServicePart::default();
+    let namespace = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let object = service_object(&namespace, &name);
+    let labels = svc.metadata.labels.as_ref();
+    if has_label(labels, LABEL_SERVICE_PROXY_NAME) || has_label(labels, LABEL_HEADLESS) {
+        return part;
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        b.issue(
+            Severity::Warning,
+            &object,
+            "spec".into(),
+            "missing; not served".into(),
+        );
+        part.issues = b.issues;
+        return part;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return part;
+    }
+    let Some(addr) = b.cluster_ip(&object, svc) else {
+        part.issues = b.issues;
+        return part;
+    };
+    if spec.internal_traffic_policy.as_deref() == Some("Local") {
+        b.issue(
+            Severity::Notice,
+            &object,
+            "spec.internalTrafficPolicy".into(),
+            "Local is not supported yet; all endpoints of the cluster are used".into(),
+        );
+    }
+    part.affinity_timeout_s = b.affinity(&object, svc);
+    part.scheduling = b.scheduling(&object, svc, options.default_scheduler);
+    for (i, port) in spec.ports.iter().flatten().enumerate() {
+        let Some(frontend) = b.frontend(&object, i, addr, port) else {
+            continue;
+        };
+        if let Some(first) = part.ports.iter().find(|p| p.frontend == frontend) {
+            let first = first.index;
+            b.issue(
+                Severity::Warning,
+                &object,
+                format!("spec.ports[{i}]"),
+                format!("{frontend} is already served by spec.ports[{first}]; port ignored"),
+            );
+            continue;
+        }
+        part.ports.push(PortPart {
+            frontend,
+            index: i,
+            name: ServicePortName {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                port_name: port.name.clone().unwrap_or_default(),
+                protocol: frontend.protocol,
+            },
+        });
+    }
+    part.issues = b.issues;
+    part
 }
 
 #[cfg(test)]

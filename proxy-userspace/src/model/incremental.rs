@@ -1,0 +1,575 @@
+//! The desired state kept up to date object by object, so that an API event costs what
+//! its Service costs, not what the cluster costs.
+//!
+//! Each Service and each EndpointSlice is parsed once into its part (see `build.rs`); a
+//! Service's desired entries are rebuilt from its own part and the parts of its own slices
+//! when one of them changes. Frontends claimed by several Services go to the one that
+//! sorts first (namespace/name), as in [`super::desired_state`]. [`Model::take_changed`]
+//! names the frontends whose desired entry changed, for the planner to diff only those.
+//!
+//! Pure like the rest of the model: the same objects give the same [`DesiredState`] as
+//! [`super::desired_state_with`], whatever order the changes came in (unit-tested).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{
+    DesiredState, Frontend, Protocol, Scheduling,
+    build::{
+        CandidateSet, ModelIssue, ModelOptions, ServicePart, Severity, SlicePart, claimed_issue,
+        select_endpoints, service_object, service_part, slice_part,
+    },
+};
+
+/// (namespace, name) of an object.
+pub type ObjectKey = (String, String);
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The desired state, maintained incrementally from object changes.
+#[derive(Debug, Default)]
+pub struct Model {
+    options: ModelOptions,
+    /// SCTP frontends are left out (with a warning): the datapath parses TCP and UDP only.
+    serve_sctp: bool,
+    services: BTreeMap<ObjectKey, ServicePart>,
+    slices: BTreeMap<ObjectKey, SlicePart>,
+    /// Service (namespace, name) -> names of its slices (same namespace), in name order
+    /// (the merge order of [`super::desired_state`]).
+    slices_of: BTreeMap<ObjectKey, BTreeSet<String>>,
+    /// Services whose ports claim each frontend; the first one holds it.
+    claims: BTreeMap<Frontend, BTreeSet<ObjectKey>>,
+    desired: DesiredState,
+    /// SCTP frontends left out, with the warning naming them.
+    unsupported: BTreeMap<Frontend, ModelIssue>,
+    /// Services and slices whose parts carry issues (so listing them costs what they are).
+    with_issues: BTreeSet<(bool, ObjectKey)>,
+    changed: BTreeSet<Frontend>,
+}
+
+impl Model {
+    /// An empty model; `serve_sctp` false leaves SCTP ports out with a warning.
+    pub fn new(options: ModelOptions, serve_sctp: bool) -> Self {
+        Model {
+            options,
+            serve_sctp,
+            ..Default::default()
+        }
+    }
+
+    /// What is desired now.
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// The frontends whose desired entry changed (added, updated or gone) since the last
+    /// call.
+    pub fn take_changed(&mut self) -> BTreeSet<Frontend> {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// A Service was added or changed.
+    pub fn set_service(&mut self, svc: &Service) {
+        let key = key_of(&svc.metadata);
+        let part = service_part(svc, &self.options);
+        if self.services.get(&key) == Some(&part) {
+            return;
+        }
+        self.mark_issues(false, &key, !part.issues.is_empty());
+        let old = self.services.insert(key.clone(), part);
+        self.refresh_service(&key, old.as_ref());
+    }
+
+    /// A Service was deleted.
+    pub fn remove_service(&mut self, namespace: &str, name: &str) {
+        let key = (namespace.to_string(), name.to_string());
+        if let Some(old) = self.services.remove(&key) {
+            self.mark_issues(false, &key, false);
+            self.refresh_service(&key, Some(&old));
+        }
+    }
+
+    /// An EndpointSlice was added or changed.
+    pub fn set_slice(&mut self, slice: &EndpointSlice) {
+        let key = key_of(&slice.metadata);
+        let part = slice_part(slice);
+        if self.slices.get(&key) == Some(&part) {
+            return;
+        }
+        self.mark_issues(true, &key, !part.issues.is_empty());
+        let new_owner = part.service.clone();
+        let old = self.slices.insert(key.clone(), part);
+        self.slice_moved(&key, old.and_then(|o| o.service), new_owner);
+    }
+
+    /// An EndpointSlice was deleted.
+    pub fn remove_slice(&mut self, namespace: &str, name: &str) {
+        let key = (namespace.to_string(), name.to_string());
+        if let Some(old) = self.slices.remove(&key) {
+            self.mark_issues(true, &key, false);
+            self.slice_moved(&key, old.service, None);
+        }
+    }
+
+    /// Makes the model hold exactly these objects (a relist, a manifest reload, a full
+    /// resync): each is parsed, but only those that differ from what the model holds are
+    /// rebuilt and reported as changed.
+    pub fn replace_all<'a>(
+        &mut self,
+        services: impl IntoIterator<Item = &'a Service>,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    ) {
+        // Slices first: a new Service then finds its endpoints at once.
+        let mut seen = BTreeSet::new();
+        for slice in slices {
+            seen.insert(key_of(&slice.metadata));
+            self.set_slice(slice);
+        }
+        let gone: Vec<ObjectKey> = self
+            .slices
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.remove_slice(&ns, &name);
+        }
+        let mut seen = BTreeSet::new();
+        for svc in services {
+            seen.insert(key_of(&svc.metadata));
+            self.set_service(svc);
+        }
+        let gone: Vec<ObjectKey> = self
+            .services
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.remove_service(&ns, &name);
+        }
+    }
+
+    /// Everything the model could not serve as written: the issues of the current
+    /// objects, frontends lost to a Service that sorts first, SCTP ports left out.
+    pub fn issues(&self) -> Vec<ModelIssue> {
+        let mut issues = Vec::new();
+        for (is_slice, key) in &self.with_issues {
+            let part_issues = if *is_slice {
+                self.slices.get(key).map(|p| &p.issues)
+            } else {
+                self.services.get(key).map(|p| &p.issues)
+            };
+            issues.extend(part_issues.into_iter().flatten().cloned());
+        }
+        for (frontend, owners) in &self.claims {
+            let mut owners = owners.iter();
+            let Some(first) = owners.next() else { continue };
+            for loser in owners {
+                let (Some(port), Some(owner_port)) =
+                    (self.port_of(loser, frontend), self.port_of(first, frontend))
+                else {
+                    continue;
+                };
+                issues.push(claimed_issue(
+                    &service_object(&loser.0, &loser.1),
+                    port,
+                    &service_object(&first.0, &first.1),
+                    owner_port.index,
+                ));
+            }
+        }
+        issues.extend(self.unsupported.values().cloned());
+        issues
+    }
+
+    fn port_of(&self, service: &ObjectKey, frontend: &Frontend) -> Option<&super::build::PortPart> {
+        self.services
+            .get(service)?
+            .ports
+            .iter()
+            .find(|p| p.frontend == *frontend)
+    }
+
+    fn mark_issues(&mut self, is_slice: bool, key: &ObjectKey, has: bool) {
+        if has {
+            self.with_issues.insert((is_slice, key.clone()));
+        } else {
+            self.with_issues.remove(&(is_slice, key.clone()));
+        }
+    }
+
+    /// A slice joined, left or changed within its Service(s): their frontends are rebuilt.
+    fn slice_moved(&mut self, key: &ObjectKey, old: Option<String>, new: Option<String>) {
+        let (namespace, slice_name) = key;
+        if let Some(old) = &old {
+            let service = (namespace.clone(), old.clone());
+            if let Some(set) = self.slices_of.get_mut(&service) {
+                set.remove(slice_name);
+                if set.is_empty() {
+                    self.slices_of.remove(&service);
+                }
+            }
+        }
+        if let Some(new) = &new {
+            self.slices_of
+                .entry((namespace.clone(), new.clone()))
+                .or_default()
+                .insert(slice_name.clone());
+        }
+        for service in old
+            .iter()
+            .chain(new.iter().filter(|n| Some(*n) != old.as_ref()))
+        {
+            let service = (namespace.clone(), service.clone());
+            let frontends: Vec<Frontend> = self
+                .services
+                .get(&service)
+                .map(|p| p.ports.iter().map(|p| p.frontend).collect())
+                .unwrap_or_default();
+            for f in frontends {
+                self.resolve(f);
+            }
+        }
+    }
+
+    /// A Service's part changed from `old`: claims are moved, and every frontend it held
+    /// or holds now is resolved again.
+    fn refresh_service(&mut self, key: &ObjectKey, old: Option<&ServicePart>) {
+        let old_frontends: Vec<Frontend> = old
+            .map(|p| p.ports.iter().map(|p| p.frontend).collect())
+            .unwrap_or_default();
+        let new_frontends: Vec<Frontend> = self
+            .services
+            .get(key)
+            .map(|p| p.ports.iter().map(|p| p.frontend).collect())
+            .unwrap_or_default();
+        for f in &old_frontends {
+            if !new_frontends.contains(f)
+                && let Some(set) = self.claims.get_mut(f)
+            {
+                set.remove(key);
+                if set.is_empty() {
+                    self.claims.remove(f);
+                }
+            }
+        }
+        for f in &new_frontends {
+            self.claims.entry(*f).or_default().insert(key.clone());
+        }
+        for f in old_frontends.into_iter().chain(new_frontends) {
+            self.resolve(f);
+        }
+    }
+
+    /// Recomputes the desired entry of one frontend from the Service holding it and that
+    /// Service's slices; records it as changed if it differs.
+    fn resolve(&mut self, frontend: Frontend) {
+        let owner = self.claims.get(&frontend).and_then(|s| s.first());
+        let mut wanted = owner.and_then(|owner| {
+            let part = self.services.get(owner)?;
+            let port = part.ports.iter().find(|p| p.frontend == frontend)?;
+            let mut set = CandidateSet::new();
+            for slice in self.slices_of.get(owner).into_iter().flatten() {
+                if let Some(s) = self.slices.get(&(owner.0.clone(), slice.clone())) {
+                    s.merge_into(&mut set, &port.name.port_name, frontend.protocol);
+                }
+            }
+            let service = part.desired(port, select_endpoints(Some(&set)));
+            Some((service, part.scheduling.clone(), port.index, owner.clone()))
+        });
+        self.unsupported.remove(&frontend);
+        if frontend.protocol == Protocol::Sctp
+            && !self.serve_sctp
+            && let Some((_, _, index, owner)) = wanted.take()
+        {
+            self.unsupported.insert(
+                frontend,
+                ModelIssue {
+                    severity: Severity::Warning,
+                    object: service_object(&owner.0, &owner.1),
+                    field: format!("spec.ports[{index}]"),
+                    message: format!(
+                        "{frontend}: SCTP is not supported by the datapath; not programmed"
+                    ),
+                },
+            );
+        }
+        let (service, scheduling) = match wanted {
+            Some((s, sched, ..)) => (Some(s), Some(sched).filter(|s| *s != Scheduling::default())),
+            None => (None, None),
+        };
+        let mut changed = false;
+        if self.desired.services.get(&frontend) != service.as_ref() {
+            match service {
+                Some(s) => self.desired.services.insert(frontend, s),
+                None => self.desired.services.remove(&frontend),
+            };
+            changed = true;
+        }
+        if self.desired.scheduling.get(&frontend) != scheduling.as_ref() {
+            match scheduling {
+                Some(s) => self.desired.scheduling.insert(frontend, s),
+                None => self.desired.scheduling.remove(&frontend),
+            };
+            changed = true;
+        }
+        if changed {
+            self.changed.insert(frontend);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::desired_state_with;
+
+    /// A small deterministic generator (no extra crate).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    fn random_service(rng: &mut Lcg, i: u64) -> Service {
+        let ip = format!("10.96.0.{}", rng.next(4));
+        let mut ports = Vec::new();
+        for p in 0..1 + rng.next(3) {
+            let proto = ["TCP", "TCP", "UDP", "SCTP"][rng.next(4) as usize];
+            ports.push(format!(
+                "{{name: p{p}, port: {}, protocol: {proto}}}",
+                80 + rng.next(2)
+            ));
+        }
+        let annotations = match rng.next(3) {
+            0 => "annotations: {bpfproxy.io/scheduler: rr}",
+            1 => "annotations: {bpfproxy.io/scheduler: nonsense}",
+            _ => "annotations: {}",
+        };
+        let extra = match rng.next(6) {
+            0 => "\n  type: ExternalName",
+            1 => "\n  sessionAffinity: ClientIP",
+            _ => "",
+        };
+        let yaml = format!(
+            "metadata: {{name: s{i}, namespace: ns{}, {annotations}}}\nspec:\n  clusterIP: {ip}\n  ports: [{}]{extra}",
+            rng.next(2),
+            ports.join(", ")
+        );
+        serde_yaml_ng::from_str(&yaml).unwrap()
+    }
+
+    fn random_slice(rng: &mut Lcg, i: u64) -> EndpointSlice {
+        let mut endpoints = Vec::new();
+        for _ in 0..rng.next(5) {
+            let cond = match rng.next(4) {
+                0 => "{ready: false, serving: true, terminating: true}",
+                1 => "{ready: false}",
+                _ => "{}",
+            };
+            let addr = if rng.next(20) == 0 {
+                "10.244.0.999".to_string()
+            } else {
+                format!("10.244.0.{}", rng.next(6))
+            };
+            endpoints.push(format!("{{addresses: [\"{addr}\"], conditions: {cond}}}"));
+        }
+        let mut ports = Vec::new();
+        for p in 0..1 + rng.next(2) {
+            let proto = ["TCP", "TCP", "UDP", "SCTP"][rng.next(4) as usize];
+            ports.push(format!(
+                "{{name: p{p}, port: {}, protocol: {proto}}}",
+                8080 + rng.next(2)
+            ));
+        }
+        let label = if rng.next(10) == 0 {
+            String::new()
+        } else {
+            format!("kubernetes.io/service-name: s{}", rng.next(6))
+        };
+        let yaml = format!(
+            "metadata: {{name: e{i}, namespace: ns{}, labels: {{{label}}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{}]",
+            rng.next(2),
+            endpoints.join(", "),
+            ports.join(", ")
+        );
+        serde_yaml_ng::from_str(&yaml).unwrap()
+    }
+
+    fn sorted(mut issues: Vec<ModelIssue>) -> Vec<String> {
+        let mut v: Vec<String> = issues.drain(..).map(|i| i.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    /// Over random sequences of adds, changes and deletes (including frontends claimed
+    /// by several Services and slices moving between Services), the model equals the one
+    /// built from scratch from the same objects, its issues too, and `take_changed` names
+    /// every frontend whose entry changed.
+    #[test]
+    fn changes_one_by_one_give_the_state_built_from_scratch() {
+        let mut rng = Lcg(11);
+        let options = ModelOptions::default();
+        let mut model = Model::new(options, true);
+        let mut services: BTreeMap<u64, Service> = BTreeMap::new();
+        let mut slices: BTreeMap<u64, EndpointSlice> = BTreeMap::new();
+        let mut before = DesiredState::default();
+        // What the random objects covered, so the property is not vacuous.
+        let (mut most_services, mut conflicts, mut with_endpoints) = (0, 0, 0);
+        for round in 0..600 {
+            let i = rng.next(6);
+            match rng.next(4) {
+                0 => {
+                    if let Some(s) = services.remove(&i) {
+                        let (ns, name) = key_of(&s.metadata);
+                        model.remove_service(&ns, &name);
+                    }
+                }
+                1 => {
+                    let s = random_service(&mut rng, i);
+                    if let Some(old) = services.insert(i, s.clone())
+                        && key_of(&old.metadata) != key_of(&s.metadata)
+                    {
+                        let (ns, name) = key_of(&old.metadata);
+                        model.remove_service(&ns, &name);
+                    }
+                    model.set_service(&s);
+                }
+                2 => {
+                    if let Some(s) = slices.remove(&i) {
+                        let (ns, name) = key_of(&s.metadata);
+                        model.remove_slice(&ns, &name);
+                    }
+                }
+                _ => {
+                    let s = random_slice(&mut rng, i);
+                    if let Some(old) = slices.insert(i, s.clone())
+                        && key_of(&old.metadata) != key_of(&s.metadata)
+                    {
+                        let (ns, name) = key_of(&old.metadata);
+                        model.remove_slice(&ns, &name);
+                    }
+                    model.set_slice(&s);
+                }
+            }
+            let all_services: Vec<Service> = services.values().cloned().collect();
+            let all_slices: Vec<EndpointSlice> = slices.values().cloned().collect();
+            let (want, want_issues) = desired_state_with(&all_services, &all_slices, &options);
+            assert_eq!(model.desired(), &want, "round {round}");
+            assert_eq!(sorted(model.issues()), sorted(want_issues), "round {round}");
+            most_services = most_services.max(want.services.len());
+            conflicts += model
+                .issues()
+                .iter()
+                .filter(|i| i.message.contains("also claimed"))
+                .count();
+            with_endpoints += want
+                .services
+                .values()
+                .filter(|s| !s.endpoints.is_empty())
+                .count();
+            let changed = model.take_changed();
+            let frontends: BTreeSet<Frontend> = before
+                .services
+                .keys()
+                .chain(want.services.keys())
+                .copied()
+                .collect();
+            for f in frontends {
+                let differs = before.services.get(&f) != want.services.get(&f)
+                    || before.scheduling.get(&f) != want.scheduling.get(&f);
+                if differs {
+                    assert!(changed.contains(&f), "round {round}: {f} not reported");
+                }
+            }
+            before = want;
+
+            // A replace with the same objects changes nothing.
+            if round % 50 == 0 {
+                model.replace_all(&all_services, &all_slices);
+                assert!(model.take_changed().is_empty(), "round {round}");
+                let mut fresh = Model::new(options, true);
+                fresh.replace_all(&all_services, &all_slices);
+                assert_eq!(fresh.desired(), model.desired());
+            }
+        }
+        assert!(
+            most_services >= 5 && conflicts > 0 && with_endpoints > 50,
+            "{most_services} {conflicts} {with_endpoints}"
+        );
+    }
+
+    #[test]
+    fn sctp_is_left_out_with_a_warning_when_not_served() {
+        let svc: Service = serde_yaml_ng::from_str(
+            "metadata: {name: m, namespace: default}\nspec:\n  clusterIP: 10.96.0.9\n  ports: [{name: a, port: 80}, {name: b, port: 80, protocol: SCTP}]",
+        )
+        .unwrap();
+        let mut model = Model::new(ModelOptions::default(), false);
+        model.set_service(&svc);
+        assert_eq!(model.desired().services.len(), 1);
+        assert_eq!(
+            sorted(model.issues()),
+            [
+                "Service default/m: spec.ports[1]: 10.96.0.9:80/SCTP: SCTP is not supported by the datapath; not programmed"
+            ]
+        );
+        model.remove_service("default", "m");
+        assert!(model.desired().services.is_empty());
+        assert!(model.issues().is_empty());
+    }
+
+    #[test]
+    fn an_endpoint_change_touches_only_its_service() {
+        let mut model = Model::new(ModelOptions::default(), false);
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        for i in 0..50 {
+            services.push(
+                serde_yaml_ng::from_str::<Service>(&format!(
+                    "metadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: 10.96.1.{i}, ports: [{{port: 80}}]}}"
+                ))
+                .unwrap(),
+            );
+            slices.push(slice_with(i, 1));
+        }
+        model.replace_all(&services, &slices);
+        assert_eq!(model.take_changed().len(), 50);
+        model.set_slice(&slice_with(7, 2));
+        let changed = model.take_changed();
+        assert_eq!(
+            changed.into_iter().collect::<Vec<_>>(),
+            [Frontend {
+                addr: "10.96.1.7".parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp
+            }]
+        );
+        let f = model.desired().services.values().nth(7).unwrap();
+        assert_eq!(f.endpoints.len(), 2);
+    }
+
+    fn slice_with(i: u32, endpoints: u32) -> EndpointSlice {
+        let eps: Vec<String> = (0..endpoints)
+            .map(|e| format!("{{addresses: [10.244.{i}.{e}]}}"))
+            .collect();
+        serde_yaml_ng::from_str(&format!(
+            "metadata: {{name: s{i}-a, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{{port: 8080}}]",
+            eps.join(", ")
+        ))
+        .unwrap()
+    }
+}
