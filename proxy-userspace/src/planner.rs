@@ -50,6 +50,13 @@ pub struct MapState {
     /// services by hand).
     by_id: BTreeMap<u32, Svc4Key>,
     indexed: usize,
+    /// Live backends per reply-filter bit (length `reply_filter::BITS` once indexed), kept
+    /// by [`MapState::apply`], so a plan finds the words a change touches without going
+    /// over every service.
+    filter_refs: Vec<u32>,
+    /// A planner's scratch copy of some services only: its `filter_refs` still count the
+    /// whole maps, so they are never recounted from its services.
+    partial: bool,
 }
 
 impl PartialEq for MapState {
@@ -156,11 +163,24 @@ pub enum PlanError {
     #[error("{name}: {map} is full ({size} entries)")]
     Full {
         name: ServicePortName,
+        frontend: Frontend,
         map: &'static str,
         size: u32,
     },
     #[error("{name}: no service id left")]
-    NoServiceId { name: ServicePortName },
+    NoServiceId {
+        name: ServicePortName,
+        frontend: Frontend,
+    },
+}
+
+impl PlanError {
+    /// The frontend of the refused service.
+    pub fn frontend(&self) -> Frontend {
+        match self {
+            PlanError::Full { frontend, .. } | PlanError::NoServiceId { frontend, .. } => *frontend,
+        }
+    }
 }
 
 /// Largest `svc_id` whose backend tables (`svc_id * 2 + 1`) fit a `u32`.
@@ -245,8 +265,27 @@ fn table_range(table: u32) -> std::ops::RangeInclusive<BackendSlotKey> {
     }
 }
 
+/// Adds (or removes) the reply-filter references of live `backends` of a `proto` service.
+fn count_refs(refs: &mut [u32], proto: u8, backends: &[Backend4], add: bool) {
+    for b in backends {
+        let bit = reply_filter::bit(b.addr, b.port, proto) as usize;
+        if let Some(r) = refs.get_mut(bit) {
+            *r = if add { *r + 1 } else { r.saturating_sub(1) };
+        }
+    }
+}
+
+/// The reply-filter references of every live backend of `services`.
+fn refs_of(services: &BTreeMap<Svc4Key, ProgrammedService>) -> Vec<u32> {
+    let mut refs = vec![0u32; reply_filter::BITS as usize];
+    for (key, svc) in services {
+        count_refs(&mut refs, key.proto, &svc.backends, true);
+    }
+    refs
+}
+
 impl MapState {
-    /// Rebuilds the `svc_id` index from `services`.
+    /// Rebuilds the `svc_id` index and the reply-filter references from `services`.
     pub fn reindex(&mut self) {
         self.by_id = self
             .services
@@ -254,13 +293,58 @@ impl MapState {
             .map(|(k, s)| (s.value.svc_id, *k))
             .collect();
         self.indexed = self.services.len();
+        if !self.partial {
+            self.filter_refs = refs_of(&self.services);
+        }
+    }
+
+    /// Whether the index and references follow `services` (else the next op rebuilds them).
+    fn indexed(&self) -> bool {
+        self.indexed == self.services.len() && self.filter_refs.len() == reply_filter::BITS as usize
+    }
+
+    fn ensure_indexed(&mut self) {
+        if !self.indexed() {
+            self.reindex();
+        }
+    }
+
+    /// The reply-filter word `index` as the live backends want it.
+    fn wanted_word(&self, index: usize) -> u64 {
+        let refs = &self.filter_refs[index * 64..(index + 1) * 64];
+        refs.iter()
+            .enumerate()
+            .filter(|(_, r)| **r > 0)
+            .fold(0, |w, (bit, _)| w | 1 << bit)
+    }
+
+    /// A copy holding only the services of `keys` (and every spare entry), with the
+    /// reply-filter references of the whole state: what a plan touching only `keys` needs.
+    fn subset(&self, keys: &BTreeSet<Svc4Key>) -> MapState {
+        let services: BTreeMap<Svc4Key, ProgrammedService> = keys
+            .iter()
+            .filter_map(|k| Some((*k, self.services.get(k)?.clone())))
+            .collect();
+        let mut state = MapState {
+            services,
+            reply_filter: self.reply_filter.clone(),
+            spare_slots: self.spare_slots.clone(),
+            spare_meta: self.spare_meta.clone(),
+            filter_refs: if self.indexed() {
+                self.filter_refs.clone()
+            } else {
+                refs_of(&self.services)
+            },
+            partial: true,
+            ..Default::default()
+        };
+        state.reindex();
+        state
     }
 
     /// The key of the service with `svc_id`.
     fn key_of_id(&mut self, svc_id: u32) -> Option<Svc4Key> {
-        if self.indexed != self.services.len() {
-            self.reindex();
-        }
+        self.ensure_indexed();
         let key = *self.by_id.get(&svc_id)?;
         match self.services.get(&key) {
             Some(s) if s.value.svc_id == svc_id => Some(key),
@@ -332,10 +416,13 @@ impl MapState {
                 let svc = self.services.get_mut(&k).expect("indexed");
                 let slot = key.slot as usize;
                 if slot < svc.backends.len() {
-                    svc.backends[slot] = *value;
+                    let old = std::mem::replace(&mut svc.backends[slot], *value);
+                    count_refs(&mut self.filter_refs, k.proto, &[old], false);
+                    count_refs(&mut self.filter_refs, k.proto, &[*value], true);
                 } else if slot == svc.backends.len() && slot < svc.value.backend_count as usize {
                     // Fills a hole: the slots after it may now join.
                     svc.backends.push(*value);
+                    count_refs(&mut self.filter_refs, k.proto, &[*value], true);
                     let (table, have, count) = (
                         svc.value.table,
                         svc.backends.len() as u32,
@@ -348,6 +435,7 @@ impl MapState {
                             None => break,
                         }
                     }
+                    count_refs(&mut self.filter_refs, k.proto, &more, true);
                     self.services
                         .get_mut(&k)
                         .expect("indexed")
@@ -365,8 +453,9 @@ impl MapState {
                     let svc = self.services.get_mut(&k).expect("indexed");
                     let slot = key.slot as usize;
                     if slot < svc.backends.len() {
-                        let after: Vec<Backend4> =
-                            svc.backends.split_off(slot).into_iter().skip(1).collect();
+                        let gone = svc.backends.split_off(slot);
+                        count_refs(&mut self.filter_refs, k.proto, &gone, false);
+                        let after: Vec<Backend4> = gone.into_iter().skip(1).collect();
                         for (i, b) in after.into_iter().enumerate() {
                             let key = BackendSlotKey {
                                 table: key.table,
@@ -390,12 +479,11 @@ impl MapState {
                 }
             }
             MapOp::PutService { key, value } => {
-                if self.indexed != self.services.len() {
-                    self.reindex();
-                }
+                self.ensure_indexed();
                 let meta = match self.services.remove(key) {
                     Some(old) => {
                         self.by_id.remove(&old.value.svc_id);
+                        count_refs(&mut self.filter_refs, key.proto, &old.backends, false);
                         self.spare_table(old.value.table, old.backends);
                         if old.value.svc_id == value.svc_id {
                             old.meta
@@ -414,6 +502,7 @@ impl MapState {
                         .unwrap_or_else(empty_meta),
                 };
                 let backends = self.take_table(value.table, value.backend_count);
+                count_refs(&mut self.filter_refs, key.proto, &backends, true);
                 self.services.insert(
                     *key,
                     ProgrammedService {
@@ -426,10 +515,9 @@ impl MapState {
                 self.indexed = self.services.len();
             }
             MapOp::DeleteService { key } => {
-                if self.indexed != self.services.len() {
-                    self.reindex();
-                }
+                self.ensure_indexed();
                 if let Some(old) = self.services.remove(key) {
+                    count_refs(&mut self.filter_refs, key.proto, &old.backends, false);
                     if self.by_id.get(&old.value.svc_id) == Some(key) {
                         self.by_id.remove(&old.value.svc_id);
                     }
@@ -470,15 +558,7 @@ pub fn plan(
 ) -> (Plan, Vec<PlanError>) {
     let mut scratch = current.clone();
     scratch.reindex();
-    let slots = scratch.slot_count();
-    let mut planner = Planner {
-        used_ids: current.services.values().map(|s| s.value.svc_id).collect(),
-        next_id: 1,
-        slots,
-        capacity,
-        state: scratch,
-        errors: Vec::new(),
-    };
+    let mut planner = Planner::new(current, scratch, capacity);
     let mut plan = Plan::default();
     for svc in desired.services.values() {
         let scheduling = desired.scheduling_of(&svc.frontend);
@@ -496,21 +576,88 @@ pub fn plan(
     old.resize(words, 0);
     let new = filter_words(&planner.state);
     for (i, (&o, &n)) in old.iter().zip(&new).enumerate() {
-        let union = o | n;
-        if union != o {
-            plan.prologue.push(MapOp::SetReplyFilterWord {
-                index: i as u32,
-                word: union,
-            });
-        }
-        if n != union {
-            plan.epilogue.push(MapOp::SetReplyFilterWord {
-                index: i as u32,
-                word: n,
-            });
-        }
+        filter_ops(&mut plan, i, o, n);
     }
     (plan, planner.errors)
+}
+
+/// Plans only the services of `keys` (frontends that changed, or were refused before):
+/// each is added, updated or removed to match `desired`, exactly as [`plan`] would, and
+/// the reply-filter words their backends touch are set from the references of the whole
+/// maps. Costs what those services cost, not what the maps hold; the other services are
+/// assumed to match `desired` already (the periodic full [`plan`] repairs any that do not).
+pub fn plan_changes(
+    desired: &DesiredState,
+    keys: &BTreeSet<Svc4Key>,
+    current: &MapState,
+    capacity: Capacity,
+) -> (Plan, Vec<PlanError>) {
+    let scratch = current.subset(keys);
+    let mut planner = Planner::new(current, scratch, capacity);
+    let mut plan = Plan::default();
+    let wanted = |key: &Svc4Key| desired.services.get(&frontend_of(key)?);
+    for key in keys {
+        if let Some(svc) = wanted(key) {
+            let scheduling = desired.scheduling_of(&svc.frontend);
+            if let Some(step) = planner.upsert(svc, &scheduling) {
+                plan.steps.push(step);
+            }
+        }
+    }
+    for key in keys {
+        if wanted(key).is_none() && current.services.contains_key(key) {
+            plan.steps.push(planner.remove(key));
+        }
+    }
+
+    // The words of the backends these services had and will have.
+    let mut words = BTreeSet::new();
+    for key in keys {
+        for state in [current, &planner.state] {
+            for b in state
+                .services
+                .get(key)
+                .into_iter()
+                .flat_map(|s| &s.backends)
+            {
+                let bit = reply_filter::bit(b.addr, b.port, key.proto);
+                words.insert(reply_filter::word_and_mask(bit).0 as usize);
+            }
+        }
+    }
+    for i in words {
+        let old = current.reply_filter.get(i).copied().unwrap_or(0);
+        filter_ops(&mut plan, i, old, planner.state.wanted_word(i));
+    }
+    (plan, planner.errors)
+}
+
+/// The frontend of a ClusterIP service key.
+fn frontend_of(key: &Svc4Key) -> Option<Frontend> {
+    (key.scope == proxy_common::service::SCOPE_CLUSTER_IP).then_some(())?;
+    Some(Frontend {
+        addr: key.addr.into(),
+        port: key.port,
+        protocol: Protocol::from_number(key.proto)?,
+    })
+}
+
+/// Word `i` of the reply filter goes from `old` to `new`: bits gained are set before any
+/// service is published (prologue), bits lost cleared after every step (epilogue).
+fn filter_ops(plan: &mut Plan, i: usize, old: u64, new: u64) {
+    let union = old | new;
+    if union != old {
+        plan.prologue.push(MapOp::SetReplyFilterWord {
+            index: i as u32,
+            word: union,
+        });
+    }
+    if new != union {
+        plan.epilogue.push(MapOp::SetReplyFilterWord {
+            index: i as u32,
+            word: new,
+        });
+    }
 }
 
 /// The reply-filter words of every live backend in `state`.
@@ -526,35 +673,83 @@ pub fn filter_words(state: &MapState) -> Vec<u64> {
     words
 }
 
-struct Planner {
-    /// Ids of current services and of those planned so far.
-    used_ids: BTreeSet<u32>,
+struct Planner<'a> {
+    /// Ids in use in the maps, in order (the mirror's index, or built once).
+    current_ids: std::borrow::Cow<'a, BTreeMap<u32, Svc4Key>>,
+    /// Ids taken by services planned so far.
+    taken: BTreeSet<u32>,
     /// No id below this one is free.
     next_id: u32,
-    /// `backend_slots4` entries in `state`.
+    /// `backend_slots4` entries in the maps as planned so far.
     slots: usize,
+    /// Services in the maps that `state` does not hold (a plan of some services only).
+    other_services: usize,
+    /// Live Maglev tables of those services; counted when first needed.
+    other_maglev: Option<usize>,
+    current: &'a MapState,
     capacity: Capacity,
-    /// The maps as they will be after the steps planned so far.
+    /// The maps (or the planned services' part of them) as they will be after the steps
+    /// planned so far.
     state: MapState,
     errors: Vec<PlanError>,
 }
 
-impl Planner {
+fn maglev_tables<'s>(services: impl Iterator<Item = &'s ProgrammedService>) -> usize {
+    services
+        .filter(|s| s.value.scheduler == SCHED_MAGLEV && !s.backends.is_empty())
+        .count()
+}
+
+impl<'a> Planner<'a> {
+    fn new(current: &'a MapState, state: MapState, capacity: Capacity) -> Self {
+        let current_ids = if current.indexed() && current.by_id.len() == current.services.len() {
+            std::borrow::Cow::Borrowed(&current.by_id)
+        } else {
+            std::borrow::Cow::Owned(
+                current
+                    .services
+                    .iter()
+                    .map(|(k, s)| (s.value.svc_id, *k))
+                    .collect(),
+            )
+        };
+        Planner {
+            current_ids,
+            taken: BTreeSet::new(),
+            next_id: 1,
+            slots: current.slot_count(),
+            other_services: current.services.len() - state.services.len(),
+            other_maglev: None,
+            current,
+            capacity,
+            state,
+            errors: Vec::new(),
+        }
+    }
+
+    /// The lowest id not used in the maps nor by a planned service (ids of services this
+    /// plan removes are not reused before the next plan).
     fn alloc_id(&mut self) -> Option<u32> {
         let mut id = self.next_id;
-        while self.used_ids.contains(&id) {
-            id += 1;
+        let mut used = self.current_ids.range(id..).map(|(id, _)| *id).peekable();
+        loop {
+            while used.next_if(|u| *u < id).is_some() {}
+            if used.peek() == Some(&id) || self.taken.contains(&id) {
+                id = id.checked_add(1)?;
+                continue;
+            }
+            break;
         }
         if id > MAX_SVC_ID {
             return None;
         }
-        self.used_ids.insert(id);
+        self.taken.insert(id);
         self.next_id = id + 1;
         Some(id)
     }
 
     fn release_id(&mut self, id: u32) {
-        self.used_ids.remove(&id);
+        self.taken.remove(&id);
         self.next_id = self.next_id.min(id);
     }
 
@@ -616,10 +811,12 @@ impl Planner {
             Some(cur) => {
                 let id = cur.value.svc_id;
                 let was_maglev = cur.value.scheduler == SCHED_MAGLEV && !cur.backends.is_empty();
-                // A Maglev table is written with the backends, into the table being filled.
+                // A Maglev table is written with the backends, into the table being filled
+                // (a service without backends has none: switching would not write one, and
+                // every plan would switch again).
                 let switch = cur.backends != backends
                     || cur.value.backend_count as usize != cur.backends.len()
-                    || (maglev && !was_maglev);
+                    || (maglev && !was_maglev && !backends.is_empty());
                 if meta != cur.meta {
                     ops.push(MapOp::PutMeta { svc_id: id, meta });
                 }
@@ -680,6 +877,7 @@ impl Planner {
                 let Some(id) = self.alloc_id() else {
                     self.errors.push(PlanError::NoServiceId {
                         name: svc.name.clone(),
+                        frontend: svc.frontend,
                     });
                     return None;
                 };
@@ -699,7 +897,7 @@ impl Planner {
         if ops.is_empty() {
             return None;
         }
-        if let Err(e) = self.fits(&svc.name, new_id.is_some(), &ops) {
+        if let Err(e) = self.fits(svc, new_id.is_some(), &ops) {
             if let Some(id) = new_id {
                 self.release_id(id);
             }
@@ -717,13 +915,16 @@ impl Planner {
     /// entries.
     fn fits(
         &mut self,
-        name: &ServicePortName,
+        svc: &DesiredService,
         new_service: bool,
         ops: &[MapOp],
     ) -> Result<(), PlanError> {
-        if new_service && self.state.services.len() >= self.capacity.services as usize {
+        if new_service
+            && self.other_services + self.state.services.len() >= self.capacity.services as usize
+        {
             return Err(PlanError::Full {
-                name: name.clone(),
+                name: svc.name.clone(),
+                frontend: svc.frontend,
                 map: maps::SERVICES4,
                 size: self.capacity.services,
             });
@@ -736,28 +937,37 @@ impl Planner {
                 _ => {}
             }
         }
-        let maglev_tables = |state: &MapState| {
-            state
-                .services
-                .values()
-                .filter(|s| s.value.scheduler == SCHED_MAGLEV && !s.backends.is_empty())
-                .count()
-        };
         let new_tables = ops
             .iter()
             .filter(|op| matches!(op, MapOp::PutMaglevTable { .. }))
             .count();
-        if new_tables > 0 && maglev_tables(&self.state) + new_tables > maps::MAGLEV_TABLES as usize
+        let other_maglev = |p: &mut Self| {
+            *p.other_maglev.get_or_insert_with(|| {
+                let (current, state) = (p.current, &p.state);
+                maglev_tables(
+                    current
+                        .services
+                        .iter()
+                        .filter(|(k, _)| !state.services.contains_key(k))
+                        .map(|(_, s)| s),
+                )
+            })
+        };
+        if new_tables > 0
+            && other_maglev(self) + maglev_tables(self.state.services.values()) + new_tables
+                > maps::MAGLEV_TABLES as usize
         {
             return Err(PlanError::Full {
-                name: name.clone(),
+                name: svc.name.clone(),
+                frontend: svc.frontend,
                 map: maps::MAGLEV4,
                 size: maps::MAGLEV_TABLES * proxy_common::service::MAGLEV_SIZE,
             });
         }
         if self.slots + added > self.capacity.backend_slots as usize {
             return Err(PlanError::Full {
-                name: name.clone(),
+                name: svc.name.clone(),
+                frontend: svc.frontend,
                 map: maps::BACKEND_SLOTS4,
                 size: self.capacity.backend_slots,
             });
@@ -1749,6 +1959,152 @@ mod tests {
             let (same, _) = plan(&d, &state, BIG);
             assert!(same.is_empty());
         }
+    }
+
+    /// `d` with about a quarter of its frontends changed: removed, added, given other
+    /// endpoints, affinity or scheduler.
+    fn random_change(rng: &mut Lcg, d: &DesiredState) -> DesiredState {
+        use crate::model::Scheduler;
+        let fresh = random_desired(rng);
+        let mut next = d.clone();
+        for last in 0..12u8 {
+            if rng.next(4) != 0 {
+                continue;
+            }
+            for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+                let f = frontend(last, 80, protocol);
+                next.services.remove(&f);
+                next.scheduling.remove(&f);
+            }
+            if let Some(s) = fresh
+                .services
+                .values()
+                .find(|s| s.frontend.addr.octets()[3] == last)
+            {
+                next.services.insert(s.frontend, s.clone());
+                match rng.next(4) {
+                    0 => {
+                        next.scheduling
+                            .insert(s.frontend, scheduling(Scheduler::MAGLEV));
+                    }
+                    1 => {
+                        next.scheduling
+                            .insert(s.frontend, scheduling(Scheduler::RR));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        next
+    }
+
+    /// Frontends whose desired entry differs between `a` and `b`.
+    fn changed_keys(a: &DesiredState, b: &DesiredState) -> BTreeSet<Svc4Key> {
+        a.services
+            .keys()
+            .chain(b.services.keys())
+            .filter(|f| {
+                a.services.get(f) != b.services.get(f) || a.scheduling.get(f) != b.scheduling.get(f)
+            })
+            .map(Frontend::key)
+            .collect()
+    }
+
+    /// Planning only the changed services (plus those refused before) gives, change after
+    /// change, the very plan and state that planning everything gives, also when some
+    /// services do not fit; and the state is what a full plan from scratch programs.
+    #[test]
+    fn planning_only_the_changes_ends_where_planning_everything_does() {
+        let mut rng = Lcg(3);
+        let small = Capacity {
+            services: 7,
+            backend_slots: 16,
+        };
+        let (mut inc, mut full) = (MapState::default(), MapState::default());
+        let mut d = DesiredState::default();
+        let mut refused: BTreeSet<Svc4Key> = BTreeSet::new();
+        let (mut refusals, mut steps) = (0, 0);
+        for round in 0..400 {
+            let next = random_change(&mut rng, &d);
+            let capacity = if round % 100 < 50 { BIG } else { small };
+            let mut keys = changed_keys(&d, &next);
+            keys.extend(&refused);
+            d = next;
+
+            let (p_inc, e_inc) = plan_changes(&d, &keys, &inc, capacity);
+            let (p_full, e_full) = plan(&d, &full, capacity);
+            assert_eq!(p_inc, p_full, "round {round}");
+            assert_eq!(e_inc, e_full, "round {round}");
+            refused = e_inc.iter().map(|e| e.frontend().key()).collect();
+            refusals += e_inc.len();
+            steps += p_inc.steps.len();
+            apply_plan(&mut inc, &p_inc);
+            apply_plan(&mut full, &p_full);
+            assert_eq!(inc, full, "round {round}");
+            assert_eq!(inc.filter_refs, refs_of(&inc.services), "round {round}");
+            assert_eq!(inc.reply_filter, filter_words(&inc), "round {round}");
+
+            if refused.is_empty() {
+                // The same content as a fresh agent would program (ids and tables aside).
+                let mut scratch = MapState::default();
+                step(&mut scratch, &d);
+                let backends = |m: &MapState| -> Vec<(Svc4Key, Vec<Backend4>, u8)> {
+                    m.services
+                        .iter()
+                        .map(|(k, s)| (*k, s.backends.clone(), s.value.scheduler))
+                        .collect()
+                };
+                assert_eq!(backends(&inc), backends(&scratch), "round {round}");
+                assert_eq!(filter_words(&inc), filter_words(&scratch), "round {round}");
+                let again = plan(&d, &inc, BIG).0;
+                assert!(again.is_empty(), "round {round}: {again:?}");
+            }
+        }
+        assert!(refusals > 10 && steps > 500, "{refusals} {steps}");
+    }
+
+    #[test]
+    fn a_change_plans_only_its_service_and_the_words_it_touches() {
+        let many: Vec<DesiredService> = (0..200u8)
+            .map(|i| {
+                service(
+                    &format!("s{i}"),
+                    frontend(i, 80, Protocol::Tcp),
+                    eps(&[i, i / 2]),
+                )
+            })
+            .collect();
+        let d = desired(many.clone());
+        let mut state = MapState::default();
+        step(&mut state, &d);
+        let mut changed = many;
+        changed[5].endpoints = eps(&[250]);
+        let d2 = desired(changed);
+        let keys = BTreeSet::from([frontend(5, 80, Protocol::Tcp).key()]);
+        let (p, errors) = plan_changes(&d2, &keys, &state, BIG);
+        assert!(errors.is_empty());
+        assert_eq!(p.steps.len(), 1);
+        assert_eq!(p.steps[0].name.name, "s5");
+        // s5's old backends are also s10's (10.244.0.5) and s2's (10.244.0.2): their bits
+        // stay. Only the new backend's word gains a bit, before the switch; nothing is
+        // cleared.
+        let bit = |last: u8| reply_filter::bit([10, 244, 0, last], 8080, PROTO_TCP);
+        let (word, mask) = reply_filter::word_and_mask(bit(250));
+        assert_eq!(
+            p.prologue,
+            [MapOp::SetReplyFilterWord {
+                index: word,
+                word: state.reply_filter[word as usize] | mask
+            }]
+        );
+        assert!(p.epilogue.is_empty(), "{:?}", p.epilogue);
+        apply_plan(&mut state, &p);
+        for last in [250, 5, 2] {
+            let (w, m) = reply_filter::word_and_mask(bit(last));
+            assert_ne!(state.reply_filter[w as usize] & m, 0, "10.244.0.{last}");
+        }
+        assert_eq!(state.reply_filter, filter_words(&state));
+        assert!(plan(&d2, &state, BIG).0.is_empty());
     }
 
     #[test]

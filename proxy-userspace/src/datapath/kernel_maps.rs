@@ -123,6 +123,8 @@ impl KernelMaps {
         state.reply_filter = (0..reply_filter::WORDS)
             .map(|i| self.reply_filter.get(&i, 0).unwrap_or(0))
             .collect();
+        // Indexed now, so the first incremental plan need not count every backend.
+        state.reindex();
         Ok(state)
     }
 
