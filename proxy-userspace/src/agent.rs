@@ -2,10 +2,11 @@
 //! the Kubernetes API), maps out, interfaces kept attached.
 //!
 //! Every trigger (a manifest file changed, an API object changed, a link appeared or went,
-//! a periodic resync) runs the same reconcile: read the source, build the desired model,
-//! plan against the map mirror, apply. The periodic resync first reads the maps back from
-//! the kernel, so an entry changed or deleted by hand is repaired. Reconciling from scratch each time keeps the loop free of event-ordering
-//! bugs; the planner makes it cheap, since unchanged services produce no writes.
+//! a periodic resync) runs the same reconcile: bring the model up to date with the source,
+//! plan against the map mirror, apply. An event rebuilds and plans only the services it
+//! touched (`model::Model`, `planner::plan_changes`); the first reconcile and the periodic
+//! resync plan every service, the resync after reading the maps back from the kernel, so
+//! an entry changed or deleted by hand is repaired.
 
 use std::{
     collections::BTreeSet,
@@ -31,8 +32,8 @@ use crate::{
     },
     kube_source::{KubeOptions, KubeSource},
     manifest::ManifestDir,
-    model::{DesiredState, ModelOptions, Protocol, Scheduler, Severity, desired_state_with},
-    planner::{Capacity, MapState, plan},
+    model::{DesiredState, Frontend, Model, ModelOptions, Protocol, Scheduler, Severity},
+    planner::{Capacity, MapState, plan, plan_changes},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -153,7 +154,11 @@ struct Reconciler {
     state: MapState,
     capacity: Capacity,
     problems: ProblemLog,
-    options: ModelOptions,
+    model: Model,
+    /// Services refused last time (a full map): planned again with the next change.
+    retry: BTreeSet<proxy_common::service::Svc4Key>,
+    /// The next plan covers every service (at start, and after a write failed).
+    plan_all: bool,
 }
 
 impl Reconciler {
@@ -179,12 +184,18 @@ impl Reconciler {
             }
             Err(e) => tracing::error!("reading the maps back for the periodic resync: {e}"),
         }
-        self.reconcile(maps);
+        self.sync(maps, true);
     }
 
     fn reconcile(&mut self, maps: &mut KernelMaps) {
+        self.sync(maps, false);
+    }
+
+    /// Brings the model up to date with the source, then plans the services that changed
+    /// (or every service when `full`, at start, or after a failed write) and applies.
+    fn sync(&mut self, maps: &mut KernelMaps, full: bool) {
         let mut problems = BTreeSet::new();
-        let (desired, issues) = match &mut self.source {
+        match &mut self.source {
             Source::Manifests(dir) => {
                 let report = dir.reload();
                 for skip in &report.skipped {
@@ -192,7 +203,7 @@ impl Reconciler {
                 }
                 problems.extend(report.errors.iter().map(|e| e.to_string()));
                 let objects = dir.objects();
-                desired_state_with(&objects.services, &objects.slices, &self.options)
+                self.model.replace_all(&objects.services, &objects.slices);
             }
             Source::Kube {
                 source,
@@ -208,13 +219,11 @@ impl Reconciler {
                     }
                     return;
                 }
-                let (services, slices) = source.objects();
-                desired_state_with(&services, &slices, &self.options)
+                source.update_model(&mut self.model, full);
             }
-        };
-        let desired = without_unsupported(desired, &mut problems);
+        }
         self.health.synced();
-        for issue in &issues {
+        for issue in self.model.issues() {
             match issue.severity {
                 Severity::Warning => {
                     problems.insert(issue.to_string());
@@ -222,13 +231,20 @@ impl Reconciler {
                 Severity::Notice => tracing::debug!("{issue}"),
             }
         }
-        let (plan, refused) = plan(&desired, &self.state, self.capacity);
+        let changed = self.model.take_changed();
+        let desired = self.model.desired();
+        let (plan, refused) = if full || std::mem::take(&mut self.plan_all) {
+            plan(desired, &self.state, self.capacity)
+        } else {
+            let mut keys: BTreeSet<_> = changed.iter().map(Frontend::key).collect();
+            keys.append(&mut self.retry);
+            plan_changes(desired, &keys, &self.state, self.capacity)
+        };
+        self.retry = refused.iter().map(|e| e.frontend().key()).collect();
         problems.extend(refused.iter().map(|e| e.to_string()));
-        let ops: usize = plan.steps.iter().map(|s| s.ops.len()).sum::<usize>()
-            + plan.prologue.len()
-            + plan.epilogue.len();
-        if ops > 0 {
+        if !plan.is_empty() {
             let applied = maps.apply(&plan, &mut self.state);
+            self.plan_all |= !applied.failed.is_empty();
             problems.extend(applied.failed);
             tracing::info!(
                 services = desired.services.len(),
@@ -352,9 +368,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             backend_slots: config.load.sizes.backend_slots,
         },
         problems: ProblemLog::default(),
-        options: ModelOptions {
-            default_scheduler: config.default_scheduler,
-        },
+        // SCTP left out (named in the problems): the datapath parses TCP and UDP only.
+        model: Model::new(
+            ModelOptions {
+                default_scheduler: config.default_scheduler,
+            },
+            false,
+        ),
+        retry: BTreeSet::new(),
+        plan_all: true,
     };
     // Program the maps before attaching, so the first attached packet already sees them.
     reconciler.reconcile(&mut datapath.maps);

@@ -11,14 +11,17 @@
 //! - [`KubeSource::ready`] turns true once both the Service and the EndpointSlice streams
 //!   finished their initial list; the agent programs nothing before.
 //!
-//! Every change after that sends one [`KubeSource`] trigger to the agent, which rebuilds
-//! the desired state from the stores and lets the planner write what changed.
+//! Every change after that records the object's namespace/name and sends one trigger to
+//! the agent, which hands [`KubeSource::update_model`] its model: only the recorded objects
+//! are read from the stores and rebuilt (everything after a list), so an event costs what
+//! its Service costs.
 
 use std::{
+    collections::BTreeSet,
     fmt,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -32,12 +35,14 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt as _,
-        reflector::{self, Store},
+        reflector::{self, ObjectRef, Store},
         watcher::{self, Event},
     },
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
+
+use crate::model::{Model, incremental::ObjectKey};
 
 /// kube-proxy's label selector for Services and EndpointSlices: objects handed to another
 /// proxy, and headless ones, are not watched at all.
@@ -80,6 +85,21 @@ pub fn node_name_or_hostname(given: Option<String>) -> String {
     })
 }
 
+/// Objects changed since the model last read the stores.
+#[derive(Debug, Default)]
+struct Dirty {
+    services: BTreeSet<ObjectKey>,
+    slices: BTreeSet<ObjectKey>,
+    /// A list finished (the first, or after a 410): the store was replaced as a whole.
+    relisted: bool,
+}
+
+type SharedDirty = Arc<Mutex<Dirty>>;
+
+fn lock(dirty: &SharedDirty) -> std::sync::MutexGuard<'_, Dirty> {
+    dirty.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The watched objects, readable at any time.
 pub struct KubeSource {
     services: Store<Service>,
@@ -87,6 +107,7 @@ pub struct KubeSource {
     node: Store<Node>,
     services_listed: Arc<AtomicBool>,
     slices_listed: Arc<AtomicBool>,
+    dirty: SharedDirty,
     node_name: String,
 }
 
@@ -116,19 +137,40 @@ impl KubeSource {
         let selector = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
         let services_listed = Arc::new(AtomicBool::new(false));
         let slices_listed = Arc::new(AtomicBool::new(false));
+        let dirty = SharedDirty::default();
+        let marks = |pick: fn(&mut Dirty) -> &mut BTreeSet<ObjectKey>| {
+            let dirty = dirty.clone();
+            move |changed: Option<ObjectKey>| {
+                let mut d = lock(&dirty);
+                match changed {
+                    Some(key) => {
+                        pick(&mut d).insert(key);
+                    }
+                    None => d.relisted = true,
+                }
+            }
+        };
         let services = spawn_watch::<Service>(
             &client,
             selector.clone(),
             services_listed.clone(),
             changed.clone(),
+            marks(|d| &mut d.services),
         );
-        let slices =
-            spawn_watch::<EndpointSlice>(&client, selector, slices_listed.clone(), changed.clone());
+        let slices = spawn_watch::<EndpointSlice>(
+            &client,
+            selector,
+            slices_listed.clone(),
+            changed.clone(),
+            marks(|d| &mut d.slices),
+        );
+        // The Node is not used yet: its changes mark nothing.
         let node = spawn_watch::<Node>(
             &client,
             watcher::Config::default().fields(&format!("metadata.name={}", options.node_name)),
             Arc::new(AtomicBool::new(false)),
             changed,
+            |_| {},
         );
         KubeSource {
             services,
@@ -136,7 +178,32 @@ impl KubeSource {
             node,
             services_listed,
             slices_listed,
+            dirty,
             node_name: options.node_name.clone(),
+        }
+    }
+
+    /// Brings `model` up to date with the stores: the Services and EndpointSlices changed
+    /// since the last call are read again (gone ones removed), or, after a list or when
+    /// `full`, every object (the model then rebuilds only what differs).
+    pub fn update_model(&self, model: &mut Model, full: bool) {
+        let dirty = std::mem::take(&mut *lock(&self.dirty));
+        if full || dirty.relisted {
+            let (services, slices) = (self.services.state(), self.slices.state());
+            model.replace_all(services.iter().map(|s| &**s), slices.iter().map(|s| &**s));
+            return;
+        }
+        for (ns, name) in dirty.services {
+            match self.services.get(&ObjectRef::new(&name).within(&ns)) {
+                Some(svc) => model.set_service(&svc),
+                None => model.remove_service(&ns, &name),
+            }
+        }
+        for (ns, name) in dirty.slices {
+            match self.slices.get(&ObjectRef::new(&name).within(&ns)) {
+                Some(slice) => model.set_slice(&slice),
+                None => model.remove_slice(&ns, &name),
+            }
         }
     }
 
@@ -245,11 +312,14 @@ where
 }
 
 /// Starts one watcher of `K` (all namespaces) feeding a reflector store; returns the store.
+/// Each change calls `mark` with the object's namespace/name once the store holds it (and
+/// `None` when a list finished), then sends on `changed`.
 fn spawn_watch<K>(
     client: &Client,
     config: watcher::Config,
     listed: Arc<AtomicBool>,
     changed: mpsc::UnboundedSender<()>,
+    mark: impl Fn(Option<ObjectKey>) + Send + 'static,
 ) -> Store<K>
 where
     K: Resource<DynamicType = ()>
@@ -290,11 +360,13 @@ where
                         Event::InitApply(_) => {}
                         Event::InitDone => {
                             tracing::info!(kind, "initial list done");
+                            mark(None);
                             listed.store(true, Ordering::SeqCst);
                             let _ = changed.send(());
                         }
                         Event::Apply(ref o) | Event::Delete(ref o) => {
                             tracing::debug!(kind, object = %o.name_any(), "changed");
+                            mark(Some((o.namespace().unwrap_or_default(), o.name_any())));
                             let _ = changed.send(());
                         }
                     }
