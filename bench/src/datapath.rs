@@ -103,8 +103,13 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn load(sizes: MapSizes) -> Result<Self> {
+        Self::load_object(sizes, object_path())
+    }
+
+    /// Loads `object` (`None`: the one embedded in the agent library).
+    pub fn load_object(sizes: MapSizes, object: Option<PathBuf>) -> Result<Self> {
         let opts = LoadOptions {
-            object: object_path(),
+            object,
             pin_dir: None,
             sizes,
         };
@@ -243,6 +248,15 @@ struct Prepared {
 }
 
 fn prepare(settings: &Settings, n: usize, notes: &mut Vec<String>) -> Result<Prepared> {
+    prepare_object(settings, n, notes, object_path())
+}
+
+fn prepare_object(
+    settings: &Settings,
+    n: usize,
+    notes: &mut Vec<String>,
+    object: Option<PathBuf>,
+) -> Result<Prepared> {
     let largest = settings
         .datapath_scales
         .iter()
@@ -250,7 +264,7 @@ fn prepare(settings: &Settings, n: usize, notes: &mut Vec<String>) -> Result<Pre
         .max()
         .unwrap_or(n)
         .max(n);
-    let mut l = Loaded::load(sizes_for(largest, settings.endpoints_per_service))?;
+    let mut l = Loaded::load_object(sizes_for(largest, settings.endpoints_per_service), object)?;
     let all = services(n, settings.endpoints_per_service);
     let p = l.program(&cluster::desired_state(&all))?;
     eprintln!(
@@ -389,12 +403,24 @@ fn one_run(settings: &Settings, run: usize, p: &mut Prepared, runs: &mut Runs) -
     Ok(())
 }
 
-fn figures_of(n: usize, p: &Prepared, runs: Runs) -> Vec<Figure> {
+/// `BPFPROXY_BASELINE_EBPF_OBJ`: another build of the object (e.g. the one before a change)
+/// measured in the same run, side by side, as implementation `bpfproxy-baseline`. It must
+/// keep the map layouts this agent library reads.
+pub fn baseline_object_path() -> Option<PathBuf> {
+    std::env::var_os("BPFPROXY_BASELINE_EBPF_OBJ").map(PathBuf::from)
+}
+
+fn figures_of(n: usize, implementation: &str, p: &Prepared, runs: Runs) -> Vec<Figure> {
+    // Each object's own floor, so figure keys stay unique.
+    let floor = match implementation.strip_prefix("bpfproxy") {
+        Some(suffix) => format!("tc_floor{suffix}"),
+        None => "tc_floor".to_string(),
+    };
     let mut out = vec![
         Figure::new(
             "datapath",
             "floor",
-            "tc_floor",
+            &floor,
             n,
             "ns/packet",
             runs.floor.clone(),
@@ -402,7 +428,7 @@ fn figures_of(n: usize, p: &Prepared, runs: Runs) -> Vec<Figure> {
         Figure::new(
             "datapath",
             "floor_single",
-            "tc_floor",
+            &floor,
             n,
             "ns/packet",
             runs.floor_single.clone(),
@@ -410,20 +436,20 @@ fn figures_of(n: usize, p: &Prepared, runs: Runs) -> Vec<Figure> {
     ];
     for ((metric, ..), values) in p.repeated.iter().zip(runs.repeated) {
         out.push(
-            Figure::new("datapath", metric, "bpfproxy", n, "ns/packet", values)
-                .with_ratio("tc_floor floor", &runs.floor),
+            Figure::new("datapath", metric, implementation, n, "ns/packet", values)
+                .with_ratio(&format!("{floor} floor"), &runs.floor),
         );
     }
     out.push(
         Figure::new(
             "datapath",
             "new_connection",
-            "bpfproxy",
+            implementation,
             n,
             "ns/packet",
             runs.new_connection,
         )
-        .with_ratio("tc_floor floor_single", &runs.floor_single),
+        .with_ratio(&format!("{floor} floor_single"), &runs.floor_single),
     );
     out
 }
@@ -431,14 +457,25 @@ fn figures_of(n: usize, p: &Prepared, runs: Runs) -> Vec<Figure> {
 /// Every scale is loaded and programmed first (one object each), then the runs go round
 /// the scales, so that the scales are compared side by side as the figures are.
 pub fn run(settings: &Settings, notes: &mut Vec<String>) -> Result<Vec<Figure>> {
+    let mut objects = vec![("bpfproxy", object_path())];
+    if let Some(baseline) = baseline_object_path() {
+        notes.push(format!(
+            "datapath: bpfproxy-baseline is {} (BPFPROXY_BASELINE_EBPF_OBJ), measured in the same run",
+            baseline.display()
+        ));
+        objects.push(("bpfproxy-baseline", Some(baseline)));
+    }
     let mut scales = Vec::new();
     for &n in &settings.datapath_scales {
-        eprintln!("datapath: {n} services");
-        let p = prepare(settings, n, notes).with_context(|| format!("{n} services"))?;
-        scales.push((n, p, Runs::default()));
+        for (implementation, object) in &objects {
+            eprintln!("datapath: {n} services ({implementation})");
+            let p = prepare_object(settings, n, notes, object.clone())
+                .with_context(|| format!("{n} services ({implementation})"))?;
+            scales.push((n, *implementation, p, Runs::default()));
+        }
     }
     for run in 0..settings.datapath_runs {
-        for (n, p, runs) in &mut scales {
+        for (n, _, p, runs) in &mut scales {
             if testbed::stop_requested() {
                 bail!("interrupted");
             }
@@ -448,6 +485,6 @@ pub fn run(settings: &Settings, notes: &mut Vec<String>) -> Result<Vec<Figure>> 
     }
     Ok(scales
         .into_iter()
-        .flat_map(|(n, p, runs)| figures_of(n, &p, runs))
+        .flat_map(|(n, implementation, p, runs)| figures_of(n, implementation, &p, runs))
         .collect())
 }

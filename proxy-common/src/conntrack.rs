@@ -21,6 +21,14 @@ pub const CT_DIR_REPLY: u8 = 1;
 
 /// `flags`: a FIN or RST was seen; the next SYN on this tuple picks a backend anew.
 pub const CT_FLAG_CLOSING: u8 = 1;
+/// `flags`, reply entry only: the backend answered (the kernel's IPS_SEEN_REPLY). Tells a
+/// TCP connection past its handshake from one that only sent a SYN, for the timeouts.
+pub const CT_FLAG_REPLIED: u8 = 2;
+
+/// The datapath rewrites `last_seen_ns` only when it is older than this, so an established
+/// flow writes its entry about once a second, not on every packet. Timeouts are in seconds,
+/// so expiry is at most this late.
+pub const LAST_SEEN_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Value of `conntrack4`: the address to write in place of the VIP (forward: destination
 /// becomes the backend) or of the backend (reply: source becomes the VIP).
@@ -36,8 +44,10 @@ pub struct Ct4Value {
     /// token in `counted4`) and no FIN/RST was seen yet. A hint that saves closing packets
     /// of uncounted connections a map operation; the token decides.
     pub counted: u32,
-    /// bpf_ktime_get_ns() when the connection was created.
-    pub created_ns: u64,
+    /// bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE) of the last packet through this
+    /// entry, give or take [`LAST_SEEN_REFRESH_NS`]; the agent's collector expires entries
+    /// idle for longer than their timeout.
+    pub last_seen_ns: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);

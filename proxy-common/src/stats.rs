@@ -11,7 +11,11 @@ pub const PASS_MALFORMED: u32 = 6;
 pub const ERR_CONNTRACK_FULL: u32 = 7;
 pub const ERR_BACKEND_MISSING: u32 = 8;
 pub const ERR_REWRITE: u32 = 9;
-pub const COUNT: u32 = 10;
+/// A TCP packet other than a SYN found no conntrack entry (its connection's entries were
+/// evicted because the table was full, or expired while idle) and was given a backend
+/// anew, as a new connection would be. Counted instead of `FORWARD_NEW`.
+pub const CT_MISS_MIDSTREAM: u32 = 10;
+pub const COUNT: u32 = 11;
 
 pub const NAMES: [&str; COUNT as usize] = [
     "pass_not_service",
@@ -24,4 +28,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "err_conntrack_full",
     "err_backend_missing",
     "err_rewrite",
+    "ct_miss_midstream",
 ];

@@ -2,10 +2,13 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
 };
 use proxy_common::{
-    conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, Ct4Key, Ct4Value},
+    conntrack::{
+        CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REPLIED, Ct4Key, Ct4Value,
+        LAST_SEEN_REFRESH_NS,
+    },
     service::BackendConnsKey,
 };
 
@@ -35,6 +38,42 @@ fn reply_key(pkt: &Packet, backend_addr: [u8; 4], backend_port: u16) -> Ct4Key {
         proto: pkt.proto,
         _pad: [0; 3],
     }
+}
+
+/// The clock of `last_seen_ns`: CLOCK_MONOTONIC_COARSE, the tick-granular clock (no
+/// clocksource read), plenty for timeouts counted in seconds.
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: a helper without arguments or side effects.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Records that a packet went through `entry` now, writing only when the recorded time is
+/// over [`LAST_SEEN_REFRESH_NS`] old: most packets of a busy flow read the field and go on,
+/// without dirtying the entry's cache line.
+#[inline(always)]
+pub fn touch(entry: *mut Ct4Value) {
+    let now = now();
+    // SAFETY: `entry` comes from a lookup in this program run; a racing writer stores a
+    // time just as recent.
+    unsafe {
+        if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_REFRESH_NS {
+            (*entry).last_seen_ns = now;
+        }
+    }
+}
+
+/// Marks a reply entry as answered; true the first time (the connection's first reply).
+#[inline(always)]
+pub fn note_replied(entry: *mut Ct4Value) -> bool {
+    // SAFETY: as in `touch`; a racing first reply at worst reports the event twice.
+    unsafe {
+        if (*entry).flags & CT_FLAG_REPLIED != 0 {
+            return false;
+        }
+        (*entry).flags |= CT_FLAG_REPLIED;
+    }
+    true
 }
 
 /// Marks an entry as closing on a FIN or RST, writing only when the flag changes.
@@ -129,8 +168,7 @@ pub fn create(
     backend_port: u16,
     count: bool,
 ) -> Result<Created, ConntrackFull> {
-    // SAFETY: a helper without arguments or side effects.
-    let created_ns = unsafe { bpf_ktime_get_ns() };
+    let last_seen_ns = now();
     let closing = pkt.is_closing();
     let flags = if closing { CT_FLAG_CLOSING } else { 0 };
     let counters = if count && !closing {
@@ -150,7 +188,7 @@ pub fn create(
         flags,
         svc_id,
         counted: 0,
-        created_ns,
+        last_seen_ns,
     };
     let rkey = reply_key(pkt, backend_addr, backend_port);
     CONNTRACK4

@@ -35,7 +35,7 @@ use proxy_common::{
 use crate::{
     conntrack::Created,
     maps::{CONNTRACK4, REPLY_FILTER4, SERVICES4, count},
-    parse::{ETH_LEN, Packet, Skip, ptr_at},
+    parse::{ETH_LEN, Packet, Skip, TCP_SYN, ptr_at},
     sched::Service,
 };
 
@@ -134,6 +134,7 @@ fn to_service(ctx: &TcContext, pkt: &Packet, svc: &Service) -> Result<i32, i32> 
                     conntrack::note_closing(pkt, ct);
                     conntrack::release(&conntrack::tuple_key(pkt), ct);
                 }
+                conntrack::touch(ct);
                 if nat::rewrite_dst(ctx, pkt, addr, port).is_err() {
                     return fail(stats::ERR_REWRITE);
                 }
@@ -155,9 +156,15 @@ fn to_service(ctx: &TcContext, pkt: &Packet, svc: &Service) -> Result<i32, i32> 
         return exit(stats::ERR_BACKEND_MISSING, OK);
     };
     let count = pkt.is_tcp() && sched_counts_connections(svc.scheduler);
+    // A TCP packet that is no SYN starts nothing: its connection lost its entries.
+    let new = if pkt.is_tcp() && pkt.tcp_flags & TCP_SYN == 0 {
+        stats::CT_MISS_MIDSTREAM
+    } else {
+        stats::FORWARD_NEW
+    };
     let (addr, port, stat) =
         match conntrack::create(pkt, svc.svc_id, chosen.addr, chosen.port, count) {
-            Ok(Created::New) => (chosen.addr, chosen.port, stats::FORWARD_NEW),
+            Ok(Created::New) => (chosen.addr, chosen.port, new),
             Ok(Created::Raced(addr, port)) => (addr, port, stats::FORWARD_ESTABLISHED),
             Err(_) => return exit(stats::ERR_CONNTRACK_FULL, OK),
         };
@@ -189,6 +196,8 @@ fn maybe_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, i32> {
     }
     conntrack::note_closing(pkt, ct);
     conntrack::note_closing_forward(pkt, addr, port);
+    conntrack::touch(ct);
+    conntrack::note_replied(ct);
     if nat::rewrite_src(ctx, pkt, addr, port).is_err() {
         return fail(stats::ERR_REWRITE);
     }

@@ -25,6 +25,7 @@ use tokio::{
 };
 
 use crate::{
+    conntrack_gc::{self, Timeouts},
     datapath::{
         Datapath, KernelMaps, LoadOptions,
         attach::{Attachments, InterfacePatterns, list_interfaces},
@@ -59,6 +60,15 @@ pub struct AgentConfig {
     /// Take the programs off the interfaces on exit (and remove their link pins) instead of
     /// leaving them attached for the next agent to take over.
     pub detach_on_exit: bool,
+    /// Conntrack timeouts and how often the collector applies them.
+    pub conntrack_gc: ConntrackGc,
+}
+
+/// The conntrack collector's settings (see [`crate::conntrack_gc`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ConntrackGc {
+    pub interval: Duration,
+    pub timeouts: Timeouts,
 }
 
 /// What `/healthz` reports: the last time the loop reconciled from a complete source.
@@ -389,6 +399,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     sync_links(&mut datapath, &mut attachments, &patterns)?;
 
     let mut resync = tokio::time::interval(config.resync);
+    let mut ct_gc = tokio::time::interval(config.conntrack_gc.interval);
     let source_name = match &config.source {
         SourceConfig::Manifests(dir) => format!("manifests {}", dir.display()),
         SourceConfig::Kube(o) => format!("Kubernetes API (node {})", o.node_name),
@@ -402,6 +413,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            _ = ct_gc.tick() => collect_conntrack(&mut datapath, &config.conntrack_gc.timeouts),
             _ = resync.tick() => {
                 collect_connection_counts(&mut datapath, &reconciler.state);
                 reconciler.resync(&mut datapath.maps);
@@ -472,6 +484,20 @@ fn spawn_link_monitor(tx: mpsc::UnboundedSender<Trigger>) -> anyhow::Result<()> 
         }
     });
     Ok(())
+}
+
+/// Deletes the conntrack entries of expired connections.
+fn collect_conntrack(datapath: &mut Datapath, timeouts: &Timeouts) {
+    match conntrack_gc::collect(datapath, timeouts) {
+        Ok(r) if r.expired > 0 => tracing::debug!(
+            entries = r.entries,
+            expired = r.expired,
+            released = r.released,
+            "expired conntrack entries removed"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "collecting expired conntrack entries"),
+    }
 }
 
 /// Releases the counts of connections whose conntrack entry was evicted, and drops the

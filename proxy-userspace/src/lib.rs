@@ -2,6 +2,7 @@
 //! datapath (how it reaches the kernel).
 
 pub mod agent;
+pub mod conntrack_gc;
 pub mod datapath;
 pub mod inspect;
 pub mod kube_source;

@@ -3,7 +3,8 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use bpfproxy::{
-    agent::{AgentConfig, SourceConfig, run},
+    agent::{AgentConfig, ConntrackGc, SourceConfig, run},
+    conntrack_gc::Timeouts,
     datapath::{KernelMaps, LoadOptions, MapSizes},
     inspect,
     kube_source::{KubeOptions, node_name_or_hostname},
@@ -81,6 +82,23 @@ enum Command {
         /// agent swaps its programs in, and `bpfproxy cleanup` removes everything.
         #[arg(long)]
         detach_on_exit: bool,
+        /// Seconds an established TCP connection may stay idle before its conntrack
+        /// entries are removed (default: Cilium's; above the 2 h TCP keepalive).
+        #[arg(long, default_value_t = 8000, value_parser = clap::value_parser!(u64).range(1..))]
+        ct_tcp_timeout: u64,
+        /// Seconds a TCP connection may stay idle after a FIN or RST.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        ct_tcp_closing_timeout: u64,
+        /// Seconds a TCP SYN may stay unanswered.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        ct_tcp_syn_timeout: u64,
+        /// Seconds a UDP flow may stay idle.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        ct_udp_timeout: u64,
+        /// Seconds between two passes of the conntrack collector (each walks the whole
+        /// map: about 1 s of CPU per million entries).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        ct_gc_interval: u64,
     },
     /// Remove every program, link and pin bpfproxy made under --bpffs (stop the agent
     /// first). Traffic then passes untranslated. Safe to run again.
@@ -144,6 +162,11 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             scheduler,
             health_addr,
             detach_on_exit,
+            ct_tcp_timeout,
+            ct_tcp_closing_timeout,
+            ct_tcp_syn_timeout,
+            ct_udp_timeout,
+            ct_gc_interval,
         } => {
             let source = match manifests {
                 Some(dir) => SourceConfig::Manifests(dir),
@@ -168,6 +191,15 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 default_scheduler: scheduler,
                 health_addr,
                 detach_on_exit,
+                conntrack_gc: ConntrackGc {
+                    interval: Duration::from_secs(ct_gc_interval),
+                    timeouts: Timeouts {
+                        tcp_established: Duration::from_secs(ct_tcp_timeout),
+                        tcp_closing: Duration::from_secs(ct_tcp_closing_timeout),
+                        tcp_syn: Duration::from_secs(ct_tcp_syn_timeout),
+                        udp: Duration::from_secs(ct_udp_timeout),
+                    },
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

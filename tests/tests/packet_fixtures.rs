@@ -16,7 +16,7 @@ use aya::programs::ProgramError;
 use etherparse::{IpFragOffset, IpHeaders, IpNumber, Ipv4Header, PacketBuilder, TransportHeader};
 use proxy_common::{
     PROTO_TCP, PROTO_UDP,
-    conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, Ct4Key},
+    conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REPLIED, Ct4Key},
     stats,
 };
 use testbed::datapath::{
@@ -398,13 +398,13 @@ fn tcp_connection_lifecycle() {
                 (f.nat_addr, f.nat_port, f.dir, f.flags, f.svc_id),
                 (BACKEND, BACKEND_PORT, CT_DIR_FORWARD, 0, 1)
             );
-            assert!(f.created_ns > 0);
+            assert!(f.last_seen_ns > 0);
             let r = h.ct(rev_key()).expect("reply entry");
             assert_eq!(
                 (r.nat_addr, r.nat_port, r.dir, r.flags, r.svc_id),
                 (VIP, VIP_PORT, CT_DIR_REPLY, 0, 1)
             );
-            assert_eq!(r.created_ns, f.created_ns);
+            assert_eq!(r.last_seen_ns, f.last_seen_ns);
             assert_eq!(h.ct_len(), 2);
         }),
         fx(
@@ -450,7 +450,11 @@ fn tcp_connection_lifecycle() {
                 CT_FLAG_CLOSING,
                 "FIN marks the forward entry"
             );
-            assert_eq!(h.ct(rev_key()).unwrap().flags, 0);
+            assert_eq!(
+                h.ct(rev_key()).unwrap().flags,
+                CT_FLAG_REPLIED,
+                "the backend answered"
+            );
         }),
         fx(
             "backend FIN",
@@ -461,7 +465,7 @@ fn tcp_connection_lifecycle() {
         .then(|h| {
             assert_eq!(
                 h.ct(rev_key()).unwrap().flags,
-                CT_FLAG_CLOSING,
+                CT_FLAG_CLOSING | CT_FLAG_REPLIED,
                 "FIN marks the reply entry"
             )
         }),
@@ -495,7 +499,7 @@ fn tcp_connection_lifecycle() {
         .then(|h| {
             assert_eq!(
                 h.ct(rev_key()).unwrap().flags,
-                CT_FLAG_CLOSING,
+                CT_FLAG_CLOSING | CT_FLAG_REPLIED,
                 "RST marks the reply entry"
             );
             assert_eq!(
