@@ -13,6 +13,7 @@
 pub mod conntrack;
 pub mod hash;
 pub mod maps;
+pub mod monitor;
 pub mod reply_filter;
 pub mod service;
 pub mod stats;

@@ -17,6 +17,12 @@ pub const BACKEND_CONNS4: &str = "backend_conns4";
 pub const AFFINITY4: &str = "affinity4";
 pub const SCHED_RR4: &str = "sched_rr4";
 pub const COUNTED4: &str = "counted4";
+pub const MONITOR_CFG: &str = "monitor_cfg";
+pub const MONITOR_EVENTS: &str = "monitor_events";
+
+/// Size of the `monitor_events` ring buffer: 256 KiB, about 6,500 events (40 bytes plus an
+/// 8-byte header each) between two reads of the monitor.
+pub const MONITOR_RING_BYTES: u32 = 256 * 1024;
 
 /// Maglev tables `maglev4` can hold (entries = this * `service::MAGLEV_SIZE`; the map is
 /// not preallocated, so only tables in use take memory). A service being changed holds

@@ -15,6 +15,7 @@
 mod conntrack;
 mod csum;
 mod maps;
+mod monitor;
 mod nat;
 mod parse;
 mod reject;
@@ -27,6 +28,10 @@ use aya_ebpf::{
 };
 use proxy_common::{
     conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING},
+    monitor::{
+        REASON_BACKEND_MISSING, REASON_CT_FULL, REASON_MALFORMED, REASON_MIDSTREAM,
+        REASON_NO_BACKEND, REASON_REWRITE,
+    },
     reply_filter,
     service::{BackendConnsKey, SCOPE_CLUSTER_IP, Svc4Key, sched_counts_connections},
     stats,
@@ -87,13 +92,23 @@ fn fail(stat: u32) -> Result<i32, i32> {
     Err(ACT_SHOT)
 }
 
+/// A rewrite helper failed: reported to a monitor, counted, dropped.
+#[inline(always)]
+fn fail_rewrite(pkt: &Packet, svc_id: u32) -> Result<i32, i32> {
+    monitor::dropped(pkt, svc_id, REASON_REWRITE);
+    fail(stats::ERR_REWRITE)
+}
+
 #[inline(always)]
 fn try_tc_ingress(ctx: &TcContext) -> Result<i32, i32> {
     let pkt = match parse::parse(ctx) {
         Ok(pkt) => pkt,
         Err(Skip::NotIpv4 | Skip::NotTcpUdp) => return exit(stats::PASS_NOT_SERVICE, OK),
         Err(Skip::Fragment) => return exit(stats::PASS_FRAGMENT, OK),
-        Err(Skip::Malformed) => return exit(stats::PASS_MALFORMED, OK),
+        Err(Skip::Malformed) => {
+            monitor::malformed(REASON_MALFORMED);
+            return exit(stats::PASS_MALFORMED, OK);
+        }
     };
     let key = Svc4Key {
         addr: pkt.daddr,
@@ -136,7 +151,7 @@ fn to_service(ctx: &TcContext, pkt: &Packet, svc: &Service) -> Result<i32, i32> 
                 }
                 conntrack::touch(ct);
                 if nat::rewrite_dst(ctx, pkt, addr, port).is_err() {
-                    return fail(stats::ERR_REWRITE);
+                    return fail_rewrite(pkt, svc.svc_id);
                 }
                 return exit(stats::FORWARD_ESTABLISHED, OK);
             }
@@ -147,12 +162,14 @@ fn to_service(ctx: &TcContext, pkt: &Packet, svc: &Service) -> Result<i32, i32> 
     }
 
     if svc.count == 0 {
+        monitor::dropped(pkt, svc.svc_id, REASON_NO_BACKEND);
         return match reject::reject(ctx, pkt) {
             Ok(action) => exit(stats::REJECT_NO_BACKEND, action),
-            Err(_) => fail(stats::ERR_REWRITE),
+            Err(_) => fail_rewrite(pkt, svc.svc_id),
         };
     }
     let Ok(chosen) = sched::choose(pkt, svc) else {
+        monitor::dropped(pkt, svc.svc_id, REASON_BACKEND_MISSING);
         return exit(stats::ERR_BACKEND_MISSING, OK);
     };
     let count = pkt.is_tcp() && sched_counts_connections(svc.scheduler);
@@ -166,10 +183,21 @@ fn to_service(ctx: &TcContext, pkt: &Packet, svc: &Service) -> Result<i32, i32> 
         match conntrack::create(pkt, svc.svc_id, chosen.addr, chosen.port, count) {
             Ok(Created::New) => (chosen.addr, chosen.port, new),
             Ok(Created::Raced(addr, port)) => (addr, port, stats::FORWARD_ESTABLISHED),
-            Err(_) => return exit(stats::ERR_CONNTRACK_FULL, OK),
+            Err(_) => {
+                monitor::dropped(pkt, svc.svc_id, REASON_CT_FULL);
+                return exit(stats::ERR_CONNTRACK_FULL, OK);
+            }
         };
+    if stat != stats::FORWARD_ESTABLISHED {
+        let reason = if stat == stats::CT_MISS_MIDSTREAM {
+            REASON_MIDSTREAM
+        } else {
+            0
+        };
+        monitor::new_connection(pkt, svc.svc_id, svc.scheduler, (addr, port), reason);
+    }
     if nat::rewrite_dst(ctx, pkt, addr, port).is_err() {
-        return fail(stats::ERR_REWRITE);
+        return fail_rewrite(pkt, svc.svc_id);
     }
     exit(stat, OK)
 }
@@ -190,16 +218,19 @@ fn maybe_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, i32> {
         return exit(stats::PASS_NOT_SERVICE, OK);
     };
     // SAFETY: a lookup result, read and written only through this pointer.
-    let (dir, addr, port) = unsafe { ((*ct).dir, (*ct).nat_addr, (*ct).nat_port) };
+    let (dir, addr, port, svc_id) =
+        unsafe { ((*ct).dir, (*ct).nat_addr, (*ct).nat_port, (*ct).svc_id) };
     if dir != CT_DIR_REPLY {
         return exit(stats::PASS_NOT_SERVICE, OK);
     }
     conntrack::note_closing(pkt, ct);
     conntrack::note_closing_forward(pkt, addr, port);
     conntrack::touch(ct);
-    conntrack::note_replied(ct);
+    if conntrack::note_replied(ct) {
+        monitor::first_reply(pkt, svc_id, (addr, port));
+    }
     if nat::rewrite_src(ctx, pkt, addr, port).is_err() {
-        return fail(stats::ERR_REWRITE);
+        return fail_rewrite(pkt, svc_id);
     }
     exit(stats::REPLY, OK)
 }

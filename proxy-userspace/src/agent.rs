@@ -415,6 +415,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = ct_gc.tick() => collect_conntrack(&mut datapath, &config.conntrack_gc.timeouts),
             _ = resync.tick() => {
+                clear_stale_monitor(&datapath);
                 collect_connection_counts(&mut datapath, &reconciler.state);
                 reconciler.resync(&mut datapath.maps);
                 sync_links(&mut datapath, &mut attachments, &patterns)?;
@@ -484,6 +485,17 @@ fn spawn_link_monitor(tx: mpsc::UnboundedSender<Trigger>) -> anyhow::Result<()> 
         }
     });
     Ok(())
+}
+
+/// Turns monitor events off if the monitor that turned them on was killed.
+fn clear_stale_monitor(datapath: &Datapath) {
+    if let Some(dir) = &datapath.pin_dir {
+        match crate::monitor::clear_if_stale(dir) {
+            Ok(true) => tracing::info!("monitor events turned off: their monitor is gone"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "checking the monitor switch"),
+        }
+    }
 }
 
 /// Deletes the conntrack entries of expired connections.

@@ -9,4 +9,5 @@ pub mod kube_source;
 pub mod maglev;
 pub mod manifest;
 pub mod model;
+pub mod monitor;
 pub mod planner;

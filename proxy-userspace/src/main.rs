@@ -120,6 +120,21 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Live trace of the datapath's decisions (new connection -> backend, first reply,
+    /// drops with their reason), until Ctrl-C. Events are on only while it runs.
+    Monitor {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// Only events of this Service (all its ports).
+        #[arg(long, value_name = "NAMESPACE/NAME", value_parser = bpfproxy::monitor::Filter::parse_service)]
+        service: Option<(String, String)>,
+        /// Only events of this client address.
+        #[arg(long)]
+        client: Option<std::net::Ipv4Addr>,
+        /// `json`: one JSON object per line.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Datapath counters (packets by path taken), summed over CPUs.
     Stats {
         #[arg(long, default_value = DEFAULT_BPFFS)]
@@ -224,6 +239,16 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Monitor {
+            bpffs,
+            service,
+            client,
+            output,
+        } => bpfproxy::monitor::run(
+            bpffs,
+            bpfproxy::monitor::Filter { service, client },
+            matches!(output, Output::Json),
+        ),
         Command::Stats { bpffs, output } => {
             let counters = KernelMaps::open_pinned(&bpffs)?.counters();
             match output {

@@ -19,6 +19,7 @@ use aya::{
 use proxy_common::{
     conntrack::{Ct4Key, Ct4Value},
     maps,
+    monitor::MonitorConfig,
     service::{
         AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
         MaglevKey, Svc4Key, Svc4Value, SvcMeta,
@@ -70,7 +71,7 @@ pub struct LoadOptions {
 }
 
 /// Expected shape of each pinned map: (name, type, key size, value size).
-fn map_shapes() -> [(&'static str, MapType, usize, usize); 11] {
+fn map_shapes() -> [(&'static str, MapType, usize, usize); 13] {
     use std::mem::size_of;
     [
         (
@@ -139,6 +140,14 @@ fn map_shapes() -> [(&'static str, MapType, usize, usize); 11] {
             size_of::<Ct4Key>(),
             size_of::<BackendConnsKey>(),
         ),
+        (
+            maps::MONITOR_CFG,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<MonitorConfig>(),
+        ),
+        // A ring buffer has no key or value; the kernel reports both sizes as 0.
+        (maps::MONITOR_EVENTS, MapType::RingBuf, 0, 0),
     ]
 }
 
