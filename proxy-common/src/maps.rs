@@ -53,7 +53,11 @@ pub const LINKS_DIR: &str = "links";
 /// its key and value sizes are checked. Nothing else is needed: new pin folders get the new
 /// version, and folders of other versions are refused with a message telling the operator
 /// to run `bpfproxy cleanup`.
-pub const LAYOUT_VERSION: u32 = 1;
+///
+/// 2: `Ct4Value::last_seen_ns` (was the creation time) and `CT_FLAG_REPLIED` (the conntrack
+/// collector would misjudge entries of version 1), `stats` grew to 11 counters, the monitor
+/// maps `monitor_cfg` and `monitor_events`.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Older layout versions whose pins this version takes over in place: only when the change
 /// since was purely additive (new maps, every existing map unchanged), list the old version
