@@ -34,7 +34,7 @@ use crate::{
     kube_source::{KubeOptions, KubeSource},
     manifest::ManifestDir,
     model::{DesiredState, Frontend, Model, ModelOptions, Protocol, Scheduler, Severity},
-    planner::{Capacity, MapState, plan, plan_changes},
+    planner::{Capacity, MapState, Plan, keep_reply_bits, plan, plan_changes},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -243,7 +243,7 @@ impl Reconciler {
         }
         let changed = self.model.take_changed();
         let desired = self.model.desired();
-        let (plan, refused) = if full || std::mem::take(&mut self.plan_all) {
+        let (mut plan, refused) = if full || std::mem::take(&mut self.plan_all) {
             plan(desired, &self.state, self.capacity)
         } else {
             let mut keys: BTreeSet<_> = changed.iter().map(Frontend::key).collect();
@@ -253,7 +253,26 @@ impl Reconciler {
         self.retry = refused.iter().map(|e| e.frontend().key()).collect();
         problems.extend(refused.iter().map(|e| e.to_string()));
         if !plan.is_empty() {
-            let applied = maps.apply(&plan, &mut self.state);
+            // The epilogue clears the reply bits of backends that left. Connections to them
+            // that are still open keep their bits (their replies must still be reverse
+            // NAT-ed, as kube-proxy's conntrack does); they are looked up once the steps
+            // are in, so no new connection can pick those backends any more.
+            let epilogue = std::mem::take(&mut plan.epilogue);
+            let mut applied = maps.apply(&plan, &mut self.state);
+            // After a failed (rolled-back) step the bits stay: a superset is safe.
+            if !epilogue.is_empty() && applied.failed.is_empty() {
+                let mut rest = Plan {
+                    epilogue,
+                    ..Plan::default()
+                };
+                let kept = keep_reply_bits(&mut rest, &self.state, &maps.reply_bits_in_use());
+                if kept > 0 {
+                    tracing::debug!(words = kept, "reply-filter bits kept for open connections");
+                }
+                let more = maps.apply(&rest, &mut self.state);
+                applied.ops += more.ops;
+                applied.failed.extend(more.failed);
+            }
             self.plan_all |= !applied.failed.is_empty();
             problems.extend(applied.failed);
             tracing::info!(

@@ -660,6 +660,34 @@ fn filter_ops(plan: &mut Plan, i: usize, old: u64, new: u64) {
     }
 }
 
+/// Keeps set, in the epilogue of `plan`, the reply-filter bits in `in_use` (backends that
+/// still have open connections, from `KernelMaps::reply_bits_in_use`): a backend that
+/// leaves a service with connections open keeps getting their replies reverse-NAT-ed, as
+/// kube-proxy's conntrack does. The bits go on a later plan, once those connections are
+/// closed. Returns how many epilogue words keep bits.
+pub fn keep_reply_bits(plan: &mut Plan, current: &MapState, in_use: &[u64]) -> usize {
+    let mut kept = 0;
+    plan.epilogue.retain_mut(|op| {
+        let MapOp::SetReplyFilterWord { index, word } = op else {
+            return true;
+        };
+        let keep = in_use.get(*index as usize).copied().unwrap_or(0);
+        // Only bits that are set now stay set: this never adds a bit.
+        let now = current
+            .reply_filter
+            .get(*index as usize)
+            .copied()
+            .unwrap_or(0);
+        let wanted = *word | (keep & now);
+        if wanted != *word {
+            kept += 1;
+        }
+        *word = wanted;
+        wanted != now
+    });
+    kept
+}
+
 /// The reply-filter words of every live backend in `state`.
 pub fn filter_words(state: &MapState) -> Vec<u64> {
     let mut words = vec![0u64; reply_filter::WORDS as usize];
@@ -1692,6 +1720,44 @@ mod tests {
         }
         apply_plan(&mut state, &p);
         assert_eq!(state.reply_filter, new);
+    }
+
+    #[test]
+    fn a_leaving_backend_with_open_connections_keeps_its_reply_bit() {
+        let f = frontend(10, 80, Protocol::Tcp);
+        let mut state = MapState::default();
+        step(&mut state, &desired([service("a", f, eps(&[1, 2, 3]))]));
+        let with = |ids: &[u8]| {
+            words_of(
+                &eps(ids)
+                    .into_iter()
+                    .map(|e| (e, PROTO_TCP))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        // Backends 1 and 2 leave; 1 still has a connection open.
+        let in_use = with(&[1]);
+        let (mut p, _) = plan(&desired([service("a", f, eps(&[3]))]), &state, BIG);
+        keep_reply_bits(&mut p, &state, &in_use);
+        apply_plan(&mut state, &p);
+        assert_eq!(
+            state.reply_filter,
+            with(&[1, 3]),
+            "the bits of 1 and 3 only"
+        );
+        assert_eq!(state.services[&f.key()].backends.len(), 1);
+
+        // Once it closed, the next plan clears the bit.
+        let (mut p, _) = plan(&desired([service("a", f, eps(&[3]))]), &state, BIG);
+        keep_reply_bits(&mut p, &state, &with(&[]));
+        apply_plan(&mut state, &p);
+        assert_eq!(state.reply_filter, with(&[3]));
+
+        // A bit in use that was never set is not added.
+        let (mut p, _) = plan(&desired([service("a", f, eps(&[3]))]), &state, BIG);
+        keep_reply_bits(&mut p, &state, &with(&[7]));
+        apply_plan(&mut state, &p);
+        assert_eq!(state.reply_filter, with(&[3]));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use proxy_common::{
-    conntrack::{Ct4Key, Ct4Value},
+    conntrack::{CT_DIR_REPLY, CT_FLAG_CLOSING, Ct4Key, Ct4Value},
     maps, reply_filter,
     service::{
         AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
@@ -370,6 +370,40 @@ impl KernelMaps {
             // An entry the LRU already evicted is fine.
             let _ = self.conntrack.remove(&key);
         }
+    }
+
+    /// Reply-filter words with the bit of every backend that still has a connection open
+    /// (a reply entry whose connection is not closed in both directions): the reverse NAT
+    /// of such a connection must go on after its backend leaves the service, as the
+    /// kernel's conntrack keeps it for kube-proxy.
+    pub fn reply_bits_in_use(&self) -> Vec<u64> {
+        let mut words = vec![0u64; reply_filter::WORDS as usize];
+        for (key, value) in self.conntrack.iter().filter_map(Result::ok) {
+            if value.dir != CT_DIR_REPLY {
+                continue;
+            }
+            if value.flags & CT_FLAG_CLOSING != 0 {
+                let forward = Ct4Key {
+                    saddr: key.daddr,
+                    daddr: value.nat_addr,
+                    sport: key.dport,
+                    dport: value.nat_port,
+                    proto: key.proto,
+                    _pad: [0; 3],
+                };
+                let forward_closing = self
+                    .conntrack
+                    .get(&forward, 0)
+                    .map_or(true, |f| f.flags & CT_FLAG_CLOSING != 0);
+                if forward_closing {
+                    continue;
+                }
+            }
+            let (word, mask) =
+                reply_filter::word_and_mask(reply_filter::bit(key.saddr, key.sport, key.proto));
+            words[word as usize] |= mask;
+        }
+        words
     }
 
     /// Every conntrack entry.
