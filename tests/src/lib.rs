@@ -41,7 +41,7 @@ pub use crate::{
     cluster::Cluster,
     manifests::{EndpointSlice, ManifestDir, Service},
     netns::NetNs,
-    servers::{EchoServer, HttpServer, UdpServer},
+    servers::{EchoServer, HttpServer, LineServer, LineServerProcess, UdpServer},
     topology::{Pod, Topology},
 };
 
@@ -117,6 +117,26 @@ fn reap_stale() {
             }
         }
     }
+}
+
+/// Raises this process's soft open-file limit to its hard one (tests holding thousands of
+/// sockets); returns the new limit.
+pub fn raise_nofile_to_hard() -> Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            bail!("setrlimit: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, for at most `timeout`.

@@ -335,3 +335,226 @@ fn echo(mut stream: TcpStream, stop: &AtomicBool, echoed: &AtomicU64) -> std::io
     }
     Ok(())
 }
+
+/// A TCP server for thousands of concurrent connections (the [`HttpServer`]'s thread per
+/// connection does not scale that far): every line received is answered with
+/// `<name> <line>`, and a connection stays open until the peer closes it. One tokio
+/// runtime thread per server; counts accepted and open connections; stops on drop.
+pub struct LineServer {
+    pub name: String,
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    open: Arc<AtomicU64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Listen backlog of a [`LineServer`]: a burst of connections queues instead of having its
+/// SYNs dropped (and retried a second later).
+const LINE_BACKLOG: i32 = 4096;
+
+impl LineServer {
+    /// Listens on 0.0.0.0:`port` inside `ns`.
+    pub fn start(ns: &NetNs, name: &str, port: u16) -> Result<Self> {
+        Self::start_at(&ns.path(), name, port)
+    }
+
+    /// Listens on 0.0.0.0:`port` inside the namespace whose handle is `ns_path` (e.g.
+    /// `/run/netns/<name>`), for a process that did not make the namespace.
+    pub fn start_at(ns_path: &std::path::Path, name: &str, port: u16) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        let ns_file = std::fs::File::open(ns_path)
+            .with_context(|| format!("opening {}", ns_path.display()))?;
+        let listener = std::thread::scope(|s| {
+            s.spawn(move || -> Result<std::io::Result<TcpListener>> {
+                nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .context("setns")?;
+                Ok((|| -> std::io::Result<TcpListener> {
+                    let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                    // std listens with a small backlog; listening again raises it.
+                    // SAFETY: a valid socket descriptor owned by `l`.
+                    if unsafe { libc::listen(l.as_raw_fd(), LINE_BACKLOG) } != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    l.set_nonblocking(true)?;
+                    Ok(l)
+                })())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("binding thread panicked"))?
+        })?
+        .with_context(|| format!("binding TCP port {port} in {}", ns_path.display()))?;
+        let addr = listener.local_addr()?;
+        let accepted = Arc::new(AtomicU64::new(0));
+        let open = Arc::new(AtomicU64::new(0));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building the server's runtime")?;
+        let thread = {
+            let (accepted, open, name) = (accepted.clone(), open.clone(), name.to_owned());
+            std::thread::Builder::new()
+                .name(format!("line-{name}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        let listener = match tokio::net::TcpListener::from_std(listener) {
+                            Ok(l) => l,
+                            Err(e) => return eprintln!("testbed: line server {name}: {e}"),
+                        };
+                        tokio::select! {
+                            _ = stop_rx => {}
+                            () = line_accept_loop(listener, name, accepted, open) => {}
+                        }
+                    });
+                    // Dropping the runtime closes every connection still open.
+                })?
+        };
+        Ok(LineServer {
+            name: name.to_owned(),
+            addr,
+            accepted,
+            open,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now (accepted, not yet closed by the peer).
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for LineServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn line_accept_loop(
+    listener: tokio::net::TcpListener,
+    name: String,
+    accepted: Arc<AtomicU64>,
+    open: Arc<AtomicU64>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                open.fetch_add(1, Ordering::SeqCst);
+                let (name, open) = (name.clone(), open.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = serve_lines(stream, &name).await {
+                        eprintln!("testbed: line server {name}: {e}");
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+            Err(e) => {
+                // EMFILE and the like: say so, and go on after a pause.
+                eprintln!("testbed: line server {name}: accept: {e}");
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+}
+
+async fn serve_lines(stream: tokio::net::TcpStream, name: &str) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    loop {
+        match tokio::time::timeout(IDLE_LIMIT, lines.next_line()).await {
+            Ok(Ok(Some(line))) => {
+                write
+                    .write_all(format!("{name} {line}\n").as_bytes())
+                    .await?
+            }
+            // The peer closed (or reset) the connection, or left it idle too long.
+            Ok(Ok(None)) | Err(_) => return Ok(()),
+            Ok(Err(e)) if e.kind() == ErrorKind::ConnectionReset => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// [`LineServer`]s for several pods in a child process (the `testbed-line-servers` binary
+/// of this package), so that their sockets do not count against the open-file limit of
+/// the test process, which holds the client side. Ends the child on drop.
+pub struct LineServerProcess {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl LineServerProcess {
+    /// Starts `bin` (`env!("CARGO_BIN_EXE_testbed-line-servers")` in a test) with a
+    /// server on `port` in each of `pods`, and waits until they all listen.
+    pub fn spawn(bin: &std::path::Path, port: u16, pods: &[&crate::Pod]) -> Result<Self> {
+        use std::{io::BufRead, process::Stdio};
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg(port.to_string());
+        for p in pods {
+            cmd.arg(format!("{}={}", p.ns.path().display(), p.name));
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdin = child.stdin.take();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let mut me = LineServerProcess {
+            child,
+            stdin,
+            stdout,
+        };
+        if line.trim() != "ready" {
+            let status = me.child.wait()?;
+            anyhow::bail!("{} did not start ({status}): {line:?}", bin.display());
+        }
+        Ok(me)
+    }
+
+    /// Pod name -> (connections accepted, connections open).
+    pub fn counts(&mut self) -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
+        use std::io::BufRead;
+        let stdin = self.stdin.as_mut().context("stopped")?;
+        stdin.write_all(b"counts\n")?;
+        stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        let raw: std::collections::BTreeMap<String, [u64; 2]> =
+            serde_json::from_str(&line).with_context(|| format!("counts {line:?}"))?;
+        Ok(raw.into_iter().map(|(k, [a, o])| (k, (a, o))).collect())
+    }
+}
+
+impl Drop for LineServerProcess {
+    fn drop(&mut self) {
+        // Closing stdin ends the child; kill it if it has not gone after a while.
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
