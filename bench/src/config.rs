@@ -50,6 +50,24 @@ pub struct Settings {
     pub memory_scales: Vec<usize>,
     /// Section 4: agent starts per scale.
     pub memory_runs: usize,
+    /// Section 5: services in the cluster while API events are measured.
+    #[serde(default)]
+    pub api_scales: Vec<usize>,
+    /// Section 5: endpoint changes, and services added, per scale.
+    #[serde(default)]
+    pub api_events: usize,
+    /// Section 5: endpoints per service of the event runs.
+    #[serde(default)]
+    pub api_endpoints: usize,
+    /// Section 5: services of the initial-sync runs.
+    #[serde(default)]
+    pub api_sync_services: usize,
+    /// Section 5: endpoints per service of the initial-sync runs.
+    #[serde(default)]
+    pub api_sync_endpoints: usize,
+    /// Section 5: initial-sync runs.
+    #[serde(default)]
+    pub api_sync_runs: usize,
 }
 
 impl Settings {
@@ -73,6 +91,12 @@ impl Settings {
                 endpoints_per_service: 2,
                 memory_scales: vec![1, 1_000, 10_000, 50_000],
                 memory_runs: 2,
+                api_scales: vec![1_000, 10_000],
+                api_events: 300,
+                api_endpoints: 10,
+                api_sync_services: 10_000,
+                api_sync_endpoints: 10,
+                api_sync_runs: 3,
             },
             Mode::Quick => Settings {
                 mode,
@@ -92,6 +116,12 @@ impl Settings {
                 endpoints_per_service: 2,
                 memory_scales: vec![1, 1_000, 10_000],
                 memory_runs: 1,
+                api_scales: vec![1_000, 10_000],
+                api_events: 100,
+                api_endpoints: 10,
+                api_sync_services: 10_000,
+                api_sync_endpoints: 10,
+                api_sync_runs: 1,
             },
             Mode::Smoke => Settings {
                 mode,
@@ -111,6 +141,12 @@ impl Settings {
                 endpoints_per_service: 2,
                 memory_scales: vec![1, 20],
                 memory_runs: 1,
+                api_scales: vec![20],
+                api_events: 10,
+                api_endpoints: 2,
+                api_sync_services: 50,
+                api_sync_endpoints: 2,
+                api_sync_runs: 1,
             },
         }
     }

@@ -24,6 +24,14 @@ const E2E_CONTENDERS: &[&str] = &["direct", "bpfproxy", "iptables", "nftables"];
 const CONTROL_METRICS: &[&str] = &["program", "endpoint_change"];
 const CONTROL_CONTENDERS: &[&str] = &["bpfproxy", "iptables", "nftables"];
 const MEMORY_METRICS: &[&str] = &["agent_rss", "agent_peak_rss", "maps_memlock"];
+const API_EVENT_METRICS: &[&str] = &[
+    "endpoint_event",
+    "endpoint_event_p50",
+    "endpoint_event_p99",
+    "service_added",
+    "service_added_p50",
+    "service_added_p99",
+];
 
 fn scales(settings: &Value, key: &str) -> Vec<u64> {
     settings[key]
@@ -138,10 +146,22 @@ fn smoke_run_writes_every_figure() {
         check_figure(figures, "control", "agent_start_cpu", "bpfproxy", n);
     }
 
+    for n in scales(settings, "api_scales") {
+        for metric in API_EVENT_METRICS {
+            check_figure(figures, "api", metric, "bpfproxy", n);
+        }
+    }
+    let sync = settings["api_sync_services"]
+        .as_u64()
+        .expect("api_sync_services");
+    check_figure(figures, "api", "initial_sync", "bpfproxy", sync);
+    check_figure(figures, "api", "initial_sync_after_lists", "bpfproxy", sync);
+
     // The tables and plots next to it.
     let stem = json.file_stem().unwrap().to_string_lossy().into_owned();
     let md = std::fs::read_to_string(out.path().join(format!("{stem}.md"))).expect("tables");
     assert!(md.contains("## 1. Datapath cost"), "{md}");
+    assert!(md.contains("## 5. Kubernetes API source"), "{md}");
     let plots = Path::new(out.path()).join(&stem);
     let svgs = std::fs::read_dir(&plots)
         .expect("plots folder")

@@ -207,6 +207,36 @@ impl Agent {
         bpffs: &Path,
         extra: &[&str],
     ) -> Result<Self> {
+        let source = [OsString::from("--manifests"), manifests.into()];
+        Self::start_with_source(node, &source, interfaces, bpffs, extra)
+    }
+
+    /// Like [`Agent::start_with_args`], reading the Kubernetes API through `kubeconfig`
+    /// (e.g. [`crate::ApiServer::kubeconfig`]) as node `node_name` instead of manifests.
+    pub fn start_kube(
+        node: &NetNs,
+        kubeconfig: &Path,
+        node_name: &str,
+        interfaces: &str,
+        bpffs: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let source = [
+            OsString::from("--kubeconfig"),
+            kubeconfig.into(),
+            "--node-name".into(),
+            node_name.into(),
+        ];
+        Self::start_with_source(node, &source, interfaces, bpffs, extra)
+    }
+
+    fn start_with_source(
+        node: &NetNs,
+        source: &[OsString],
+        interfaces: &str,
+        bpffs: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let bin = bpfproxy_bin()?;
         ensure_bpffs()?;
         if bpffs.exists() {
@@ -221,13 +251,14 @@ impl Agent {
             format!("--net={}", node.path().display()).into(),
             bin.clone().into(),
             "run".into(),
-            "--manifests".into(),
-            manifests.into(),
+        ];
+        args.extend(source.iter().cloned());
+        args.extend([
             "--interfaces".into(),
             interfaces.into(),
             "--bpffs".into(),
             bpffs.into(),
-        ];
+        ]);
         args.extend(extra.iter().map(OsString::from));
         let child = spawn_agent(&args, &log, false)?;
         Ok(Agent {

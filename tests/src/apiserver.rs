@@ -197,6 +197,10 @@ impl ApiServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                // As Go's net package (so the real API server) does: without it, a watch
+                // event written in several small pieces waits for the client's delayed
+                // ACK (40 ms) behind Nagle's algorithm.
+                let _ = stream.set_nodelay(true);
                 if !s.lock().available {
                     // Lost: the connection is closed at once.
                     s.lock().counts.refused += 1;

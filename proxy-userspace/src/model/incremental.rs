@@ -45,6 +45,8 @@ pub struct Model {
     slices_of: BTreeMap<ObjectKey, BTreeSet<String>>,
     /// Services whose ports claim each frontend; the first one holds it.
     claims: BTreeMap<Frontend, BTreeSet<ObjectKey>>,
+    /// Frontends claimed by more than one Service (so listing issues skips the others).
+    contested: BTreeSet<Frontend>,
     desired: DesiredState,
     /// SCTP frontends left out, with the warning naming them.
     unsupported: BTreeMap<Frontend, ModelIssue>,
@@ -168,7 +170,10 @@ impl Model {
             };
             issues.extend(part_issues.into_iter().flatten().cloned());
         }
-        for (frontend, owners) in &self.claims {
+        for frontend in &self.contested {
+            let Some(owners) = self.claims.get(frontend) else {
+                continue;
+            };
             let mut owners = owners.iter();
             let Some(first) = owners.next() else { continue };
             for loser in owners {
@@ -264,6 +269,11 @@ impl Model {
             self.claims.entry(*f).or_default().insert(key.clone());
         }
         for f in old_frontends.into_iter().chain(new_frontends) {
+            if self.claims.get(&f).is_some_and(|c| c.len() > 1) {
+                self.contested.insert(f);
+            } else {
+                self.contested.remove(&f);
+            }
             self.resolve(f);
         }
     }
