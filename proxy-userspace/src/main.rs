@@ -100,8 +100,9 @@ enum Command {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
         ct_gc_interval: u64,
     },
-    /// Remove every program, link and pin bpfproxy made under --bpffs (stop the agent
-    /// first). Traffic then passes untranslated. Safe to run again.
+    /// Remove every program, link and pin bpfproxy made under --bpffs. Refused while an
+    /// agent runs on the folder; entries that are not bpfproxy's are listed, not removed.
+    /// Traffic then passes untranslated. Safe to run again.
     Cleanup {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
@@ -282,11 +283,21 @@ fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
             name => println!("detached from {name} (link {link}, program {program})"),
         }
     }
-    println!(
-        "removed {} pins and {}: nothing of bpfproxy is left there",
-        report.removed.len() + report.detached.len(),
-        dir.display()
-    );
+    let pins = report.removed.len() + report.detached.len();
+    if report.left.is_empty() {
+        println!(
+            "removed {pins} pins and {}: nothing of bpfproxy is left there",
+            dir.display()
+        );
+    } else {
+        println!(
+            "removed {pins} pins; kept {} and these entries, which are not bpfproxy's:",
+            dir.display()
+        );
+        for path in &report.left {
+            println!("  {}", path.display());
+        }
+    }
     Ok(())
 }
 

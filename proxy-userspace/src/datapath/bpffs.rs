@@ -1,7 +1,11 @@
 //! Makes sure a BPF filesystem is mounted where the pins go, as Cilium's agent does: a node
 //! where nobody mounted /sys/fs/bpf must still work.
 
-use std::{fs, path::Path};
+use std::{
+    fs::{self, File, TryLockError},
+    io,
+    path::Path,
+};
 
 use nix::{
     mount::{MsFlags, mount},
@@ -37,4 +41,29 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
 
 pub fn is_bpffs(path: &Path) -> bool {
     statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
+}
+
+/// Takes a shared lock on the pin folder `dir` for as long as the returned file is open.
+/// Every agent holds one, so `bpfproxy cleanup` ([`lock_exclusive`]) can tell that an agent
+/// is running on the folder; agents do not exclude each other.
+pub fn lock_shared(dir: &Path) -> Result<File, DatapathError> {
+    let err = |reason: String| DatapathError::Bpffs {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let file = File::open(dir).map_err(|e| err(format!("opening it to lock it: {e}")))?;
+    file.lock_shared()
+        .map_err(|e| err(format!("locking it: {e}")))?;
+    Ok(file)
+}
+
+/// Takes the exclusive lock on `dir` without waiting: `WouldBlock` while an agent holds
+/// its shared one.
+pub fn lock_exclusive(dir: &Path) -> io::Result<File> {
+    let file = File::open(dir)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
 }

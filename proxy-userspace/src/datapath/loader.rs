@@ -156,6 +156,9 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub maps: KernelMaps,
     pub pin_dir: Option<PathBuf>,
+    /// A shared lock on the pin folder while this agent uses it: `bpfproxy cleanup` refuses
+    /// to run under it.
+    _lock: Option<fs::File>,
 }
 
 impl Datapath {
@@ -186,9 +189,11 @@ impl Datapath {
             // One token per counted connection, which has two conntrack entries.
             .map_max_entries(maps::COUNTED4, (opts.sizes.conntrack / 2).max(1));
         let mut adopting = false;
+        let mut lock = None;
         let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
                 bpffs::ensure_pin_dir(dir)?;
+                lock = Some(bpffs::lock_shared(dir)?);
                 // Before anything under `dir` is opened for writing.
                 match layout::check(dir)? {
                     Layout::Fresh => layout::stamp(dir)?,
@@ -232,6 +237,7 @@ impl Datapath {
             ebpf,
             maps,
             pin_dir: opts.pin_dir.clone(),
+            _lock: lock,
         })
     }
 
@@ -347,7 +353,7 @@ fn classifier<'a>(
 
 /// Refuses pins left by a version whose map layout differs: reusing them would let the new
 /// programs read old bytes with a new meaning.
-fn check_pins(dir: &Path) -> Result<(), DatapathError> {
+pub(crate) fn check_pins(dir: &Path) -> Result<(), DatapathError> {
     for (name, map_type, key, value) in map_shapes() {
         let path = dir.join(name);
         if !path.exists() {
