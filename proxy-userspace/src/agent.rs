@@ -331,9 +331,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tracing::info!(orphans, "removed map entries no service refers to");
     }
 
-    let present = list_interfaces();
+    let present = list_interfaces().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "listing the interfaces");
+        Vec::new()
+    });
     for name in patterns.literal_names() {
-        if !present.iter().any(|(_, n)| n == name) {
+        if !present.is_empty() && !present.iter().any(|(_, n)| n == name) {
             tracing::error!(
                 interface = name,
                 "interface does not exist (yet); it will be attached when it appears"

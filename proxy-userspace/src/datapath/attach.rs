@@ -63,14 +63,12 @@ impl InterfacePatterns {
 }
 
 /// The interfaces of this network namespace: (index, name).
-pub fn list_interfaces() -> Vec<(u32, String)> {
-    nix::net::if_::if_nameindex()
-        .map(|list| {
-            list.iter()
-                .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
-                .collect()
-        })
-        .unwrap_or_default()
+pub fn list_interfaces() -> io::Result<Vec<(u32, String)>> {
+    let list = nix::net::if_::if_nameindex().map_err(io::Error::from)?;
+    Ok(list
+        .iter()
+        .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+        .collect())
 }
 
 /// Where the program is attached: interface name -> attachment.
@@ -120,7 +118,16 @@ impl Attachments {
         prog: &mut SchedClassifier,
         patterns: &InterfacePatterns,
     ) -> Vec<DatapathError> {
-        let present = list_interfaces();
+        let present = match list_interfaces() {
+            Ok(present) => present,
+            // Without the list every link would look gone: change nothing until next time.
+            Err(e) => {
+                return vec![DatapathError::Interface {
+                    interface: patterns.source.join(","),
+                    reason: format!("listing the interfaces (links left as they are): {e}"),
+                }];
+            }
+        };
         let mut errors = Vec::new();
         if !self.adopted {
             self.adopted = true;
@@ -172,10 +179,21 @@ impl Attachments {
             return Ok((link, None));
         };
         let path = dir.join(pin_name(name));
-        // A pin of the same name left over (the interface was recreated): replace it.
-        let _ = fs::remove_file(&path);
-        link_sys::obj_pin(fd, &path)
-            .map_err(|e| err(format!("pinning its tc link at {}: {e}", path.display())))?;
+        // A pin of the same name left over by a link whose interface is gone (the interface
+        // was recreated): replace it. A live link's pin stays (then this one is not pinned).
+        if stale_link_pin(&path) {
+            let _ = fs::remove_file(&path);
+        }
+        if let Err(e) = link_sys::obj_pin(fd, &path) {
+            // Serving now matters more than surviving a restart: keep the link, unpinned.
+            tracing::warn!(
+                interface = %name,
+                pin = %path.display(),
+                error = %e,
+                "could not pin the tc link: the interface is served, but its program will go with this agent (a restart leaves it unserved until the next agent attaches)"
+            );
+            return Ok((link, None));
+        }
         Ok((link, Some(path)))
     }
 
@@ -224,23 +242,58 @@ impl Attachments {
                     continue;
                 }
             };
-            let info = MultiProgLink::fd(&link)
+            let info = match MultiProgLink::fd(&link)
                 .map_err(io::Error::other)
-                .and_then(link_sys::tcx_link_info);
-            let here = info.as_ref().ok().and_then(|info| {
-                present
-                    .iter()
-                    .find(|(i, n)| info.ifindex != 0 && *i == info.ifindex && patterns.matches(n))
-            });
-            let Some((index, name)) = here.filter(|(_, n)| !self.links.contains_key(n)) else {
-                // The interface is gone (ifindex 0), renamed out of the patterns, or no longer
-                // wanted: the pin was the last holder, so removing it detaches the link.
+                .and_then(link_sys::tcx_link_info)
+            {
+                Ok(info) => info,
+                Err(e) => {
+                    // Cannot tell where it is: leave it as it is.
+                    errors.push(DatapathError::Interface {
+                        interface: pinned_name,
+                        reason: format!(
+                            "reading the tc link pinned at {} (left as it is): {e}",
+                            path.display()
+                        ),
+                    });
+                    continue;
+                }
+            };
+            if info.ifindex == 0 {
+                // Its interface is gone: the pin was the last holder, so removing it frees
+                // the link.
                 let _ = fs::remove_file(&path);
-                drop(link);
-                tracing::info!(interface = %pinned_name, "removed the pinned link of an interface no longer served");
+                tracing::info!(interface = %pinned_name, link = info.link_id, "removed the pinned link of an interface that is gone");
+                continue;
+            }
+            // The kernel must list this link on the interface of that index here: a link of
+            // another namespace's interface (the same index can exist there) is not ours to
+            // change.
+            let here = present
+                .iter()
+                .find(|(i, _)| *i == info.ifindex)
+                .filter(|_| {
+                    link_sys::tcx_ingress_link_ids(info.ifindex)
+                        .is_ok_and(|ids| ids.contains(&info.link_id))
+                });
+            let Some((index, name)) = here else {
+                tracing::warn!(
+                    pin = %path.display(),
+                    link = info.link_id,
+                    ifindex = info.ifindex,
+                    "a pinned tc link is not on an interface of this network namespace: left as it is"
+                );
                 continue;
             };
-            let old_prog = info.as_ref().map(|i| i.prog_id).unwrap_or_default();
+            if !patterns.matches(name) || self.links.contains_key(name) {
+                // No longer wanted (or renamed out of the patterns): removing the last
+                // holder detaches it.
+                let _ = fs::remove_file(&path);
+                drop(link);
+                tracing::info!(interface = %name, link = info.link_id, "removed the pinned link of an interface no longer served");
+                continue;
+            }
+            let old_prog = info.prog_id;
             let replaced = prog.attach_to_link(link).and_then(|id| prog.take_link(id));
             let link = match replaced {
                 Ok(link) => link,
@@ -265,7 +318,7 @@ impl Attachments {
             }
             tracing::info!(
                 interface = %name,
-                link = info.as_ref().map(|i| i.link_id).unwrap_or_default(),
+                link = info.link_id,
                 old_program = old_prog,
                 "took over the pinned tc link: program replaced in place"
             );
@@ -310,6 +363,20 @@ fn release(name: &str, attached: Attached, detach: bool) {
         tracing::warn!(interface = %name, error = %e, "detach failed");
     }
     drop(attached.link);
+}
+
+/// Whether `path` pins a tcx link whose interface is gone (or pins no tcx link at all).
+fn stale_link_pin(path: &Path) -> bool {
+    if fs::symlink_metadata(path).is_err() {
+        return false;
+    }
+    match open_pinned_tcx(path) {
+        Ok(link) => MultiProgLink::fd(&link)
+            .map_err(io::Error::other)
+            .and_then(link_sys::tcx_link_info)
+            .is_ok_and(|info| info.ifindex == 0),
+        Err(_) => true,
+    }
 }
 
 /// Opens a pinned tcx link; the reason if it is not one.

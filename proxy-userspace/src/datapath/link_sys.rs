@@ -17,7 +17,7 @@ use std::{
     path::Path,
 };
 
-use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
+use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
 
 /// What the kernel says of a tcx link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,4 +87,33 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     // `c_path` outlives the call.
     attr.__bindgen_anon_4.pathname = c_path.as_ptr() as u64;
     sys_bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr)
+}
+
+/// The ids of the tcx links on the ingress of interface `ifindex` of this network namespace
+/// (`BPF_PROG_QUERY`; aya's `query_tcx` gives the programs only).
+pub fn tcx_ingress_link_ids(ifindex: u32) -> io::Result<Vec<u32>> {
+    let mut cap = 16usize;
+    loop {
+        let mut progs = vec![0u32; cap];
+        let mut links = vec![0u32; cap];
+        // SAFETY: a plain C struct for which all-zero bytes are valid.
+        let mut attr: bpf_attr = unsafe { zeroed() };
+        attr.query.__bindgen_anon_1.target_ifindex = ifindex;
+        attr.query.attach_type = bpf_attach_type::BPF_TCX_INGRESS as u32;
+        attr.query.__bindgen_anon_2.count = cap as u32;
+        // Both buffers hold `cap` ids and outlive the call.
+        attr.query.prog_ids = progs.as_mut_ptr() as u64;
+        attr.query.link_ids = links.as_mut_ptr() as u64;
+        match sys_bpf(bpf_cmd::BPF_PROG_QUERY, &mut attr) {
+            Ok(()) => {
+                // SAFETY: the kernel wrote the count it filled in.
+                let n = unsafe { attr.query.__bindgen_anon_2.count } as usize;
+                links.truncate(n.min(cap));
+                return Ok(links);
+            }
+            // More programs than room: the kernel said how many.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && cap < 4096 => cap *= 4,
+            Err(e) => return Err(e),
+        }
+    }
 }
