@@ -534,11 +534,21 @@ pub fn pinned_links(bpffs: &Path) -> Result<Vec<PinnedLinkInfo>> {
         }
         let v: serde_json::Value = serde_json::from_slice(&show.stdout)
             .with_context(|| format!("bpftool's JSON for {}", path.display()))?;
-        let field = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        // A missing field must not read as 0, which would compare equal to another 0.
+        let field = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .with_context(|| {
+                    format!(
+                        "bpftool gave no {k:?} for the link pinned at {}: {v}",
+                        path.display()
+                    )
+                })
+        };
         out.push(PinnedLinkInfo {
             pin: entry.file_name().to_string_lossy().into_owned(),
-            link_id: field("id"),
-            prog_id: field("prog_id"),
+            link_id: field("id")?,
+            prog_id: field("prog_id")?,
         });
     }
     out.sort_by(|a, b| a.pin.cmp(&b.pin));
