@@ -23,6 +23,9 @@ pub const MONITOR_EVENTS: &str = "monitor_events";
 /// Size of the `monitor_events` ring buffer: 256 KiB, about 6,500 events (40 bytes plus an
 /// 8-byte header each) between two reads of the monitor.
 pub const MONITOR_RING_BYTES: u32 = 256 * 1024;
+/// Per-CPU traffic counters of each service frontend, indexed by svc_id
+/// (`stats::SvcCounters`).
+pub const SVC_COUNTERS: &str = "svc_counters";
 
 /// Maglev tables `maglev4` can hold (entries = this * `service::MAGLEV_SIZE`; the map is
 /// not preallocated, so only tables in use take memory). A service being changed holds
@@ -57,10 +60,13 @@ pub const LINKS_DIR: &str = "links";
 /// 2: `Ct4Value::last_seen_ns` (was the creation time) and `CT_FLAG_REPLIED` (the conntrack
 /// collector would misjudge entries of version 1), `stats` grew to 11 counters, the monitor
 /// maps `monitor_cfg` and `monitor_events`.
-pub const LAYOUT_VERSION: u32 = 2;
+///
+/// 3: `svc_counters` (per-service counters) added; everything else as in 2, so pins of 2
+/// are taken over (their services' counters start at 0).
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Older layout versions whose pins this version takes over in place: only when the change
 /// since was purely additive (new maps, every existing map unchanged), list the old version
 /// here; the agent then creates the new maps next to the old ones and records
 /// [`LAYOUT_VERSION`] in the folder, so an upgrade keeps services and connections.
-pub const LAYOUT_ADOPTS: &[u32] = &[];
+pub const LAYOUT_ADOPTS: &[u32] = &[2];

@@ -30,3 +30,27 @@ pub const NAMES: [&str; COUNT as usize] = [
     "err_rewrite",
     "ct_miss_midstream",
 ];
+
+/// Value of `svc_counters` (a PERCPU_ARRAY indexed by `svc_id`): one service frontend's
+/// traffic on one CPU. Userspace sums the CPUs. Bytes are `skb->len` at tc ingress (whole
+/// Ethernet frames). Zeroed by the agent when it gives the `svc_id` to a new service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcCounters {
+    /// Packets sent to the frontend (forwarded, or refused for want of a backend).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Connections that got a backend from the scheduler (a conntrack entry was created).
+    pub new_connections: u64,
+    /// Packets from a backend translated back to the frontend.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SvcCounters>() == 40);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), Copy, u64 fields only (no padding).
+    unsafe impl aya::Pod for super::SvcCounters {}
+}

@@ -39,7 +39,7 @@ use proxy_common::{
 
 use crate::{
     conntrack::Created,
-    maps::{CONNTRACK4, REPLY_FILTER4, SERVICES4, count},
+    maps::{CONNTRACK4, REPLY_FILTER4, SERVICES4, count, count_new_connection, count_service},
     parse::{ETH_LEN, Packet, Skip, TCP_SYN, ptr_at},
     sched::Service,
 };
@@ -139,6 +139,7 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, i32> {
 /// A packet to a service frontend: DNAT to the connection's backend, or pick one.
 #[inline(always)]
 fn to_service(ctx: &TcContext, pkt: &Packet, svc: &Service) -> Result<i32, i32> {
+    count_service(svc.svc_id, ctx.len() as u64, false);
     if let Some(ct) = CONNTRACK4.get_ptr_mut(conntrack::tuple_key(pkt)) {
         // SAFETY: a lookup result, read and written only through this pointer.
         let (dir, flags, addr, port) =
@@ -181,7 +182,10 @@ fn to_service(ctx: &TcContext, pkt: &Packet, svc: &Service) -> Result<i32, i32> 
     };
     let (addr, port, stat) =
         match conntrack::create(pkt, svc.svc_id, chosen.addr, chosen.port, count) {
-            Ok(Created::New) => (chosen.addr, chosen.port, new),
+            Ok(Created::New) => {
+                count_new_connection(svc.svc_id);
+                (chosen.addr, chosen.port, new)
+            }
             Ok(Created::Raced(addr, port)) => (addr, port, stats::FORWARD_ESTABLISHED),
             Err(_) => {
                 monitor::dropped(pkt, svc.svc_id, REASON_CT_FULL);
@@ -223,6 +227,7 @@ fn maybe_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, i32> {
     if dir != CT_DIR_REPLY {
         return exit(stats::PASS_NOT_SERVICE, OK);
     }
+    count_service(svc_id, ctx.len() as u64, true);
     conntrack::note_closing(pkt, ct);
     conntrack::note_closing_forward(pkt, addr, port);
     conntrack::touch(ct);

@@ -17,7 +17,7 @@ use proxy_common::{
         AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
         MAGLEV_SIZE, MaglevKey, Svc4Key, Svc4Value, SvcMeta,
     },
-    stats::COUNT,
+    stats::{COUNT, SvcCounters},
 };
 
 /// Service frontends (VIP, port, proto, scope) -> live backend table and backend count.
@@ -76,6 +76,14 @@ pub static COUNTED4: HashMap<
 #[btf_map(name = "sched_rr4")]
 pub static SCHED_RR4: PerCpuArray<u32, { DEFAULT_SERVICES as usize + 1 }> = PerCpuArray::new();
 
+/// Traffic of each service frontend on each CPU, indexed by svc_id (sized services + 1 at
+/// load). An array rather than a per-CPU hash: the index is the svc_id the service lookup
+/// already gave, so a bump is one direct lookup on the established path (no hashing); the
+/// price is memory for every possible svc_id (40 bytes x (services + 1) x CPUs).
+#[btf_map(name = "svc_counters")]
+pub static SVC_COUNTERS: PerCpuArray<SvcCounters, { DEFAULT_SERVICES as usize + 1 }> =
+    PerCpuArray::new();
+
 /// svc_id -> namespace/name/port name, for the CLI only; the kernel never reads it. The
 /// `export_name` the macro gives it keeps the unreferenced definition in the object's `.maps`.
 #[btf_map(name = "svc_meta")]
@@ -96,5 +104,32 @@ pub fn count(index: u32) {
     if let Some(p) = STATS.get_ptr_mut(index) {
         // SAFETY: the pointer comes from the map lookup and is this CPU's own slot.
         unsafe { *p += 1 };
+    }
+}
+
+/// Adds one packet of `len` bytes to service `svc_id`'s counters on this CPU, towards the
+/// frontend (`reply` false) or back from a backend (`reply` true).
+#[inline(always)]
+pub fn count_service(svc_id: u32, len: u64, reply: bool) {
+    if let Some(c) = SVC_COUNTERS.get_ptr_mut(svc_id) {
+        // SAFETY: the pointer comes from the map lookup and is this CPU's own slot.
+        unsafe {
+            if reply {
+                (*c).reply_packets += 1;
+                (*c).reply_bytes += len;
+            } else {
+                (*c).packets += 1;
+                (*c).bytes += len;
+            }
+        }
+    }
+}
+
+/// Counts a new connection of service `svc_id` on this CPU.
+#[inline(always)]
+pub fn count_new_connection(svc_id: u32) {
+    if let Some(c) = SVC_COUNTERS.get_ptr_mut(svc_id) {
+        // SAFETY: as in `count_service`.
+        unsafe { (*c).new_connections += 1 };
     }
 }

@@ -121,6 +121,11 @@ pub enum MapOp {
         frontend: Svc4Key,
         backends: Vec<Backend4>,
     },
+    /// Zero the traffic counters of `svc_id` (`svc_counters`), given to a new service: its
+    /// counters must not start from those of a service that had the id before.
+    ResetCounters {
+        svc_id: u32,
+    },
 }
 
 /// The ops for one service port, applied together; if one fails the step is rolled back
@@ -539,6 +544,7 @@ impl MapState {
             // Conntrack is not mirrored; Maglev tables follow from the services (a live
             // table of a `maglev` service has one), so they are not mirrored either.
             MapOp::PurgeUdpConntrack { .. }
+            | MapOp::ResetCounters { .. }
             | MapOp::PutMaglevTable { .. }
             | MapOp::DeleteMaglevTable { .. } => {}
         }
@@ -910,6 +916,7 @@ impl<'a> Planner<'a> {
                     return None;
                 };
                 let [table, other] = tables_of(id);
+                ops.push(MapOp::ResetCounters { svc_id: id });
                 ops.push(MapOp::PutMeta { svc_id: id, meta });
                 put_backends(&mut ops, table);
                 ops.push(MapOp::PutService {
@@ -1275,7 +1282,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_service_is_meta_then_backends_then_published() {
+    fn a_new_service_is_counters_then_meta_then_backends_then_published() {
         let f = frontend(10, 80, Protocol::Tcp);
         let e = eps(&[1, 2]);
         let d = desired([service("myapp", f, e.clone())]);
@@ -1292,6 +1299,8 @@ mod tests {
             [Step {
                 name: name.clone(),
                 ops: vec![
+                    // The id may have served another service: its counters start at 0.
+                    MapOp::ResetCounters { svc_id: 1 },
                     MapOp::PutMeta {
                         svc_id: 1,
                         meta: meta_from_name(&name)
@@ -1328,7 +1337,7 @@ mod tests {
         let mut state = MapState::default();
         let f = frontend(10, 80, Protocol::Tcp);
         let plan = step(&mut state, &desired([service("a", f, vec![])]));
-        assert_eq!(plan.steps[0].ops.len(), 2); // PutMeta, PutService
+        assert_eq!(plan.steps[0].ops.len(), 3); // ResetCounters, PutMeta, PutService
         assert_eq!(state.services[&f.key()].value.backend_count, 0);
         assert!(plan.prologue.is_empty() && plan.epilogue.is_empty());
     }
@@ -1654,8 +1663,11 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert_eq!(p.steps.len(), 1);
         assert!(matches!(
-            p.steps[0].ops[0],
-            MapOp::PutMeta { svc_id: 2, .. }
+            p.steps[0].ops[0..2],
+            [
+                MapOp::ResetCounters { svc_id: 2 },
+                MapOp::PutMeta { svc_id: 2, .. }
+            ]
         ));
     }
 
@@ -1848,7 +1860,9 @@ mod tests {
                     .unwrap_or(0),
             },
             MapOp::PutMaglevTable { table, .. } => MapOp::DeleteMaglevTable { table: *table },
-            MapOp::PurgeUdpConntrack { .. } | MapOp::DeleteMaglevTable { .. } => return None,
+            MapOp::PurgeUdpConntrack { .. }
+            | MapOp::ResetCounters { .. }
+            | MapOp::DeleteMaglevTable { .. } => return None,
         })
     }
 

@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use proxy_common::{
     conntrack::{CT_DIR_REPLY, CT_FLAG_CLOSING, Ct4Key, Ct4Value},
@@ -14,7 +14,7 @@ use proxy_common::{
         AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
         MAGLEV_SIZE, MaglevKey, SCHED_MAGLEV, Svc4Key, Svc4Value, SvcMeta,
     },
-    stats,
+    stats::{self, SvcCounters},
 };
 
 use super::DatapathError;
@@ -31,6 +31,7 @@ pub struct KernelMaps {
     pub backend_conns: HashMap<MapData, BackendConnsKey, BackendConns>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub counted: HashMap<MapData, Ct4Key, BackendConnsKey>,
+    pub svc_counters: PerCpuArray<MapData, SvcCounters>,
 }
 
 /// What [`KernelMaps::apply`] did: steps that failed were rolled back and are named here.
@@ -66,6 +67,7 @@ impl KernelMaps {
             backend_conns: typed(get(maps::BACKEND_CONNS4)?, maps::BACKEND_CONNS4)?,
             affinity: typed(get(maps::AFFINITY4)?, maps::AFFINITY4)?,
             counted: typed(get(maps::COUNTED4)?, maps::COUNTED4)?,
+            svc_counters: typed(get(maps::SVC_COUNTERS)?, maps::SVC_COUNTERS)?,
         })
     }
 
@@ -275,6 +277,8 @@ impl KernelMaps {
             MapOp::DeleteMaglevTable { .. } => None,
             // Dropped conntrack entries are not restored: clients simply pick anew.
             MapOp::PurgeUdpConntrack { .. } => None,
+            // The counters belonged to no live service (the id was free).
+            MapOp::ResetCounters { .. } => None,
         }
     }
 
@@ -307,6 +311,14 @@ impl KernelMaps {
             MapOp::PurgeUdpConntrack { frontend, backends } => {
                 self.purge_udp_conntrack(frontend, backends);
                 Ok(())
+            }
+            MapOp::ResetCounters { svc_id } => {
+                let zeros = vec![SvcCounters::default(); nr_cpus()?];
+                let values =
+                    PerCpuValues::try_from(zeros).map_err(|e| counters_err("PerCpuValues", e))?;
+                self.svc_counters
+                    .set(*svc_id, values, 0)
+                    .map_err(map_err(maps::SVC_COUNTERS))
             }
             MapOp::PutMaglevTable { table, slots } => {
                 for (index, slot) in slots.iter().enumerate() {
@@ -423,6 +435,19 @@ impl KernelMaps {
                 (stats::NAMES[i as usize], total)
             })
             .collect()
+    }
+}
+
+/// Possible CPUs: the number of values of a per-CPU map.
+fn nr_cpus() -> Result<usize, DatapathError> {
+    aya::util::nr_cpus()
+        .map_err(|(path, e)| counters_err("nr_cpus", std::io::Error::other(format!("{path}: {e}"))))
+}
+
+fn counters_err(call: &'static str, io_error: std::io::Error) -> DatapathError {
+    DatapathError::Map {
+        name: maps::SVC_COUNTERS.to_string(),
+        source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
     }
 }
 

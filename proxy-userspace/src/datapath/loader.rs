@@ -24,6 +24,7 @@ use proxy_common::{
         AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
         MaglevKey, Svc4Key, Svc4Value, SvcMeta,
     },
+    stats::SvcCounters,
 };
 
 use super::{
@@ -71,7 +72,7 @@ pub struct LoadOptions {
 }
 
 /// Expected shape of each pinned map: (name, type, key size, value size).
-fn map_shapes() -> [(&'static str, MapType, usize, usize); 13] {
+fn map_shapes() -> [(&'static str, MapType, usize, usize); 14] {
     use std::mem::size_of;
     [
         (
@@ -148,6 +149,12 @@ fn map_shapes() -> [(&'static str, MapType, usize, usize); 13] {
         ),
         // A ring buffer has no key or value; the kernel reports both sizes as 0.
         (maps::MONITOR_EVENTS, MapType::RingBuf, 0, 0),
+        (
+            maps::SVC_COUNTERS,
+            MapType::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<SvcCounters>(),
+        ),
     ]
 }
 
@@ -184,6 +191,7 @@ impl Datapath {
             .map_max_entries(maps::CONNTRACK4, opts.sizes.conntrack)
             // Indexed by svc_id, which the planner keeps within 1..=services.
             .map_max_entries(maps::SCHED_RR4, opts.sizes.services.saturating_add(1))
+            .map_max_entries(maps::SVC_COUNTERS, opts.sizes.services.saturating_add(1))
             // Counters exist only for backends of counting services: at most one per slot.
             .map_max_entries(maps::BACKEND_CONNS4, opts.sizes.backend_slots)
             // One token per counted connection, which has two conntrack entries.
