@@ -31,10 +31,13 @@ use crate::{
         attach::{Attachments, InterfacePatterns, list_interfaces},
         loader::PROG_TC_INGRESS,
     },
+    health::Health,
+    http,
     kube_source::{KubeOptions, KubeSource},
     manifest::ManifestDir,
     model::{DesiredState, Frontend, Model, ModelOptions, Protocol, Scheduler, Severity},
     planner::{Capacity, MapState, Plan, keep_reply_bits, plan, plan_changes},
+    metrics::{self, DatapathCollector, Metrics, SyncMetrics},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -54,9 +57,10 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// Scheduler of Services without a `bpfproxy.io/scheduler` annotation.
     pub default_scheduler: Scheduler,
-    /// Where to answer `GET /healthz` (200 once the maps were programmed from the source
-    /// and the loop is alive, 503 before or when it stalls); `None`: no health endpoint.
-    pub health_addr: Option<std::net::SocketAddr>,
+    /// Where to answer `/healthz` and `/livez` (see [`Health`]); `None`: nowhere.
+    pub healthz_addr: Option<std::net::SocketAddr>,
+    /// Where to answer `/metrics`; `None`: nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Take the programs off the interfaces on exit (and remove their link pins) instead of
     /// leaving them attached for the next agent to take over.
     pub detach_on_exit: bool,
@@ -69,60 +73,6 @@ pub struct AgentConfig {
 pub struct ConntrackGc {
     pub interval: Duration,
     pub timeouts: Timeouts,
-}
-
-/// What `/healthz` reports: the last time the loop reconciled from a complete source.
-#[derive(Clone, Default)]
-struct Health(Arc<std::sync::Mutex<Option<Instant>>>);
-
-impl Health {
-    fn synced(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-    }
-
-    fn healthy(&self, within: Duration) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|t| t.elapsed() <= within)
-    }
-}
-
-/// A minimal HTTP health endpoint (kube-proxy's `/healthz` port): any request is answered
-/// 200 `ok` or 503 `not synced`.
-async fn serve_health(
-    addr: std::net::SocketAddr,
-    health: Health,
-    within: Duration,
-) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("health endpoint on {addr}"))?;
-    tracing::info!(%addr, "health endpoint: GET /healthz");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
-            };
-            let health = health.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await;
-                let (status, body) = if health.healthy(within) {
-                    ("200 OK", "ok\n")
-                } else {
-                    ("503 Service Unavailable", "not synced\n")
-                };
-                let reply = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(reply.as_bytes()).await;
-            });
-        }
-    });
-    Ok(())
 }
 
 enum Trigger {
@@ -161,6 +111,7 @@ impl ProblemLog {
 struct Reconciler {
     source: Source,
     health: Health,
+    metrics: SyncMetrics,
     state: MapState,
     capacity: Capacity,
     problems: ProblemLog,
@@ -204,6 +155,7 @@ impl Reconciler {
     /// Brings the model up to date with the source, then plans the services that changed
     /// (or every service when `full`, at start, or after a failed write) and applies.
     fn sync(&mut self, maps: &mut KernelMaps, full: bool) {
+        let started = Instant::now();
         let mut problems = BTreeSet::new();
         match &mut self.source {
             Source::Manifests(dir) => {
@@ -211,7 +163,10 @@ impl Reconciler {
                 for skip in &report.skipped {
                     tracing::debug!("{skip}");
                 }
-                problems.extend(report.errors.iter().map(|e| e.to_string()));
+                for e in &report.errors {
+                    metrics::source_error("manifests", "parse");
+                    problems.insert(e.to_string());
+                }
                 let objects = dir.objects();
                 self.model.replace_all(&objects.services, &objects.slices);
             }
@@ -232,7 +187,6 @@ impl Reconciler {
                 source.update_model(&mut self.model, full);
             }
         }
-        self.health.synced();
         for issue in self.model.issues() {
             match issue.severity {
                 Severity::Warning => {
@@ -282,6 +236,10 @@ impl Reconciler {
                 "maps updated"
             );
         }
+        // Synced even if a service was refused or rolled back: those are named and retried;
+        // what stalls health is a loop that stops reconciling.
+        self.health.synced(started);
+        self.metrics.synced(started, &self.state);
         self.problems.report(problems);
     }
 }
@@ -315,6 +273,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         bail!("--manifests {}: not a directory", dir.display());
     }
     let patterns = InterfacePatterns::parse(&config.interfaces)?;
+    // Bound before loading anything: a port in use fails the start with nothing changed.
+    let healthz_listener = match config.healthz_addr {
+        Some(addr) => Some(http::bind("--healthz-addr", addr).await?),
+        None => None,
+    };
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(http::bind("--metrics-addr", addr).await?),
+        None => None,
+    };
     let mut datapath = Datapath::load(&config.load)?;
     let state = datapath
         .maps
@@ -344,6 +311,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     }
 
+    let node_name = match &config.source {
+        SourceConfig::Kube(o) => Some(o.node_name.clone()),
+        SourceConfig::Manifests(_) => None,
+    };
+    // kube-proxy's timeout: twice its sync period.
+    let health = Health::new(config.resync * 2, node_name);
+    let sync_metrics = serve_endpoints(
+        healthz_listener,
+        metrics_listener,
+        &health,
+        config.load.pin_dir.as_deref(),
+    );
     let (tx, mut rx) = mpsc::unbounded_channel();
     let source = match &config.source {
         SourceConfig::Manifests(dir) => Source::Manifests(ManifestDir::new(dir.clone())),
@@ -351,8 +330,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             let (kube_tx, mut kube_rx) = mpsc::unbounded_channel();
             let source = KubeSource::start(options, kube_tx).await?;
             let tx = tx.clone();
+            let health = health.clone();
             tokio::spawn(async move {
                 while kube_rx.recv().await.is_some() {
+                    health.queued();
                     if tx.send(Trigger::Kube).is_err() {
                         break;
                     }
@@ -369,11 +350,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let _manifest_watcher = match &config.source {
         SourceConfig::Manifests(dir) => {
             let manifest_tx = tx.clone();
+            let health = health.clone();
             let mut watcher =
                 notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                     // Not on access: every reload opens the files, and reacting to that
                     // reloaded forever (a core busy at 10,000 services).
                     if event.is_ok_and(|e| !e.kind.is_access()) {
+                        health.queued();
                         let _ = manifest_tx.send(Trigger::Manifests);
                     }
                 })
@@ -386,14 +369,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         SourceConfig::Kube(_) => None,
     };
     spawn_link_monitor(tx.clone())?;
-    let health = Health::default();
-    if let Some(addr) = config.health_addr {
-        // Stalled if no reconcile ran for three resync periods.
-        serve_health(addr, health.clone(), config.resync * 3).await?;
-    }
+    spawn_resync_due(health.clone(), config.resync);
     let mut reconciler = Reconciler {
         source,
         health,
+        metrics: sync_metrics,
         state,
         capacity: Capacity {
             services: config.load.sizes.services,
@@ -474,6 +454,75 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Starts `/healthz` and `/livez`, and `/metrics`, on their listeners; returns what the
+/// reconcile records.
+fn serve_endpoints(
+    healthz: Option<tokio::net::TcpListener>,
+    metrics: Option<tokio::net::TcpListener>,
+    health: &Health,
+    pin_dir: Option<&std::path::Path>,
+) -> SyncMetrics {
+    let collector = match (&metrics, pin_dir) {
+        (Some(_), Some(dir)) => match DatapathCollector::open(dir) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(
+                    "metrics: opening the pinned maps: {e:#}; datapath metrics left out"
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let registry = Arc::new(Metrics::new(collector));
+    let sync = registry.sync.clone();
+    if let Some(listener) = healthz {
+        let health = health.clone();
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "health endpoints: /healthz /livez");
+        }
+        http::serve(
+            listener,
+            Arc::new(move |path| match path {
+                "/healthz" | "/livez" => {
+                    let status = health.status();
+                    Some(http::Response::new(
+                        if status.healthy { 200 } else { 503 },
+                        "application/json",
+                        status.body,
+                    ))
+                }
+                _ => None,
+            }),
+        );
+    }
+    if let Some(listener) = metrics {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "metrics endpoint: /metrics");
+        }
+        http::serve(
+            listener,
+            Arc::new(move |path| {
+                (path == "/metrics")
+                    .then(|| http::Response::new(200, metrics::CONTENT_TYPE, registry.render()))
+            }),
+        );
+    }
+    sync
+}
+
+/// Marks a resync as due every `period`, so health notices a loop that stopped taking
+/// them (the loop's own timer would stop with it).
+fn spawn_resync_due(health: Health, period: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            health.queued();
+        }
+    });
 }
 
 fn sync_links(

@@ -281,6 +281,7 @@ where
     K: Resource<DynamicType = ()> + DeserializeOwned + Default,
 {
     let report = |obj: &DynamicObject, e: &str| {
+        crate::metrics::source_error("kubernetes", "decode");
         tracing::error!(
             "{} {}: cannot be decoded ({e}); skipped, every other object is still served",
             kind_of::<K>(),
@@ -372,6 +373,7 @@ where
                     }
                 }
                 Err(e) => {
+                    crate::metrics::source_error("kubernetes", "watch");
                     // The datapath keeps serving what it has; the watcher retries with backoff.
                     if !failing {
                         tracing::error!(

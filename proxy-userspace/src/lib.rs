@@ -4,10 +4,13 @@
 pub mod agent;
 pub mod conntrack_gc;
 pub mod datapath;
+pub mod health;
+pub mod http;
 pub mod inspect;
 pub mod kube_source;
 pub mod maglev;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
 pub mod monitor;
 pub mod planner;

@@ -74,9 +74,13 @@ enum Command {
         /// (e.g. an entry deleted by hand) is repaired. Changes apply at once regardless.
         #[arg(long, default_value_t = 30)]
         resync_seconds: u64,
-        /// Answer `GET /healthz` on this address (e.g. `0.0.0.0:10256`, kube-proxy's).
-        #[arg(long)]
-        health_addr: Option<std::net::SocketAddr>,
+        /// Answer `/healthz` and `/livez` here (kube-proxy's port); `""` for nowhere.
+        /// `--health-addr` is the older spelling.
+        #[arg(long, alias = "health-addr", default_value = "0.0.0.0:10256", value_parser = listen_addr)]
+        healthz_addr: ListenAddr,
+        /// Answer `/metrics` (Prometheus) here (kube-proxy's port); `""` for nowhere.
+        #[arg(long, default_value = "127.0.0.1:10249", value_parser = listen_addr)]
+        metrics_addr: ListenAddr,
         /// On exit, take the programs off the interfaces. By default they stay attached
         /// (links pinned under --bpffs) so a restart or upgrade drops nothing; the next
         /// agent swaps its programs in, and `bpfproxy cleanup` removes everything.
@@ -176,7 +180,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             object,
             resync_seconds,
             scheduler,
-            health_addr,
+            healthz_addr,
+            metrics_addr,
             detach_on_exit,
             ct_tcp_timeout,
             ct_tcp_closing_timeout,
@@ -205,7 +210,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 },
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 default_scheduler: scheduler,
-                health_addr,
+                healthz_addr: healthz_addr.0,
+                metrics_addr: metrics_addr.0,
                 detach_on_exit,
                 conntrack_gc: ConntrackGc {
                     interval: Duration::from_secs(ct_gc_interval),
@@ -299,6 +305,19 @@ fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// An address to listen on, or none (`""`).
+#[derive(Clone, Copy, Debug)]
+struct ListenAddr(Option<std::net::SocketAddr>);
+
+fn listen_addr(s: &str) -> Result<ListenAddr, String> {
+    if s.is_empty() {
+        return Ok(ListenAddr(None));
+    }
+    s.parse()
+        .map(|a| ListenAddr(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (want IP:PORT, or \"\" for none)"))
 }
 
 fn parse_scheduler(name: &str) -> Result<Scheduler, String> {
