@@ -14,7 +14,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use aya::maps::{MapInfo, MapType};
+use std::os::fd::AsFd as _;
+
+use aya::maps::{MapData, MapInfo, MapType};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
@@ -34,7 +36,7 @@ use proxy_common::{
 };
 
 use crate::{
-    datapath::{KernelMaps, loader},
+    datapath::{KernelMaps, count, loader},
     model::Protocol,
     planner::{MapState, meta_to_name},
 };
@@ -314,7 +316,7 @@ pub fn encode_snapshot(snap: &Snapshot, mut enc: DescriptorEncoder) -> fmt::Resu
 }
 
 /// How long counts of the big kernel-written maps are reused: counting a full conntrack
-/// map walks 262,144 keys (one syscall each), too much for every scrape.
+/// map copies its 262,144 entries out of the kernel, not something to do at every scrape.
 const COUNT_CACHE: Duration = Duration::from_secs(10);
 
 /// Maps the kernel writes, whose entries are counted by walking their keys (the maps the
@@ -331,6 +333,8 @@ pub struct DatapathCollector {
     maps: KernelMaps,
     /// (map, max_entries) of each hash map.
     capacities: Vec<(&'static str, u32)>,
+    /// (map, handle, key size, value size) of the maps in [`COUNTED_MAPS`].
+    counted: Vec<(&'static str, MapData, usize, usize)>,
     cache: Mutex<Option<(Instant, Vec<(&'static str, u64)>)>>,
 }
 
@@ -353,9 +357,21 @@ impl DatapathCollector {
                 capacities.push((name, info.max_entries()));
             }
         }
+        let mut counted = Vec::new();
+        for name in COUNTED_MAPS {
+            let data = MapData::from_pin(pin_dir.join(name))?;
+            let info = data.info()?;
+            counted.push((
+                name,
+                data,
+                info.key_size() as usize,
+                info.value_size() as usize,
+            ));
+        }
         Ok(DatapathCollector {
             maps,
             capacities,
+            counted,
             cache: Mutex::new(None),
         })
     }
@@ -437,20 +453,32 @@ impl DatapathCollector {
         {
             return counts.clone();
         }
-        let counts: Vec<(&'static str, u64)> = COUNTED_MAPS
+        let counts: Vec<(&'static str, u64)> = self
+            .counted
             .iter()
-            .map(|&map| {
-                let n = match map {
-                    maps::CONNTRACK4 => self.maps.conntrack.keys().count(),
-                    maps::AFFINITY4 => self.maps.affinity.keys().count(),
-                    maps::COUNTED4 => self.maps.counted.keys().count(),
-                    _ => self.maps.backend_conns.keys().count(),
-                };
-                (map, n as u64)
+            .map(|(map, data, key_size, value_size)| {
+                let n = count::hash_entries(data.fd().as_fd(), *key_size, *value_size)
+                    .unwrap_or_else(|e| {
+                        // Kernels before 5.6 have no batch lookup: walk the keys.
+                        tracing::debug!(map, "batch lookup: {e}; walking keys");
+                        self.walk_keys(map)
+                    });
+                (*map, n)
             })
             .collect();
         *cache = Some((Instant::now(), counts.clone()));
         counts
+    }
+}
+
+impl DatapathCollector {
+    fn walk_keys(&self, map: &str) -> u64 {
+        (match map {
+            maps::CONNTRACK4 => self.maps.conntrack.keys().count(),
+            maps::AFFINITY4 => self.maps.affinity.keys().count(),
+            maps::COUNTED4 => self.maps.counted.keys().count(),
+            _ => self.maps.backend_conns.keys().count(),
+        }) as u64
     }
 }
 

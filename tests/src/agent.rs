@@ -230,7 +230,9 @@ impl Agent {
         Self::start_with_source(node, &source, interfaces, bpffs, extra)
     }
 
-    fn start_with_source(
+    /// Like [`Agent::start_with_args`] with the source given by `source` (e.g.
+    /// `--kubeconfig FILE --node-name NAME`) in place of `--manifests`.
+    pub fn start_with_source(
         node: &NetNs,
         source: &[OsString],
         interfaces: &str,

@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod datapath;
 pub mod manifests;
 pub mod netns;
+pub mod scrape;
 pub mod servers;
 pub mod topology;
 

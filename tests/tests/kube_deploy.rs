@@ -119,22 +119,34 @@ fn the_daemonset_runs_the_agent_against_the_api_on_every_node() {
         .find(|v| v.name == mount.name)
         .unwrap();
     assert_eq!(volume.host_path.as_ref().unwrap().path, "/sys/fs/bpf");
-    // The liveness probe asks the port the agent serves /healthz on.
-    let health = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--health-addr="))
-        .expect("--health-addr");
-    let port: i32 = health.rsplit(':').next().unwrap().parse().unwrap();
-    let probe = c
-        .liveness_probe
-        .as_ref()
-        .unwrap()
-        .http_get
-        .as_ref()
-        .unwrap();
-    assert_eq!(probe.path.as_deref(), Some("/healthz"));
-    assert_eq!(
-        probe.port,
-        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port)
-    );
+    // The probes ask the port the agent serves /livez and /healthz on.
+    let port_of = |flag: &str| -> i32 {
+        let addr = args
+            .iter()
+            .find_map(|a| a.strip_prefix(flag))
+            .unwrap_or_else(|| panic!("{flag} missing: {args:?}"));
+        addr.rsplit(':').next().unwrap().parse().unwrap()
+    };
+    let health = port_of("--healthz-addr=");
+    for (probe, path) in [
+        (&c.liveness_probe, "/livez"),
+        (&c.readiness_probe, "/healthz"),
+    ] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(health)
+        );
+    }
+    // Both ports are declared, the metrics one where --metrics-addr listens.
+    let ports = c.ports.as_ref().expect("container ports");
+    let declared = |name: &str| {
+        ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.container_port)
+    };
+    assert_eq!(declared("healthz"), Some(health));
+    assert_eq!(declared("metrics"), Some(port_of("--metrics-addr=")));
 }

@@ -5,6 +5,7 @@
 pub mod attach;
 pub mod bpffs;
 pub mod cleanup;
+pub mod count;
 pub mod kernel_maps;
 pub mod layout;
 mod link_sys;
