@@ -32,6 +32,8 @@ enum Output {
     Json,
 }
 
+// Parsed once at start: the size of the `run` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent in the foreground until SIGTERM or SIGINT.

@@ -328,6 +328,9 @@ const COUNTED_MAPS: [&str; 4] = [
     maps::BACKEND_CONNS4,
 ];
 
+/// Entries of each counted map.
+type MapCounts = Vec<(&'static str, u64)>;
+
 /// Reads the datapath's counters from the pinned maps at each scrape.
 pub struct DatapathCollector {
     maps: KernelMaps,
@@ -335,7 +338,7 @@ pub struct DatapathCollector {
     capacities: Vec<(&'static str, u32)>,
     /// (map, handle, key size, value size) of the maps in [`COUNTED_MAPS`].
     counted: Vec<(&'static str, MapData, usize, usize)>,
-    cache: Mutex<Option<(Instant, Vec<(&'static str, u64)>)>>,
+    cache: Mutex<Option<(Instant, MapCounts)>>,
 }
 
 impl fmt::Debug for DatapathCollector {
