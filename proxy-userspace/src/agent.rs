@@ -35,9 +35,9 @@ use crate::{
     http,
     kube_source::{KubeOptions, KubeSource},
     manifest::ManifestDir,
+    metrics::{self, DatapathCollector, Metrics, SyncMetrics},
     model::{DesiredState, Frontend, Model, ModelOptions, Protocol, Scheduler, Severity},
     planner::{Capacity, MapState, Plan, keep_reply_bits, plan, plan_changes},
-    metrics::{self, DatapathCollector, Metrics, SyncMetrics},
 };
 
 /// Where Services and EndpointSlices come from.
