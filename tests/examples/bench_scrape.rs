@@ -71,7 +71,7 @@ fn main() {
             flags: 0,
             svc_id: 1,
             counted: 0,
-            created_ns: 0,
+            last_seen_ns: 0,
         };
         dp.maps
             .conntrack
