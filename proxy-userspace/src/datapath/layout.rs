@@ -32,17 +32,23 @@ fn map_err(source: aya::maps::MapError) -> DatapathError {
     }
 }
 
-/// The version recorded under `dir`, `None` if there is no `layout` pin.
+/// The version recorded under `dir`, `None` if there is no `layout` pin. A `layout` pin
+/// that is not a one-entry u32 array is [`DatapathError::Unversioned`] (not ours to
+/// interpret); failing to open or read it (permissions, memory) is passed on as it is, so
+/// a passing problem is not reported as pins to clean up.
 pub fn read_version(dir: &Path) -> Result<Option<u32>, DatapathError> {
     let path = dir.join(maps::LAYOUT);
     if !path.exists() {
         return Ok(None);
     }
     let data = MapData::from_pin(&path).map_err(map_err)?;
+    let not_ours = |_| DatapathError::Unversioned {
+        dir: dir.to_path_buf(),
+    };
     let array: Array<MapData, u32> = Map::from_map_data(data)
-        .map_err(map_err)?
+        .map_err(not_ours)?
         .try_into()
-        .map_err(map_err)?;
+        .map_err(not_ours)?;
     array.get(&0, 0).map(Some).map_err(map_err)
 }
 
@@ -53,16 +59,7 @@ pub fn check(dir: &Path) -> Result<Layout, DatapathError> {
 
 /// [`check`] for a binary of layout `want` that adopts `adopts`.
 fn check_with(dir: &Path, want: u32, adopts: &[u32]) -> Result<Layout, DatapathError> {
-    let found = match read_version(dir) {
-        Ok(found) => found,
-        // A `layout` pin that is not a u32 array: not ours to interpret.
-        Err(_) => {
-            return Err(DatapathError::Unversioned {
-                dir: dir.to_path_buf(),
-            });
-        }
-    };
-    match found {
+    match read_version(dir)? {
         Some(v) if v == want => Ok(Layout::Current),
         Some(v) if adopts.contains(&v) => Ok(Layout::Adoptable(v)),
         Some(v) => Err(DatapathError::LayoutMismatch {
@@ -173,6 +170,21 @@ mod tests {
         // Pins without a version record are nobody's to interpret.
         std::fs::remove_file(dir.join(maps::LAYOUT)).unwrap();
         std::fs::create_dir(dir.join(maps::LINKS_DIR)).unwrap();
+        assert!(matches!(
+            check_with(&dir, 3, &[2]),
+            Err(DatapathError::Unversioned { .. })
+        ));
+
+        // Nor is a `layout` pin of another map type: refused as unversioned, not misread.
+        let obj = aya_obj::Map::new_from_params(
+            bpf_map_type::BPF_MAP_TYPE_HASH as u32,
+            size_of::<u32>() as u32,
+            size_of::<u32>() as u32,
+            1,
+            0,
+        );
+        let other = MapData::create(obj, "not_a_layout", None).unwrap();
+        other.pin(dir.join(maps::LAYOUT)).unwrap();
         assert!(matches!(
             check_with(&dir, 3, &[2]),
             Err(DatapathError::Unversioned { .. })
