@@ -58,16 +58,7 @@ const POD_PORT: u16 = 8443;
 
 /// The object built by `cargo xtask build-ebpf` ($BPFPROXY_EBPF_OBJ, else the workspace's
 /// build output); `None` loads the one embedded in the agent library.
-pub fn object_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("BPFPROXY_EBPF_OBJ") {
-        return Some(PathBuf::from(p));
-    }
-    let built = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/bpfel-unknown-none/release/proxy-ebpf"
-    ));
-    built.is_file().then_some(built)
-}
+pub use testbed::datapath::object_path;
 
 /// Map sizes that fit `services` services of `endpoints` endpoints, with room for every
 /// service's second backend table during a change, rounded up to powers of two.

@@ -19,7 +19,6 @@
 use std::{
     net::Ipv4Addr,
     os::fd::{AsFd, AsRawFd},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -48,17 +47,6 @@ use proxy_common::{
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
-
-fn object_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("BPFPROXY_EBPF_OBJ") {
-        return Some(PathBuf::from(p));
-    }
-    let built = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/bpfel-unknown-none/release/proxy-ebpf"
-    ));
-    built.is_file().then_some(built)
-}
 
 fn backend_ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, 245, (i / 250) as u8, (i % 250) as u8 + 1)
@@ -191,7 +179,7 @@ fn main() {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("pinning");
 
     let opts = LoadOptions {
-        object: object_path(),
+        object: testbed::datapath::object_path(),
         pin_dir: None,
         sizes: MapSizes {
             services: 16,

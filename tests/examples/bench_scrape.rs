@@ -19,17 +19,6 @@ use bpfproxy::{
 };
 use proxy_common::conntrack::{Ct4Key, Ct4Value};
 
-fn object_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("BPFPROXY_EBPF_OBJ") {
-        return Some(PathBuf::from(p));
-    }
-    let built = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/bpfel-unknown-none/release/proxy-ebpf"
-    ));
-    built.is_file().then_some(built)
-}
-
 /// Removes the pin folder when dropped, also on a panic.
 struct Pins(PathBuf);
 
@@ -49,7 +38,7 @@ fn main() {
     )));
     let sizes = MapSizes::default();
     let mut dp = Datapath::load(&LoadOptions {
-        object: object_path(),
+        object: testbed::datapath::object_path(),
         pin_dir: Some(pins.0.clone()),
         sizes,
     })

@@ -7,7 +7,7 @@
 //! (`bpfproxy::conntrack_gc::collect`). Needs root and the object built by
 //! `cargo xtask build-ebpf` (or at $BPFPROXY_EBPF_OBJ).
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use aya::programs::{TestRun, TestRunOptions};
 use bpfproxy::{
@@ -26,11 +26,7 @@ use proxy_common::{
     },
     stats,
 };
-
-const TC_ACT_OK: u32 = 0;
-const SYN: u8 = 0x02;
-const FIN: u8 = 0x01;
-const ACK: u8 = 0x10;
+use testbed::datapath::{ACK, CLIENT_MAC, FIN, NODE_MAC, SYN, TC_ACT_OK, object_path, tcp_frame};
 const S: u64 = 1_000_000_000;
 
 const CLIENT: [u8; 4] = [10, 244, 1, 5];
@@ -42,17 +38,6 @@ const DNS_BACKEND: [u8; 4] = [10, 244, 3, 9];
 struct Harness {
     dp: Datapath,
     state: MapState,
-}
-
-fn object_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("BPFPROXY_EBPF_OBJ") {
-        return Some(PathBuf::from(p));
-    }
-    let built = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/bpfel-unknown-none/release/proxy-ebpf"
-    ));
-    built.is_file().then_some(built)
 }
 
 impl Harness {
@@ -197,26 +182,12 @@ fn key(src: ([u8; 4], u16), dst: ([u8; 4], u16), proto: u8) -> Ct4Key {
 }
 
 fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 5], [2, 0, 0, 0, 0, 1])
-        .ipv4(src.0, dst.0, 64)
-        .tcp(src.1, dst.1, 1, 64240);
-    if flags & SYN != 0 {
-        b = b.syn();
-    }
-    if flags & FIN != 0 {
-        b = b.fin();
-    }
-    if flags & ACK != 0 {
-        b = b.ack(1);
-    }
-    let mut v = Vec::new();
-    b.write(&mut v, b"").unwrap();
-    v
+    tcp_frame(src, dst, flags, b"")
 }
 
 fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
     let mut v = Vec::new();
-    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 5], [2, 0, 0, 0, 0, 1])
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
         .ipv4(src.0, dst.0, 64)
         .udp(src.1, dst.1)
         .write(&mut v, b"q")
