@@ -53,7 +53,12 @@ impl HttpServer {
             let (stop, requests, name) = (stop.clone(), requests.clone(), name.to_owned());
             std::thread::Builder::new()
                 .name(format!("http-{name}"))
-                .spawn(move || accept_loop(listener, &name, &stop, &requests))?
+                .spawn(move || {
+                    let (own, stop2) = (name.clone(), stop.clone());
+                    accept_loop(listener, &format!("http server {name}"), &stop, move |c| {
+                        serve_connection(c, &own, &stop2, &requests)
+                    })
+                })?
         };
         Ok(HttpServer {
             name: name.to_owned(),
@@ -79,32 +84,32 @@ impl Drop for HttpServer {
     }
 }
 
-fn accept_loop(
-    listener: TcpListener,
-    name: &str,
-    stop: &Arc<AtomicBool>,
-    requests: &Arc<AtomicU64>,
-) {
+/// Accepts connections until `stop`, serving each on its own thread with `serve`, and
+/// joins those threads at the end. `what` names the server in messages.
+fn accept_loop<F>(listener: TcpListener, what: &str, stop: &AtomicBool, serve: F)
+where
+    F: Fn(TcpStream) -> std::io::Result<()> + Clone + Send + 'static,
+{
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, _)) => {
-                let (stop, requests, own) = (stop.clone(), requests.clone(), name.to_owned());
+                let (serve, own) = (serve.clone(), what.to_owned());
                 match std::thread::Builder::new()
-                    .name(format!("http-{name}-conn"))
+                    .name(format!("{what}-conn"))
                     .spawn(move || {
-                        if let Err(e) = serve_connection(stream, &own, &stop, &requests) {
-                            eprintln!("testbed: http server {own}: {e}");
+                        if let Err(e) = serve(stream) {
+                            eprintln!("testbed: {own}: {e}");
                         }
                     }) {
                     Ok(t) => conns.push(t),
-                    Err(e) => eprintln!("testbed: http server {name}: spawning: {e}"),
+                    Err(e) => eprintln!("testbed: {what}: spawning: {e}"),
                 }
                 conns.retain(|t| !t.is_finished());
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
             Err(e) => {
-                eprintln!("testbed: http server {name}: accept: {e}");
+                eprintln!("testbed: {what}: accept: {e}");
                 std::thread::sleep(POLL);
             }
         }
@@ -259,33 +264,10 @@ impl EchoServer {
             std::thread::Builder::new()
                 .name(format!("echo-{port}"))
                 .spawn(move || {
-                    let mut conns: Vec<JoinHandle<()>> = Vec::new();
-                    while !stop.load(Ordering::SeqCst) {
-                        match listener.accept() {
-                            Ok((stream, _)) => {
-                                let (stop, echoed) = (stop.clone(), echoed.clone());
-                                match std::thread::Builder::new().name("echo-conn".into()).spawn(
-                                    move || {
-                                        if let Err(e) = echo(stream, &stop, &echoed) {
-                                            eprintln!("testbed: echo server: {e}");
-                                        }
-                                    },
-                                ) {
-                                    Ok(t) => conns.push(t),
-                                    Err(e) => eprintln!("testbed: echo server: spawning: {e}"),
-                                }
-                                conns.retain(|t| !t.is_finished());
-                            }
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
-                            Err(e) => {
-                                eprintln!("testbed: echo server: accept: {e}");
-                                std::thread::sleep(POLL);
-                            }
-                        }
-                    }
-                    for t in conns {
-                        let _ = t.join();
-                    }
+                    let stop2 = stop.clone();
+                    accept_loop(listener, "echo server", &stop, move |c| {
+                        echo(c, &stop2, &echoed)
+                    })
                 })?
         };
         Ok(EchoServer {
