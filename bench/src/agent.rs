@@ -67,6 +67,36 @@ pub fn wait_idle(pid: u32, timeout: Duration) -> Option<Duration> {
 /// are spread over files of this many (`BPFPROXY_BENCH_FILE_SERVICES` overrides it).
 pub const FILE_SERVICES: usize = 100;
 
+/// Waits until the agent logs that it programmed `services` services (it logs that once
+/// all are in the maps); returns the time since `start`. Fails early if the agent exits.
+pub fn wait_programmed(
+    agent: &Agent,
+    services: usize,
+    start: Instant,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<Duration> {
+    let want = format!("maps updated services={services} ");
+    loop {
+        if let Err(e) = agent.check_running() {
+            bail!("{e}; agent log:\n{}", agent.log());
+        }
+        if strip_ansi(&agent.log()).contains(&want) {
+            return Ok(start.elapsed());
+        }
+        if testbed::stop_requested() {
+            bail!("interrupted");
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "the agent did not program {services} services within {timeout:?}; log:\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(poll);
+    }
+}
+
 fn file_services() -> usize {
     std::env::var("BPFPROXY_BENCH_FILE_SERVICES")
         .ok()
@@ -103,27 +133,13 @@ pub fn start(
     )?;
     // Generous: the agent parses every manifest before programming.
     let timeout = Duration::from_secs(60) + Duration::from_millis(services.len() as u64);
-    let want = format!("maps updated services={} changed=", services.len());
-    loop {
-        if let Err(e) = agent.check_running() {
-            bail!("{e}; agent log:\n{}", agent.log());
-        }
-        if strip_ansi(&agent.log()).contains(&want) {
-            break;
-        }
-        if testbed::stop_requested() {
-            bail!("interrupted");
-        }
-        if start.elapsed() > timeout {
-            bail!(
-                "the agent did not program {} services within {timeout:?}; log:\n{}",
-                services.len(),
-                agent.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let ready_after = start.elapsed();
+    let ready_after = wait_programmed(
+        &agent,
+        services.len(),
+        start,
+        timeout,
+        Duration::from_millis(20),
+    )?;
     // Past its start-up: interfaces attached, watchers in place; then nothing more to do.
     agent.wait_until_running()?;
     let cpu_until_idle = wait_idle(agent.pid(), IDLE_TIMEOUT);

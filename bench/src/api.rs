@@ -144,28 +144,14 @@ impl Setup {
             // No periodic resync while measuring.
             &["--resync-seconds", "3600"],
         )?;
-        let want = format!("maps updated services={} ", services.len());
         let timeout = Duration::from_secs(60) + Duration::from_millis(services.len() as u64 * 2);
-        loop {
-            if let Err(e) = agent.check_running() {
-                bail!("{e}; agent log:\n{}", agent.log());
-            }
-            if strip_ansi(&agent.log()).contains(&want) {
-                break;
-            }
-            if testbed::stop_requested() {
-                bail!("interrupted");
-            }
-            if start.elapsed() > timeout {
-                bail!(
-                    "the agent did not program {} services from the API within {timeout:?}; log:\n{}",
-                    services.len(),
-                    agent.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let synced_after = start.elapsed();
+        let synced_after = crate::agent::wait_programmed(
+            &agent,
+            services.len(),
+            start,
+            timeout,
+            Duration::from_millis(5),
+        )?;
         Ok(Setup {
             agent,
             server,

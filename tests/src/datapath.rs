@@ -108,20 +108,7 @@ impl DatapathHarness {
     /// Applies map ops as one step of a plan, with reply-filter words in the prologue (the
     /// order the planner uses), and requires every op to succeed.
     pub fn apply(&mut self, filter: Vec<MapOp>, ops: Vec<MapOp>) {
-        let plan = Plan {
-            prologue: filter,
-            steps: vec![Step {
-                name: ServicePortName {
-                    namespace: "fixtures".into(),
-                    name: "svc".into(),
-                    port_name: String::new(),
-                    protocol: Protocol::Tcp,
-                },
-                ops,
-            }],
-            epilogue: Vec::new(),
-        };
-        self.apply_plan(&plan);
+        self.apply_plan(&fixture_plan(filter, ops));
     }
 
     /// The op that sets the reply-filter bit of a backend.
@@ -266,6 +253,24 @@ pub fn service_op(svc_id: u32, (addr, port): ([u8; 4], u16), proto: u8, count: u
             _pad: 0,
             affinity_timeout_s: 0,
         },
+    }
+}
+
+/// A plan of one step (service `fixtures/svc`) holding `ops`, with `prologue` (reply-filter
+/// words) first, in the order the planner uses.
+pub fn fixture_plan(prologue: Vec<MapOp>, ops: Vec<MapOp>) -> Plan {
+    Plan {
+        prologue,
+        steps: vec![Step {
+            name: ServicePortName {
+                namespace: "fixtures".into(),
+                name: "svc".into(),
+                port_name: String::new(),
+                protocol: Protocol::Tcp,
+            },
+            ops,
+        }],
+        epilogue: Vec::new(),
     }
 }
 

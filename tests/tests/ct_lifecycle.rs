@@ -13,8 +13,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use bpfproxy::{
     conntrack_gc::{self, Timeouts, monotonic_coarse_ns},
     datapath::{Datapath, LoadOptions, MapSizes, loader::PROG_TC_INGRESS},
-    model::{Protocol, ServicePortName},
-    planner::{MapOp, MapState, Plan, Step},
+    planner::{MapOp, MapState},
 };
 use etherparse::PacketBuilder;
 use proxy_common::{
@@ -26,7 +25,9 @@ use proxy_common::{
     },
     stats,
 };
-use testbed::datapath::{ACK, CLIENT_MAC, FIN, NODE_MAC, SYN, TC_ACT_OK, object_path, tcp_frame};
+use testbed::datapath::{
+    ACK, CLIENT_MAC, FIN, NODE_MAC, SYN, TC_ACT_OK, fixture_plan, object_path, tcp_frame,
+};
 const S: u64 = 1_000_000_000;
 
 const CLIENT: [u8; 4] = [10, 244, 1, 5];
@@ -67,19 +68,7 @@ impl Harness {
     }
 
     fn apply(&mut self, prologue: Vec<MapOp>, ops: Vec<MapOp>) {
-        let plan = Plan {
-            prologue,
-            steps: vec![Step {
-                name: ServicePortName {
-                    namespace: "fixtures".into(),
-                    name: "svc".into(),
-                    port_name: String::new(),
-                    protocol: Protocol::Tcp,
-                },
-                ops,
-            }],
-            epilogue: Vec::new(),
-        };
+        let plan = fixture_plan(prologue, ops);
         let report = self.dp.maps.apply(&plan, &mut self.state);
         assert!(report.failed.is_empty(), "{:?}", report.failed);
     }
