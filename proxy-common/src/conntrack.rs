@@ -24,6 +24,12 @@ pub const CT_FLAG_CLOSING: u8 = 1;
 /// `flags`, reply entry only: the backend answered (the kernel's IPS_SEEN_REPLY). Tells a
 /// TCP connection past its handshake from one that only sent a SYN, for the timeouts.
 pub const CT_FLAG_REPLIED: u8 = 2;
+/// `flags`: the connection is source-NAT-ed too (externalTrafficPolicy Cluster to a
+/// backend on another node, or a hairpin); `nat2_*` is the other address to rewrite:
+/// forward, the source becomes `nat2` (node address and SNAT port); reply, the
+/// destination becomes `nat2` (the client). The reply entry's key is then the tuple
+/// (backend -> nat2 of the forward entry).
+pub const CT_FLAG_SNAT: u8 = 4;
 
 /// The datapath rewrites `last_seen_ns` only when it is older than this, so an established
 /// flow writes its entry about once a second, not on every packet. Timeouts are in seconds,
@@ -48,10 +54,14 @@ pub struct Ct4Value {
     /// entry, give or take [`LAST_SEEN_REFRESH_NS`]; the agent's collector expires entries
     /// idle for longer than their timeout.
     pub last_seen_ns: u64,
+    /// With [`CT_FLAG_SNAT`]: the second address to rewrite (see there); else zero.
+    pub nat2_addr: [u8; 4],
+    pub nat2_port: u16,
+    pub _pad: u16,
 }
 
 const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
-const _: () = assert!(core::mem::size_of::<Ct4Value>() == 24);
+const _: () = assert!(core::mem::size_of::<Ct4Value>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {

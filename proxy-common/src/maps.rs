@@ -26,6 +26,12 @@ pub const MONITOR_RING_BYTES: u32 = 256 * 1024;
 /// Per-CPU traffic counters of each service frontend, indexed by svc_id
 /// (`stats::SvcCounters`).
 pub const SVC_COUNTERS: &str = "svc_counters";
+/// One-entry array of `service::NodeConfig4`.
+pub const NODE_CFG4: &str = "node_cfg4";
+/// LPM trie of the loadBalancerSourceRanges (`service::SourceRange4Key`).
+pub const SRC_RANGES4: &str = "src_ranges4";
+/// Capacity of `src_ranges4`: source ranges over all LoadBalancer frontends.
+pub const DEFAULT_SOURCE_RANGES: u32 = 16_384;
 
 /// Maglev tables `maglev4` can hold (entries = this * `service::MAGLEV_SIZE`; the map is
 /// not preallocated, so only tables in use take memory). A service being changed holds
@@ -63,10 +69,14 @@ pub const LINKS_DIR: &str = "links";
 ///
 /// 3: `svc_counters` (per-service counters) added; everything else as in 2, so pins of 2
 /// are taken over (their services' counters start at 0).
-pub const LAYOUT_VERSION: u32 = 3;
+///
+/// 4: the external view (NodePort, external and LoadBalancer IPs at XDP): `Ct4Value` grew
+/// `nat2_*` for SNAT (32 bytes), service scopes and flags, `BACKEND_LOCAL`, `node_cfg4`,
+/// `src_ranges4`, `stats` grew to 21 counters.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Older layout versions whose pins this version takes over in place: only when the change
 /// since was purely additive (new maps, every existing map unchanged), list the old version
 /// here; the agent then creates the new maps next to the old ones and records
 /// [`LAYOUT_VERSION`] in the folder, so an upgrade keeps services and connections.
-pub const LAYOUT_ADOPTS: &[u32] = &[2];
+pub const LAYOUT_ADOPTS: &[u32] = &[];

@@ -1,10 +1,36 @@
 //! Services and their backends.
 
-/// `scope` of a [`Svc4Key`]: which kind of frontend address the key is.
+/// `scope` of a [`Svc4Key`]: which view of the services a lookup is made in. A frontend
+/// address may be in both views with different backends (externalTrafficPolicy Local
+/// serves only this node's endpoints to outside clients, while pods reaching the same
+/// address are short-circuited to all endpoints, as kube-proxy does).
+///
+/// The in-cluster view: what pods (tc at the pod veths) and processes on the node (the
+/// socket hooks) reach. ClusterIPs (internalTrafficPolicy applied), and the external IPs,
+/// LoadBalancer IPs and NodePorts on this node's addresses with all endpoints.
 pub const SCOPE_CLUSTER_IP: u8 = 0;
-/// Reserved for the NodePort and external-address frontends.
-pub const SCOPE_NODE_PORT: u8 = 1;
-pub const SCOPE_EXTERNAL: u8 = 2;
+/// The external view: what arrives on the node interfaces (XDP). External IPs,
+/// LoadBalancer ingress IPs and NodePorts, one entry per (node address, nodePort), with
+/// externalTrafficPolicy applied.
+pub const SCOPE_EXTERNAL: u8 = 1;
+
+/// `flags` of a [`Svc4Value`].
+///
+/// The frontend is a NodePort (on one of this node's addresses).
+pub const SVC_F_NODE_PORT: u8 = 1;
+/// The frontend is one of `spec.externalIPs`.
+pub const SVC_F_EXTERNAL_IP: u8 = 2;
+/// The frontend is a `status.loadBalancer.ingress[].ip`.
+pub const SVC_F_LOAD_BALANCER: u8 = 4;
+/// externalTrafficPolicy Cluster: a backend on another node gets the connection with its
+/// source rewritten to this node's address (`node_cfg4`), so the reply comes back here.
+pub const SVC_F_SNAT: u8 = 8;
+/// loadBalancerSourceRanges are set: a client not in `src_ranges4` under this svc_id is
+/// dropped.
+pub const SVC_F_SOURCE_RANGES: u8 = 16;
+/// A traffic policy Local with no local endpoint while the service has endpoints
+/// elsewhere: `backend_count` 0 means drop (kube-proxy's DROP), not reject.
+pub const SVC_F_DROP_EMPTY: u8 = 32;
 
 /// Key of `services4`: one frontend (VIP, port, protocol).
 #[repr(C)]
@@ -160,6 +186,40 @@ pub struct Backend4 {
 
 /// The backend is terminating (used only when no ready backend is left).
 pub const BACKEND_TERMINATING: u8 = 1;
+/// The backend runs on this node (its endpoint's `nodeName` is `--node-name`): reached
+/// without SNAT from the external view.
+pub const BACKEND_LOCAL: u8 = 2;
+
+/// Key of `src_ranges4` (an LPM trie; the trie key's prefix length counts the 32 bits of
+/// `svc_id`, always matched whole, plus the range's prefix): one allowed source range of
+/// one LoadBalancer frontend. The value is a `u8` 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange4Key {
+    /// Big-endian, so the trie compares it byte by byte like the address.
+    pub svc_id_be: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// Value of `node_cfg4` (a one-entry array): what the external view needs to know about
+/// this node. Written by the agent before it attaches the XDP program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig4 {
+    /// Source address of SNAT-ed connections (externalTrafficPolicy Cluster to a backend
+    /// on another node); 0.0.0.0 means none known: such backends are not used.
+    pub snat_addr: [u8; 4],
+    /// SNAT source ports are taken from `snat_port_min..=snat_port_max` (outside the
+    /// kernel's ephemeral range, so node processes never hold them).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// `NODE_F_*` flags.
+    pub flags: u32,
+}
+
+/// `flags` of [`NodeConfig4`]: forward translated packets with bpf_fib_lookup and a
+/// redirect (XDP_TX/XDP_REDIRECT) instead of handing them to the kernel stack.
+pub const NODE_F_FIB_FORWARD: u32 = 1;
 
 /// Length of the name fields in [`SvcMeta`]; Kubernetes names are at most 63 bytes.
 pub const NAME_LEN: usize = 64;
@@ -186,6 +246,8 @@ const _: () = assert!(core::mem::size_of::<BackendConnsKey>() == 12);
 const _: () = assert!(core::mem::size_of::<BackendConns>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 24);
+const _: () = assert!(core::mem::size_of::<SourceRange4Key>() == 8);
+const _: () = assert!(core::mem::size_of::<NodeConfig4>() == 12);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -198,6 +260,8 @@ mod pod {
     unsafe impl aya::Pod for super::MaglevKey {}
     unsafe impl aya::Pod for super::BackendConnsKey {}
     unsafe impl aya::Pod for super::BackendConns {}
+    unsafe impl aya::Pod for super::SourceRange4Key {}
+    unsafe impl aya::Pod for super::NodeConfig4 {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
 }

@@ -15,7 +15,30 @@ pub const ERR_REWRITE: u32 = 9;
 /// evicted because the table was full, or expired while idle) and was given a backend
 /// anew, as a new connection would be. Counted instead of `FORWARD_NEW`.
 pub const CT_MISS_MIDSTREAM: u32 = 10;
-pub const COUNT: u32 = 11;
+/// XDP on a node interface: not for a frontend of the external view nor an SNAT reply;
+/// handed to the stack untouched.
+pub const XDP_PASS: u32 = 11;
+/// XDP: a new connection to an external frontend got a backend.
+pub const XDP_FORWARD_NEW: u32 = 12;
+/// XDP: a packet of a tracked connection to an external frontend.
+pub const XDP_FORWARD_ESTABLISHED: u32 = 13;
+/// XDP: a reply to an SNAT-ed connection, translated back to the client.
+pub const XDP_SNAT_REPLY: u32 = 14;
+/// XDP: a translated packet forwarded with bpf_fib_lookup + XDP_TX/XDP_REDIRECT rather than
+/// through the kernel stack (counted in addition to the path above).
+pub const XDP_FIB_REDIRECT: u32 = 15;
+/// A client outside a LoadBalancer frontend's loadBalancerSourceRanges: dropped.
+pub const DROP_SOURCE_RANGE: u32 = 16;
+/// Traffic policy Local and no endpoint on this node: dropped.
+pub const DROP_NO_LOCAL_BACKEND: u32 = 17;
+/// No free SNAT port for a new connection: dropped.
+pub const ERR_SNAT_PORTS: u32 = 18;
+/// A pod reached its own service and landed on itself: source-NAT-ed to the frontend.
+pub const HAIRPIN: u32 = 19;
+/// A connect()/sendmsg() of a process on the node rewritten from a frontend to a backend by
+/// the socket hooks.
+pub const SOCK_LB: u32 = 20;
+pub const COUNT: u32 = 21;
 
 pub const NAMES: [&str; COUNT as usize] = [
     "pass_not_service",
@@ -29,6 +52,16 @@ pub const NAMES: [&str; COUNT as usize] = [
     "err_backend_missing",
     "err_rewrite",
     "ct_miss_midstream",
+    "xdp_pass",
+    "xdp_forward_new",
+    "xdp_forward_established",
+    "xdp_snat_reply",
+    "xdp_fib_redirect",
+    "drop_source_range",
+    "drop_no_local_backend",
+    "err_snat_ports",
+    "hairpin",
+    "sock_lb",
 ];
 
 /// Value of `svc_counters` (a PERCPU_ARRAY indexed by `svc_id`): one service frontend's

@@ -189,6 +189,9 @@ pub fn create(
         svc_id,
         counted: 0,
         last_seen_ns,
+        nat2_addr: [0; 4],
+        nat2_port: 0,
+        _pad: 0,
     };
     let rkey = reply_key(pkt, backend_addr, backend_port);
     CONNTRACK4

@@ -22,9 +22,9 @@ mod reject;
 mod sched;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK as ACT_OK, TC_ACT_SHOT as ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    bindings::{TC_ACT_OK as ACT_OK, TC_ACT_SHOT as ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use proxy_common::{
     conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING},
@@ -58,6 +58,22 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_floor(_ctx: TcContext) -> i32 {
     OK
+}
+
+/// The external view at XDP on the node interfaces (NodePorts, external and LoadBalancer
+/// IPs). First step: attached by the agent, passes everything to the stack; the
+/// translation comes in the following commits.
+#[xdp]
+pub fn xdp_nodeport(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// The floor that benchmarks compare `xdp_nodeport` against, and the program tests put on
+/// the far side of a veth so that XDP_TX/XDP_REDIRECT into it is received (a veth peer
+/// without XDP or GRO drops such frames).
+#[xdp]
+pub fn xdp_floor(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 /// Not attached anywhere: the agent runs it with BPF_PROG_TEST_RUN to add to a backend's

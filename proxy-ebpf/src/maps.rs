@@ -4,18 +4,19 @@
 
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
     conntrack::{Ct4Key, Ct4Value},
     maps::{
-        DEFAULT_AFFINITY, DEFAULT_BACKEND_SLOTS, DEFAULT_CONNTRACK, DEFAULT_SERVICES, MAGLEV_TABLES,
+        DEFAULT_AFFINITY, DEFAULT_BACKEND_SLOTS, DEFAULT_CONNTRACK, DEFAULT_SERVICES,
+        DEFAULT_SOURCE_RANGES, MAGLEV_TABLES,
     },
     reply_filter::WORDS,
     service::{
         AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
-        MAGLEV_SIZE, MaglevKey, Svc4Key, Svc4Value, SvcMeta,
+        MAGLEV_SIZE, MaglevKey, NodeConfig4, SourceRange4Key, Svc4Key, Svc4Value, SvcMeta,
     },
     stats::{COUNT, SvcCounters},
 };
@@ -93,6 +94,17 @@ pub static SVC_META: HashMap<u32, SvcMeta, { DEFAULT_SERVICES as usize }> = Hash
 /// Bitmap over backend (addr, port, proto): a clear bit means "certainly not a reply".
 #[btf_map(name = "reply_filter4")]
 pub static REPLY_FILTER4: Array<u64, { WORDS as usize }> = Array::new();
+
+/// What the external view needs to know about this node (one entry, written by the agent).
+#[btf_map(name = "node_cfg4")]
+#[allow(dead_code)]
+pub static NODE_CFG4: Array<NodeConfig4, 1> = Array::new();
+
+/// loadBalancerSourceRanges: (svc_id, client prefix) -> 1 for each allowed range.
+#[btf_map(name = "src_ranges4")]
+#[allow(dead_code)]
+pub static SRC_RANGES4: LpmTrie<SourceRange4Key, u8, { DEFAULT_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 /// Per-CPU packet counters, one per `proxy_common::stats` index.
 #[btf_map(name = "stats")]

@@ -221,6 +221,9 @@ mod tests {
             svc_id: 1,
             counted: 0,
             last_seen_ns,
+            nat2_addr: [0; 4],
+            nat2_port: 0,
+            _pad: 0,
         };
         [
             (

@@ -188,11 +188,6 @@ pub fn drop_reason(stat: &str) -> Option<&str> {
         .or_else(|| (stat == "pass_malformed").then_some("malformed"))
 }
 
-/// Reasons exported even when the datapath has no counter for them yet (always 0), so
-/// dashboards and alerts can name them now: LoadBalancer source ranges are not enforced
-/// by this datapath yet.
-const RESERVED_DROP_REASONS: [&str; 1] = ["source_range"];
-
 /// Writes `snap` as metrics.
 pub fn encode_snapshot(snap: &Snapshot, mut enc: DescriptorEncoder) -> fmt::Result {
     {
@@ -219,9 +214,6 @@ pub fn encode_snapshot(snap: &Snapshot, mut enc: DescriptorEncoder) -> fmt::Resu
             if let Some(reason) = drop_reason(name) {
                 *reasons.entry(reason).or_default() += value;
             }
-        }
-        for reason in RESERVED_DROP_REASONS {
-            reasons.entry(reason).or_default();
         }
         for (reason, value) in reasons {
             let labels = [("reason", reason)];
@@ -588,6 +580,8 @@ mod tests {
             ("no_backend", "reject_no_backend"),
             ("conntrack_full", "err_conntrack_full"),
             ("malformed", "pass_malformed"),
+            ("source_range", "drop_source_range"),
+            ("snat_ports", "err_snat_ports"),
         ] {
             let line = format!(
                 "bpfproxy_datapath_drops_total{{reason=\"{reason}\"}} {}\n",
@@ -595,7 +589,6 @@ mod tests {
             );
             assert!(text.contains(&line), "missing {line:?} in\n{text}");
         }
-        assert!(text.contains("bpfproxy_datapath_drops_total{reason=\"source_range\"} 0\n"));
     }
 
     #[test]

@@ -172,6 +172,17 @@ impl Scheduling {
     }
 }
 
+/// A `spec.healthCheckNodePort` this node answers (LoadBalancer Services with
+/// externalTrafficPolicy Local): HTTP 200 while the Service has a ready endpoint on this
+/// node, 503 otherwise (terminating endpoints do not count), as kube-proxy does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the Service on this node (over its ports, each address once).
+    pub local_ready: usize,
+}
+
 /// Everything the cluster wants served, keyed by frontend.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
@@ -179,6 +190,8 @@ pub struct DesiredState {
     /// Services that do not schedule as `Scheduling::default()` (random, all weights 1);
     /// a frontend missing here uses the default.
     pub scheduling: BTreeMap<Frontend, Scheduling>,
+    /// Health-check node ports to answer, by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 impl DesiredState {

@@ -1128,7 +1128,7 @@ mod tests {
     fn desired(services: impl IntoIterator<Item = DesiredService>) -> DesiredState {
         DesiredState {
             services: services.into_iter().map(|s| (s.frontend, s)).collect(),
-            scheduling: BTreeMap::new(),
+            ..Default::default()
         }
     }
 

@@ -61,6 +61,9 @@ fn main() {
             svc_id: 1,
             counted: 0,
             last_seen_ns: 0,
+            nat2_addr: [0; 4],
+            nat2_port: 0,
+            _pad: 0,
         };
         dp.maps
             .conntrack

@@ -22,7 +22,7 @@ use proxy_common::{
     monitor::MonitorConfig,
     service::{
         AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
-        MaglevKey, Svc4Key, Svc4Value, SvcMeta,
+        MaglevKey, NodeConfig4, SourceRange4Key, Svc4Key, Svc4Value, SvcMeta,
     },
     stats::SvcCounters,
 };
@@ -72,7 +72,7 @@ pub struct LoadOptions {
 }
 
 /// Expected shape of each pinned map: (name, type, key size, value size).
-fn map_shapes() -> [(&'static str, MapType, usize, usize); 14] {
+fn map_shapes() -> [(&'static str, MapType, usize, usize); 16] {
     use std::mem::size_of;
     [
         (
@@ -154,6 +154,19 @@ fn map_shapes() -> [(&'static str, MapType, usize, usize); 14] {
             MapType::PerCpuArray,
             size_of::<u32>(),
             size_of::<SvcCounters>(),
+        ),
+        (
+            maps::NODE_CFG4,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<NodeConfig4>(),
+        ),
+        // The trie's key is its 4-byte prefix length followed by the data.
+        (
+            maps::SRC_RANGES4,
+            MapType::LpmTrie,
+            4 + size_of::<SourceRange4Key>(),
+            size_of::<u8>(),
         ),
     ]
 }
