@@ -14,7 +14,10 @@ use std::{collections::HashMap, time::Duration};
 
 use proxy_common::{
     PROTO_TCP,
-    conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REPLIED, Ct4Key, Ct4Value},
+    conntrack::{
+        CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REPLIED, CT_FLAG_SNAT, Ct4Key,
+        Ct4Value,
+    },
 };
 
 use crate::datapath::{Datapath, DatapathError};
@@ -64,13 +67,19 @@ pub fn is_expired(now_ns: u64, last_ns: u64, timeout: Duration) -> bool {
     now_ns.saturating_sub(last_ns) > timeout.as_nanos() as u64
 }
 
-/// The reply key of the forward entry `(key, value)`.
+/// The reply key of the forward entry `(key, value)`: backend -> client, or backend ->
+/// the SNAT address and port (`nat2`) of a source-NAT-ed connection.
 pub fn reply_key_of(key: &Ct4Key, value: &Ct4Value) -> Ct4Key {
+    let (daddr, dport) = if value.flags & CT_FLAG_SNAT != 0 {
+        (value.nat2_addr, value.nat2_port)
+    } else {
+        (key.saddr, key.sport)
+    };
     Ct4Key {
         saddr: value.nat_addr,
-        daddr: key.saddr,
+        daddr,
         sport: value.nat_port,
-        dport: key.sport,
+        dport,
         proto: key.proto,
         _pad: [0; 3],
     }
@@ -300,6 +309,45 @@ mod tests {
             let r = e.reply.expect("the reply twin goes too");
             assert_eq!((r.daddr, r.dport), (f.saddr, f.sport));
         }
+    }
+
+    #[test]
+    fn a_source_nated_connection_goes_with_its_reply_keyed_on_the_snat_port() {
+        let t = Timeouts::default();
+        let now = 10_000 * S;
+        let (client, frontend, backend, node) =
+            ([192, 0, 2, 7], [10, 0, 0, 2], [10, 1, 0, 9], [10, 0, 0, 2]);
+        let entry = |nat_addr, nat_port, dir, nat2_addr, nat2_port| Ct4Value {
+            nat_addr,
+            nat_port,
+            dir,
+            flags: CT_FLAG_SNAT | CT_FLAG_REPLIED,
+            svc_id: 1,
+            counted: 0,
+            last_seen_ns: now - 9000 * S,
+            nat2_addr,
+            nat2_port,
+            _pad: 0,
+        };
+        let fwd = (
+            key(client, 40000, frontend, 30080, PROTO_TCP),
+            entry(backend, 8080, CT_DIR_FORWARD, node, 31001),
+        );
+        let rep = (
+            key(backend, 8080, node, 31001, PROTO_TCP),
+            entry(frontend, 30080, CT_DIR_REPLY, client, 40000),
+        );
+        assert_eq!(reply_key_of(&fwd.0, &fwd.1), rep.0);
+        let out = expired(&[fwd, rep], now, &t);
+        assert_eq!(
+            out,
+            [Expired {
+                forward: Some(fwd.0),
+                reply: Some(rep.0),
+                last_seen_ns: now - 9000 * S
+            }],
+            "one connection, both keys"
+        );
     }
 
     #[test]

@@ -5,14 +5,15 @@ use std::{collections::BTreeSet, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use proxy_common::{
-    conntrack::{CT_DIR_REPLY, CT_FLAG_CLOSING, Ct4Key, Ct4Value},
+    conntrack::{CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT, Ct4Key, Ct4Value},
     maps, reply_filter,
     service::{
         AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
-        MAGLEV_SIZE, MaglevKey, SCHED_MAGLEV, Svc4Key, Svc4Value, SvcMeta,
+        MAGLEV_SIZE, MaglevKey, NodeConfig4, SCHED_MAGLEV, SourceRange4Key, Svc4Key, Svc4Value,
+        SvcMeta,
     },
     stats::{self, SvcCounters},
 };
@@ -32,6 +33,10 @@ pub struct KernelMaps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub counted: HashMap<MapData, Ct4Key, BackendConnsKey>,
     pub svc_counters: PerCpuArray<MapData, SvcCounters>,
+    /// One-entry array: the node's SNAT address and port range, forwarding flags.
+    pub node_cfg: Array<MapData, NodeConfig4>,
+    /// loadBalancerSourceRanges of the external view (LPM trie).
+    pub src_ranges: LpmTrie<MapData, SourceRange4Key, u8>,
 }
 
 /// What [`KernelMaps::apply`] did: steps that failed were rolled back and are named here.
@@ -68,6 +73,8 @@ impl KernelMaps {
             affinity: typed(get(maps::AFFINITY4)?, maps::AFFINITY4)?,
             counted: typed(get(maps::COUNTED4)?, maps::COUNTED4)?,
             svc_counters: typed(get(maps::SVC_COUNTERS)?, maps::SVC_COUNTERS)?,
+            node_cfg: typed(get(maps::NODE_CFG4)?, maps::NODE_CFG4)?,
+            src_ranges: typed(get(maps::SRC_RANGES4)?, maps::SRC_RANGES4)?,
         })
     }
 
@@ -395,10 +402,16 @@ impl KernelMaps {
                 continue;
             }
             if value.flags & CT_FLAG_CLOSING != 0 {
+                // The client is the key's destination, or `nat2` when source-NAT-ed.
+                let (client, client_port) = if value.flags & CT_FLAG_SNAT != 0 {
+                    (value.nat2_addr, value.nat2_port)
+                } else {
+                    (key.daddr, key.dport)
+                };
                 let forward = Ct4Key {
-                    saddr: key.daddr,
+                    saddr: client,
                     daddr: value.nat_addr,
-                    sport: key.dport,
+                    sport: client_port,
                     dport: value.nat_port,
                     proto: key.proto,
                     _pad: [0; 3],

@@ -14,7 +14,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapInfo, MapType},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use proxy_common::{
     conntrack::{Ct4Key, Ct4Value},
@@ -43,6 +43,11 @@ pub const PROG_TC_INGRESS: &str = "tc_ingress";
 pub const PROG_TC_FLOOR: &str = "tc_floor";
 /// Run by the agent (BPF_PROG_TEST_RUN) to release the counts of evicted connections.
 pub const PROG_CONNS_RELEASE: &str = "conns_release";
+/// The external view at XDP on the node interfaces.
+pub const PROG_XDP_NODEPORT: &str = "xdp_nodeport";
+/// An XDP program that only passes: the floor benchmarks measure `xdp_nodeport` against,
+/// and what tests attach on the far side of a veth so XDP_TX/REDIRECT into it is received.
+pub const PROG_XDP_FLOOR: &str = "xdp_floor";
 
 /// Sizes of the maps that grow with the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,6 +254,13 @@ impl Datapath {
                 source,
             })?;
         }
+        for name in [PROG_XDP_NODEPORT, PROG_XDP_FLOOR] {
+            let prog = xdp(&mut ebpf, name)?;
+            prog.load().map_err(|source| DatapathError::Program {
+                name: name.to_string(),
+                source,
+            })?;
+        }
         let maps = KernelMaps::take_from(&mut ebpf)?;
         if adopting && let Some(dir) = &opts.pin_dir {
             // The new maps exist now: the folder is of this version.
@@ -264,6 +276,11 @@ impl Datapath {
 
     pub fn program_mut(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
         classifier(&mut self.ebpf, name)
+    }
+
+    /// An XDP program of the object ([`PROG_XDP_NODEPORT`], [`PROG_XDP_FLOOR`]).
+    pub fn xdp_program_mut(&mut self, name: &str) -> Result<&mut Xdp, DatapathError> {
+        xdp(&mut self.ebpf, name)
     }
 
     /// Keeps the connection counts of lc/sed/nq from drifting when conntrack entries go
@@ -363,6 +380,16 @@ fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &str,
 ) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| DatapathError::MissingProgram(name.to_string()))?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            name: name.to_string(),
+            source,
+        })
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, DatapathError> {
     ebpf.program_mut(name)
         .ok_or_else(|| DatapathError::MissingProgram(name.to_string()))?
         .try_into()
