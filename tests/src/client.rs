@@ -249,3 +249,143 @@ pub fn udp_request(ns: &NetNs, addr: Ipv4Addr, port: u16) -> Result<String> {
     }
     Ok(body)
 }
+
+/// How a question to a [`crate::servers::PeerServer`] ended: its answer (`<name>
+/// <peer ip>:<peer port>`) and the address it came from, or why there was none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Asked {
+    Answer {
+        text: String,
+        from: SocketAddr,
+    },
+    /// A TCP RST or an ICMP port unreachable.
+    Refused,
+    /// Nothing came back in time.
+    TimedOut,
+    /// An ICMP host or network unreachable.
+    Unreachable,
+    Failed(String),
+}
+
+impl Asked {
+    /// The answer, split into the backend's name and the peer address it saw.
+    pub fn answer(&self) -> Option<(String, SocketAddrV4)> {
+        let Asked::Answer { text, .. } = self else {
+            return None;
+        };
+        let (name, peer) = text.trim().split_once(' ')?;
+        Some((name.to_owned(), peer.parse().ok()?))
+    }
+
+    /// One line, as the `testbed-probe` binary prints it and [`Asked::parse`] reads it.
+    pub fn to_line(&self) -> String {
+        match self {
+            Asked::Answer { text, from } => format!("answer {from} {}", text.trim()),
+            Asked::Refused => "refused".into(),
+            Asked::TimedOut => "timeout".into(),
+            Asked::Unreachable => "unreachable".into(),
+            Asked::Failed(e) => format!("failed {}", e.replace('\n', " ")),
+        }
+    }
+
+    /// Reads a line written by [`Asked::to_line`].
+    pub fn parse(line: &str) -> Result<Asked> {
+        let line = line.trim();
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        Ok(match word {
+            "answer" => {
+                let (from, text) = rest.split_once(' ').unwrap_or((rest, ""));
+                Asked::Answer {
+                    text: text.to_owned(),
+                    from: from
+                        .parse()
+                        .with_context(|| format!("address in {line:?}"))?,
+                }
+            }
+            "refused" => Asked::Refused,
+            "timeout" => Asked::TimedOut,
+            "unreachable" => Asked::Unreachable,
+            "failed" => Asked::Failed(rest.to_owned()),
+            _ => bail!("not a probe line: {line:?}"),
+        })
+    }
+}
+
+/// Asks over TCP from `ns`: connects to `addr:port` (at most `timeout`), sends a line and
+/// reads the answer until the server closes.
+pub fn ask_tcp(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<Asked> {
+    ns.run(move || ask_tcp_here(addr, port, timeout))
+}
+
+/// Asks over UDP from `ns` (one datagram on an unconnected socket, waiting at most
+/// `timeout`); the answer carries the address it came from.
+pub fn ask_udp(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<Asked> {
+    ns.run(move || ask_udp_here(addr, port, timeout))
+}
+
+/// [`ask_tcp`] from the calling thread's own namespace.
+pub fn ask_tcp_here(addr: Ipv4Addr, port: u16, timeout: Duration) -> Asked {
+    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+    let mut stream = match TcpStream::connect_timeout(&target, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            return match classify_connect_error(e, Duration::ZERO) {
+                ConnectOutcome::Refused(_) => Asked::Refused,
+                ConnectOutcome::TimedOut(_) => Asked::TimedOut,
+                ConnectOutcome::Unreachable(_) => Asked::Unreachable,
+                other => Asked::Failed(format!("{other:?}")),
+            };
+        }
+    };
+    let mut exchange = || -> std::io::Result<String> {
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let from = stream.peer_addr()?;
+        stream.write_all(b"who are you?\n")?;
+        let mut text = String::new();
+        // Bounded: the server closes after one answer, and each read times out.
+        let mut chunk = [0u8; 512];
+        while text.len() < 4096 {
+            match stream.read(&mut chunk)? {
+                0 => break,
+                n => text.push_str(&String::from_utf8_lossy(&chunk[..n])),
+            }
+        }
+        Ok(format!("{from} {text}"))
+    };
+    match exchange() {
+        Ok(s) => {
+            let (from, text) = s.split_once(' ').unwrap_or_default();
+            Asked::Answer {
+                text: text.trim().to_owned(),
+                from: from.parse().expect("formatted above"),
+            }
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            Asked::TimedOut
+        }
+        Err(e) => Asked::Failed(format!("after connecting to {target}: {e}")),
+    }
+}
+
+/// [`ask_udp`] from the calling thread's own namespace.
+pub fn ask_udp_here(addr: Ipv4Addr, port: u16, timeout: Duration) -> Asked {
+    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+    let exchange = || -> std::io::Result<(String, SocketAddr)> {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.set_write_timeout(Some(IO_TIMEOUT))?;
+        socket.send_to(b"who are you?\n", target)?;
+        let mut buf = [0u8; 1500];
+        let (n, from) = socket.recv_from(&mut buf)?;
+        Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
+    };
+    match exchange() {
+        Ok((text, from)) => Asked::Answer { text, from },
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            Asked::TimedOut
+        }
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => Asked::Refused,
+        Err(e) => Asked::Failed(format!("UDP to {target}: {e}")),
+    }
+}

@@ -24,6 +24,8 @@ pub mod netns;
 pub mod scrape;
 pub mod servers;
 pub mod topology;
+#[cfg(feature = "datapath")]
+pub mod two_node;
 
 use std::{
     sync::{
@@ -42,7 +44,7 @@ pub use crate::{
     cluster::Cluster,
     manifests::{EndpointSlice, ManifestDir, Service},
     netns::NetNs,
-    servers::{EchoServer, HttpServer, LineServer, LineServerProcess, UdpServer},
+    servers::{EchoServer, HttpServer, LineServer, LineServerProcess, PeerServer, UdpServer},
     topology::{Pod, Topology},
 };
 
@@ -115,6 +117,18 @@ fn reap_stale() {
                 // The agent is gone, so the pins are the last holders of its tc links:
                 // removing them detaches the links and frees the programs and maps.
                 let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    // Cgroups made for socket-level load balancing (`two_node`): empty once their
+    // processes are gone, so a plain rmdir removes them.
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup/unified") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(run) = name.strip_prefix("bpfproxy-testbed-")
+                && dead(run)
+            {
+                let _ = std::fs::remove_dir(entry.path());
             }
         }
     }

@@ -11,13 +11,26 @@ use std::{
 
 use anyhow::{Context, Result};
 
-/// A ClusterIP Service.
+/// A Service: ClusterIP by default; [`Service::kind`] and the other builders make it a
+/// NodePort or LoadBalancer with its external settings.
 #[derive(Clone, Debug)]
 pub struct Service {
     pub namespace: String,
     pub name: String,
     pub cluster_ip: Ipv4Addr,
     pub ports: Vec<ServicePort>,
+    /// `spec.type`: `ClusterIP`, `NodePort` or `LoadBalancer`.
+    pub kind: String,
+    /// `spec.externalTrafficPolicy` (`Cluster`/`Local`), when set.
+    pub external_traffic_policy: Option<String>,
+    /// `spec.internalTrafficPolicy` (`Cluster`/`Local`), when set.
+    pub internal_traffic_policy: Option<String>,
+    pub health_check_node_port: Option<u16>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub lb_ingress: Vec<Ipv4Addr>,
+    /// `spec.loadBalancerSourceRanges`.
+    pub source_ranges: Vec<String>,
 }
 
 /// One port of a [`Service`].
@@ -28,6 +41,7 @@ pub struct ServicePort {
     pub protocol: String,
     pub port: u16,
     pub target_port: u16,
+    pub node_port: Option<u16>,
 }
 
 impl Service {
@@ -38,6 +52,13 @@ impl Service {
             name: name.to_owned(),
             cluster_ip,
             ports: Vec::new(),
+            kind: "ClusterIP".to_owned(),
+            external_traffic_policy: None,
+            internal_traffic_policy: None,
+            health_check_node_port: None,
+            external_ips: Vec::new(),
+            lb_ingress: Vec::new(),
+            source_ranges: Vec::new(),
         }
     }
 
@@ -48,7 +69,64 @@ impl Service {
             protocol: protocol.to_owned(),
             port,
             target_port,
+            node_port: None,
         });
+        self
+    }
+
+    /// Adds a port like [`Service::port`] with `nodePort` `node_port`.
+    pub fn node_port(
+        mut self,
+        name: &str,
+        protocol: &str,
+        port: u16,
+        target_port: u16,
+        node_port: u16,
+    ) -> Self {
+        self = self.port(name, protocol, port, target_port);
+        self.ports.last_mut().expect("just pushed").node_port = Some(node_port);
+        self
+    }
+
+    /// Sets `spec.type` (`ClusterIP`, `NodePort`, `LoadBalancer`).
+    pub fn kind(mut self, kind: &str) -> Self {
+        self.kind = kind.to_owned();
+        self
+    }
+
+    /// Sets `spec.externalTrafficPolicy`.
+    pub fn external_policy(mut self, policy: &str) -> Self {
+        self.external_traffic_policy = Some(policy.to_owned());
+        self
+    }
+
+    /// Sets `spec.internalTrafficPolicy`.
+    pub fn internal_policy(mut self, policy: &str) -> Self {
+        self.internal_traffic_policy = Some(policy.to_owned());
+        self
+    }
+
+    /// Sets `spec.healthCheckNodePort`.
+    pub fn health_check_node_port(mut self, port: u16) -> Self {
+        self.health_check_node_port = Some(port);
+        self
+    }
+
+    /// Adds an address to `spec.externalIPs`.
+    pub fn external_ip(mut self, ip: Ipv4Addr) -> Self {
+        self.external_ips.push(ip);
+        self
+    }
+
+    /// Adds an `ip` entry to `status.loadBalancer.ingress`.
+    pub fn lb_ingress(mut self, ip: Ipv4Addr) -> Self {
+        self.lb_ingress.push(ip);
+        self
+    }
+
+    /// Adds a CIDR to `spec.loadBalancerSourceRanges`.
+    pub fn source_range(mut self, cidr: &str) -> Self {
+        self.source_ranges.push(cidr.to_owned());
         self
     }
 
@@ -57,18 +135,50 @@ impl Service {
         let _ = write!(
             y,
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\n\
-             spec:\n  type: ClusterIP\n  selector:\n    app: {name}\n  clusterIP: {ip}\n  \
-             clusterIPs:\n  - {ip}\n  ipFamilies:\n  - IPv4\n  ports:\n",
+             spec:\n  type: {kind}\n  selector:\n    app: {name}\n  clusterIP: {ip}\n  \
+             clusterIPs:\n  - {ip}\n  ipFamilies:\n  - IPv4\n",
             name = self.name,
             ns = self.namespace,
             ip = self.cluster_ip,
+            kind = self.kind,
         );
+        if let Some(p) = &self.external_traffic_policy {
+            let _ = writeln!(y, "  externalTrafficPolicy: {p}");
+        }
+        if let Some(p) = &self.internal_traffic_policy {
+            let _ = writeln!(y, "  internalTrafficPolicy: {p}");
+        }
+        if let Some(p) = self.health_check_node_port {
+            let _ = writeln!(y, "  healthCheckNodePort: {p}");
+        }
+        if !self.external_ips.is_empty() {
+            y.push_str("  externalIPs:\n");
+            for ip in &self.external_ips {
+                let _ = writeln!(y, "  - {ip}");
+            }
+        }
+        if !self.source_ranges.is_empty() {
+            y.push_str("  loadBalancerSourceRanges:\n");
+            for r in &self.source_ranges {
+                let _ = writeln!(y, "  - {r}");
+            }
+        }
+        y.push_str("  ports:\n");
         for p in &self.ports {
             let _ = write!(
                 y,
                 "  - name: {}\n    protocol: {}\n    port: {}\n    targetPort: {}\n",
                 p.name, p.protocol, p.port, p.target_port
             );
+            if let Some(np) = p.node_port {
+                let _ = writeln!(y, "    nodePort: {np}");
+            }
+        }
+        if !self.lb_ingress.is_empty() {
+            y.push_str("status:\n  loadBalancer:\n    ingress:\n");
+            for ip in &self.lb_ingress {
+                let _ = writeln!(y, "    - ip: {ip}");
+            }
         }
         y
     }
@@ -93,6 +203,8 @@ pub struct Endpoint {
     pub pod: String,
     pub ready: bool,
     pub terminating: bool,
+    /// `nodeName`: which node the pod runs on (decides "local" endpoints).
+    pub node_name: Option<String>,
 }
 
 /// One port of an [`EndpointSlice`].
@@ -131,7 +243,15 @@ impl EndpointSlice {
             pod: pod.to_owned(),
             ready: true,
             terminating: false,
+            node_name: None,
         });
+        self
+    }
+
+    /// Adds a ready, serving endpoint on node `node`.
+    pub fn ready_on(mut self, pod: &str, ip: Ipv4Addr, node: &str) -> Self {
+        self = self.ready(pod, ip);
+        self.endpoints.last_mut().expect("just pushed").node_name = Some(node.to_owned());
         self
     }
 
@@ -162,6 +282,9 @@ impl EndpointSlice {
                 e.pod,
                 self.namespace
             );
+            if let Some(node) = &e.node_name {
+                let _ = writeln!(y, "  nodeName: {node}");
+            }
         }
         y.push_str("ports:\n");
         for p in &self.ports {

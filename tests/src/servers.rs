@@ -236,6 +236,123 @@ impl Drop for UdpServer {
     }
 }
 
+/// A server that tells each client who answered and whom it saw: on TCP and UDP on the
+/// same port, every request (a line on a TCP connection, or a datagram) is answered with
+/// `<name> <peer ip>:<peer port>`, the peer address as the backend's socket reports it
+/// (so a test sees whether the client's address was kept or source-NAT-ed). A TCP
+/// connection is closed after its answer. Stops on drop.
+pub struct PeerServer {
+    pub name: String,
+    pub port: u16,
+    /// Requests answered so far (TCP and UDP).
+    answered: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl PeerServer {
+    /// Listens on 0.0.0.0:`port`, TCP and UDP, inside `ns`.
+    pub fn start(ns: &NetNs, name: &str, port: u16) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let (listener, socket) = ns
+            .run(move || -> std::io::Result<(TcpListener, UdpSocket)> {
+                let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                l.set_nonblocking(true)?;
+                let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                s.set_read_timeout(Some(POLL * 5))?;
+                s.set_write_timeout(Some(Duration::from_secs(1)))?;
+                Ok((l, s))
+            })?
+            .with_context(|| format!("binding TCP and UDP port {port} in {}", ns.name()))?;
+        let tcp = {
+            let (stop, answered, name) = (stop.clone(), answered.clone(), name.to_owned());
+            std::thread::Builder::new()
+                .name(format!("peer-tcp-{name}"))
+                .spawn(move || {
+                    let what = format!("peer server {name}");
+                    accept_loop(listener, &what, &stop, move |c| {
+                        answer_peer(c, &name, &answered)
+                    })
+                })?
+        };
+        let udp = {
+            let (stop, answered, name) = (stop.clone(), answered.clone(), name.to_owned());
+            std::thread::Builder::new()
+                .name(format!("peer-udp-{name}"))
+                .spawn(move || {
+                    let mut buf = [0u8; 1500];
+                    while !stop.load(Ordering::SeqCst) {
+                        match socket.recv_from(&mut buf) {
+                            Ok((_, peer)) => {
+                                answered.fetch_add(1, Ordering::Relaxed);
+                                let answer = format!("{name} {peer}");
+                                if let Err(e) = socket.send_to(answer.as_bytes(), peer) {
+                                    eprintln!("testbed: peer server {name}: send: {e}");
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    ErrorKind::WouldBlock | ErrorKind::TimedOut
+                                ) => {}
+                            Err(e) => {
+                                eprintln!("testbed: peer server {name}: recv: {e}");
+                                std::thread::sleep(POLL);
+                            }
+                        }
+                    }
+                })?
+        };
+        Ok(PeerServer {
+            name: name.to_owned(),
+            port,
+            answered,
+            stop,
+            threads: vec![tcp, udp],
+        })
+    }
+
+    /// Requests answered so far, TCP and UDP.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads one line (at most a few seconds), answers `<name> <peer>` and closes.
+fn answer_peer(mut stream: TcpStream, name: &str, answered: &AtomicU64) -> std::io::Result<()> {
+    let peer = stream.peer_addr()?;
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !buf.contains(&b'\n') && buf.len() < MAX_REQUEST {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Ok(());
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    answered.fetch_add(1, Ordering::Relaxed);
+    stream.write_all(format!("{name} {peer}\n").as_bytes())?;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    Ok(())
+}
+
 /// A TCP echo server in a namespace: every connection gets back each byte it sends, in
 /// order, and is closed after the client closes its side. Stops on drop.
 pub struct EchoServer {

@@ -88,45 +88,13 @@ impl Topology {
     fn add_pod(&self, name: &str, ip: Ipv4Addr) -> Result<Pod> {
         let index = self.clients.len() + self.backends.len() + 1;
         let node_if = format!("bpv{}-{index}", self.run);
-        debug_assert!(node_if.len() <= 15);
-        let ns = NetNs::create(&format!("bp{}-{name}", self.run))?;
-        let pod_cidr = format!("{ip}/32");
-        let gw = POD_GATEWAY.to_string();
-        let gw_cidr = format!("{gw}/32");
-        let setup = || -> Result<()> {
-            // Made inside the node namespace with the peer created directly in the pod's:
-            // no interface ever appears in the root namespace.
-            self.node.ip(&[
-                "link",
-                "add",
-                &node_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ])?;
-            self.node.ip(&["addr", "add", &gw_cidr, "dev", &node_if])?;
-            self.node.ip(&["link", "set", &node_if, "up"])?;
-            self.node
-                .sysctl(&format!("ipv4/conf/{node_if}/rp_filter"), "0")?;
-            self.node
-                .ip(&["route", "add", &pod_cidr, "dev", &node_if])?;
-            ns.ip(&["addr", "add", &pod_cidr, "dev", "eth0"])?;
-            ns.ip(&["link", "set", "eth0", "up"])?;
-            ns.ip(&["route", "add", &gw_cidr, "dev", "eth0", "scope", "link"])?;
-            ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
-            Ok(())
-        };
-        setup().with_context(|| format!("wiring pod {name} ({ip}) to the node"))?;
-        Ok(Pod {
-            name: name.to_owned(),
+        wire_pod(
+            &self.node,
+            &node_if,
+            &format!("bp{}-{name}", self.run),
+            name,
             ip,
-            node_if,
-            ns,
-        })
+        )
     }
 
     /// Glob matching every node-side veth of this topology, for the agent's `--interfaces`.
@@ -151,4 +119,55 @@ impl Topology {
 /// `<subnet>.<i>`; `i` is below 100 (checked by [`Topology::with_run_id`]).
 fn nth_ip(subnet: [u8; 3], i: usize) -> Ipv4Addr {
     Ipv4Addr::new(subnet[0], subnet[1], subnet[2], i as u8)
+}
+
+/// Makes pod namespace `ns_name` with `eth0` = `ip`/32 and a default route via
+/// [`POD_GATEWAY`], joined to `node` by a veth whose node side is `node_if` (at most 15
+/// characters) with a /32 route to the pod. The veth is made inside `node` with its peer
+/// created directly in the pod's namespace: no interface ever appears in the root
+/// namespace.
+pub fn wire_pod(
+    node: &NetNs,
+    node_if: &str,
+    ns_name: &str,
+    name: &str,
+    ip: Ipv4Addr,
+) -> Result<Pod> {
+    if node_if.len() > 15 {
+        bail!("interface name {node_if:?} is over 15 characters");
+    }
+    let ns = NetNs::create(ns_name)?;
+    let pod_cidr = format!("{ip}/32");
+    let gw = POD_GATEWAY.to_string();
+    let gw_cidr = format!("{gw}/32");
+    let setup = || -> Result<()> {
+        node.ip(&[
+            "link",
+            "add",
+            node_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        node.ip(&["addr", "add", &gw_cidr, "dev", node_if])?;
+        node.ip(&["link", "set", node_if, "up"])?;
+        node.sysctl(&format!("ipv4/conf/{node_if}/rp_filter"), "0")?;
+        node.ip(&["route", "add", &pod_cidr, "dev", node_if])?;
+        ns.ip(&["addr", "add", &pod_cidr, "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", &gw_cidr, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+        Ok(())
+    };
+    setup().with_context(|| format!("wiring pod {name} ({ip}) to {}", node.name()))?;
+    Ok(Pod {
+        name: name.to_owned(),
+        ip,
+        node_if: node_if.to_owned(),
+        ns,
+    })
 }
