@@ -32,6 +32,7 @@ use crate::{
         loader::PROG_TC_INGRESS,
     },
     health::Health,
+    health_check::HealthCheckServers,
     http,
     kube_source::{KubeOptions, KubeSource},
     manifest::ManifestDir,
@@ -115,6 +116,8 @@ struct Reconciler {
     state: MapState,
     capacity: Capacity,
     problems: ProblemLog,
+    /// The health-check node ports of `DesiredState::health_checks`.
+    health_checks: HealthCheckServers,
     model: Model,
     /// Services refused last time (a full map): planned again with the next change.
     retry: BTreeSet<proxy_common::service::Svc4Key>,
@@ -197,6 +200,7 @@ impl Reconciler {
         }
         let changed = self.model.take_changed();
         let desired = self.model.desired();
+        problems.extend(self.health_checks.sync(&desired.health_checks));
         let (mut plan, refused) = if full || std::mem::take(&mut self.plan_all) {
             plan(desired, &self.state, self.capacity)
         } else {
@@ -372,6 +376,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     spawn_resync_due(health.clone(), config.resync);
     let mut reconciler = Reconciler {
         source,
+        health_checks: HealthCheckServers::new(health.clone()),
         health,
         metrics: sync_metrics,
         state,

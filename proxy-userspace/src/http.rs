@@ -1,4 +1,5 @@
-//! A tiny HTTP/1.1 server for `/metrics`, `/healthz` and `/livez`: GET (or HEAD) of a path,
+//! A tiny HTTP/1.1 server for `/metrics`, `/healthz`, `/livez` and the health-check node
+//! ports: GET (or HEAD) of a path,
 //! one request per connection. Probes and scrapers need nothing more, and it keeps a web
 //! framework out of the agent.
 
@@ -15,6 +16,8 @@ use tokio::{
 pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
+    /// More header fields, written after the content type.
+    pub headers: Vec<(&'static str, String)>,
     pub body: String,
 }
 
@@ -23,8 +26,15 @@ impl Response {
         Response {
             status,
             content_type,
+            headers: Vec::new(),
             body: body.into(),
         }
+    }
+
+    /// The same answer with one more header field.
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
     }
 
     fn not_found() -> Self {
@@ -44,8 +54,9 @@ pub async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
-/// Serves `handler` on `listener` until the runtime ends.
-pub fn serve(listener: TcpListener, handler: Handler) {
+/// Serves `handler` on `listener` until the runtime ends, or until the returned task is
+/// aborted (which closes the listener; requests being answered finish on their own).
+pub fn serve(listener: TcpListener, handler: Handler) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let Ok((conn, _)) = listener.accept().await else {
@@ -58,7 +69,7 @@ pub fn serve(listener: TcpListener, handler: Handler) {
                 let _ = tokio::time::timeout(Duration::from_secs(10), answer(conn, handler)).await;
             });
         }
-    });
+    })
 }
 
 async fn answer(mut conn: tokio::net::TcpStream, handler: Handler) -> std::io::Result<()> {
@@ -85,13 +96,19 @@ async fn answer(mut conn: tokio::net::TcpStream, handler: Handler) -> std::io::R
         }
         _ => Response::new(405, "text/plain; charset=utf-8", "method not allowed\n"),
     };
-    let head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nx-content-type-options: nosniff\r\nconnection: close\r\n\r\n",
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\n",
         response.status,
         reason(response.status),
         response.content_type,
-        response.body.len()
     );
+    for (name, value) in &response.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!(
+        "content-length: {}\r\nx-content-type-options: nosniff\r\nconnection: close\r\n\r\n",
+        response.body.len()
+    ));
     conn.write_all(head.as_bytes()).await?;
     if method != "HEAD" {
         conn.write_all(response.body.as_bytes()).await?;

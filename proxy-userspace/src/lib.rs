@@ -5,6 +5,7 @@ pub mod agent;
 pub mod conntrack_gc;
 pub mod datapath;
 pub mod health;
+pub mod health_check;
 pub mod http;
 pub mod inspect;
 pub mod kube_source;
