@@ -16,6 +16,7 @@ pub mod maps;
 pub mod monitor;
 pub mod reply_filter;
 pub mod service;
+pub mod sock;
 pub mod stats;
 
 /// IANA protocol numbers used in keys.

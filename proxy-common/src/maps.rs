@@ -30,6 +30,13 @@ pub const SVC_COUNTERS: &str = "svc_counters";
 pub const NODE_CFG4: &str = "node_cfg4";
 /// LPM trie of the loadBalancerSourceRanges (`service::SourceRange4Key`).
 pub const SRC_RANGES4: &str = "src_ranges4";
+/// Reverse map of the socket hooks (`sock::SockRev4Key` -> `sock::SockRev4Value`, LRU):
+/// which frontend a node process's socket asked for, by the backend it was sent to.
+pub const SOCK_REV4: &str = "sock_rev4";
+/// Capacity of `sock_rev4`: sockets of node processes (and UDP backends per socket) that
+/// reached a service. LRU: a socket idle longest loses its entry first (its getpeername
+/// then shows the backend).
+pub const DEFAULT_SOCK_REV: u32 = 65_536;
 /// Capacity of `src_ranges4`: source ranges over all LoadBalancer frontends.
 pub const DEFAULT_SOURCE_RANGES: u32 = 16_384;
 
@@ -72,7 +79,7 @@ pub const LINKS_DIR: &str = "links";
 ///
 /// 4: the external view (NodePort, external and LoadBalancer IPs at XDP): `Ct4Value` grew
 /// `nat2_*` for SNAT (32 bytes), service scopes and flags, `BACKEND_LOCAL`, `node_cfg4`,
-/// `src_ranges4`, `stats` grew to 21 counters.
+/// `src_ranges4`, `stats` grew to 21 counters, `sock_rev4` (socket-level load balancing).
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// Older layout versions whose pins this version takes over in place: only when the change

@@ -20,6 +20,7 @@ mod nat;
 mod parse;
 mod reject;
 mod sched;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK as ACT_OK, TC_ACT_SHOT as ACT_SHOT, xdp_action},

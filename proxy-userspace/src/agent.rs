@@ -30,6 +30,7 @@ use crate::{
         Datapath, KernelMaps, LoadOptions,
         attach::{Attachments, InterfacePatterns, list_interfaces},
         loader::PROG_TC_INGRESS,
+        sock_lb::{self, SocketLb},
     },
     health::Health,
     health_check::HealthCheckServers,
@@ -67,6 +68,9 @@ pub struct AgentConfig {
     pub detach_on_exit: bool,
     /// Conntrack timeouts and how often the collector applies them.
     pub conntrack_gc: ConntrackGc,
+    /// Attach the socket-level load-balancing programs to this cgroup2 folder
+    /// (`--socket-lb-cgroup`); `None`: off.
+    pub socket_lb_cgroup: Option<PathBuf>,
 }
 
 /// The conntrack collector's settings (see [`crate::conntrack_gc`]).
@@ -277,6 +281,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         bail!("--manifests {}: not a directory", dir.display());
     }
     let patterns = InterfacePatterns::parse(&config.interfaces)?;
+    // A wrong path fails the start before anything is loaded.
+    if let Some(cgroup) = &config.socket_lb_cgroup {
+        sock_lb::open_cgroup2(cgroup)?;
+    }
     // Bound before loading anything: a port in use fails the start with nothing changed.
     let healthz_listener = match config.healthz_addr {
         Some(addr) => Some(http::bind("--healthz-addr", addr).await?),
@@ -404,6 +412,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         None => Attachments::default(),
     };
     sync_links(&mut datapath, &mut attachments, &patterns)?;
+    let socket_lb = match &config.socket_lb_cgroup {
+        Some(cgroup) => Some(SocketLb::attach(&mut datapath, cgroup)?),
+        None => {
+            if let Some(dir) = &datapath.pin_dir {
+                sock_lb::remove_pinned(dir);
+            }
+            None
+        }
+    };
 
     let mut resync = tokio::time::interval(config.resync);
     let mut ct_gc = tokio::time::interval(config.conntrack_gc.interval);
@@ -451,8 +468,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if config.detach_on_exit {
         tracing::info!("stopping: detaching programs; maps stay pinned for the CLI and a restart");
         attachments.detach_all();
+        if let Some(socket_lb) = socket_lb {
+            socket_lb.detach_all();
+        }
     } else {
-        let kept = attachments.leave_attached();
+        let kept = attachments.leave_attached() + socket_lb.map_or(0, SocketLb::leave_attached);
         tracing::info!(
             links = kept,
             "stopping: programs stay attached and maps pinned, so traffic keeps flowing until the next agent takes over (`bpfproxy cleanup` removes them)"

@@ -88,6 +88,14 @@ enum Command {
         /// agent swaps its programs in, and `bpfproxy cleanup` removes everything.
         #[arg(long)]
         detach_on_exit: bool,
+        /// Socket-level load balancing for processes on the node (hostNetwork pods, the
+        /// kubelet, `curl` on the node): attach the cgroup connect4/sendmsg4/recvmsg4/
+        /// getpeername4 programs to this cgroup2 folder (the host's cgroup2 root covers
+        /// every process), so they reach ClusterIPs, NodePorts on node addresses and
+        /// external/LoadBalancer IPs. Off when absent (pinned hooks of an earlier agent are
+        /// then removed).
+        #[arg(long, value_name = "PATH")]
+        socket_lb_cgroup: Option<PathBuf>,
         /// Seconds an established TCP connection may stay idle before its conntrack
         /// entries are removed (default: Cilium's; above the 2 h TCP keepalive).
         #[arg(long, default_value_t = 8000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -185,6 +193,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             healthz_addr,
             metrics_addr,
             detach_on_exit,
+            socket_lb_cgroup,
             ct_tcp_timeout,
             ct_tcp_closing_timeout,
             ct_tcp_syn_timeout,
@@ -215,6 +224,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 healthz_addr: healthz_addr.0,
                 metrics_addr: metrics_addr.0,
                 detach_on_exit,
+                socket_lb_cgroup,
                 conntrack_gc: ConntrackGc {
                     interval: Duration::from_secs(ct_gc_interval),
                     timeouts: Timeouts {

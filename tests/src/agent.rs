@@ -521,6 +521,10 @@ pub fn pinned_links(bpffs: &Path) -> Result<Vec<PinnedLinkInfo>> {
         return Ok(out);
     };
     for entry in entries.flatten() {
+        // `links/cgroup` holds the socket hooks' links, not tc links.
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
         let path = entry.path();
         let show = Command::new("bpftool")
             .args(["-j", "link", "show", "pinned"])

@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod cgroup;
 pub mod client;
 pub mod cluster;
 #[cfg(feature = "datapath")]
@@ -105,6 +106,18 @@ fn reap_stale() {
                 && dead(run)
             {
                 netns::delete(&name);
+            }
+        }
+    }
+    if let Ok(root) = cgroup::cgroup2_root()
+        && let Ok(entries) = std::fs::read_dir(root)
+    {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(run) = name.strip_prefix(cgroup::TEST_CGROUP_PREFIX)
+                && dead(run)
+            {
+                cgroup::remove(&entry.path());
             }
         }
     }

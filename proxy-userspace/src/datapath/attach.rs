@@ -218,7 +218,12 @@ impl Attachments {
             return;
         }
         let mut entries: Vec<PathBuf> = match fs::read_dir(&dir) {
-            Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+            // Folders hold other links (`links/cgroup`: the socket hooks), not tc links.
+            Ok(rd) => rd
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+                .map(|e| e.path())
+                .collect(),
             Err(e) => {
                 errors.push(DatapathError::Bpffs {
                     path: dir,

@@ -3,7 +3,7 @@
 //! Running it again finds nothing and says so.
 //!
 //! It removes only what bpfproxy pins (`layout`, the maps of the loader's list, the link
-//! pins in `links/`), never follows a symlink, refuses a folder that is not on bpffs or holds
+//! pins in `links/` and the socket hooks' in `links/cgroup/`), never follows a symlink, refuses a folder that is not on bpffs or holds
 //! none of bpfproxy's pins, and reports anything else it finds instead of deleting it.
 
 use std::{
@@ -18,7 +18,7 @@ use aya::programs::{
 };
 use proxy_common::maps;
 
-use super::{DatapathError, attach::unpin_name, bpffs, layout, link_sys, loader};
+use super::{DatapathError, attach::unpin_name, bpffs, layout, link_sys, loader, sock_lb};
 
 /// What [`cleanup`] did.
 #[derive(Debug, Default)]
@@ -123,6 +123,12 @@ fn cleanup_links(links: &Path, report: &mut CleanupReport) -> Result<(), String>
     let entries = list(links).map_err(|e| format!("reading {}: {e}", links.display()))?;
     let mut kept = false;
     for (pin, kind) in entries {
+        if kind.is_dir() && pin.file_name().is_some_and(|n| n == sock_lb::LINKS_SUBDIR) {
+            if !cleanup_cgroup_links(&pin, report)? {
+                kept = true;
+            }
+            continue;
+        }
         if !kind.is_file() {
             // A folder or symlink: bpfproxy makes neither here.
             report.left.push(pin);
@@ -144,6 +150,40 @@ fn cleanup_links(links: &Path, report: &mut CleanupReport) -> Result<(), String>
             .map_err(|e| format!("removing {}: {e}", links.display()))?;
     }
     Ok(())
+}
+
+/// Detaches and removes the socket hooks' cgroup links pinned in `dir` (`links/cgroup`),
+/// then the folder; false if something not ours stays in it.
+fn cleanup_cgroup_links(dir: &Path, report: &mut CleanupReport) -> Result<bool, String> {
+    let entries = list(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    let mut kept = false;
+    for (pin, kind) in entries {
+        if !kind.is_file() {
+            report.left.push(pin);
+            kept = true;
+            continue;
+        }
+        match sock_lb::detach_pinned(&pin) {
+            Ok((link, prog)) => {
+                let hook = pin
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                report.detached.push((format!("cgroup {hook}"), link, prog));
+            }
+            // Not a cgroup link (or gone): the pin is all there is to remove.
+            Err(_) => report.removed.push(pin.clone()),
+        }
+        fs::remove_file(&pin)
+            .or_else(not_found_ok)
+            .map_err(|e| format!("removing {}: {e}", pin.display()))?;
+    }
+    if !kept {
+        fs::remove_dir(dir)
+            .or_else(not_found_ok)
+            .map_err(|e| format!("removing {}: {e}", dir.display()))?;
+    }
+    Ok(!kept)
 }
 
 /// The entries of `dir` with their own type (symlinks not followed), sorted.

@@ -1,10 +1,13 @@
-//! The two bpf(2) link calls aya 0.14 does not expose: reading which interface a tcx link
+//! The bpf(2) link calls aya 0.14 does not expose: reading which interface a tcx link
 //! is on (`BPF_OBJ_GET_INFO_BY_FD`: aya's `LinkInfo` gives only the link and program ids),
 //! and forcing a link off its interface (`BPF_LINK_DETACH`, kernel 5.9+), which `bpfproxy
 //! cleanup` needs because a pinned link stays attached as long as anything holds it.
 //! Pinning goes through here too (`BPF_OBJ_PIN` on a borrowed fd), because aya's
 //! `FdLink::pin` consumes the link and drops it, detaching it, when pinning fails. Replacing
-//! the program in a link is aya's `SchedClassifier::attach_to_link` (`BPF_LINK_UPDATE`).
+//! the program in a tcx link is aya's `SchedClassifier::attach_to_link` (`BPF_LINK_UPDATE`).
+//! For the cgroup links of socket-level load balancing (`sock_lb`), aya has no take-over:
+//! their pins are opened (`BPF_OBJ_GET`), read (which cgroup, which hook) and given the new
+//! program (`BPF_LINK_UPDATE`) here.
 
 use std::{
     ffi::CString,
@@ -116,4 +119,80 @@ pub fn tcx_ingress_link_ids(ifindex: u32) -> io::Result<Vec<u32>> {
             Err(e) => return Err(e),
         }
     }
+}
+
+/// What the kernel says of a cgroup link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// The cgroup's id (on cgroup2, the inode number of its folder); 0 once the cgroup is
+    /// gone.
+    pub cgroup_id: u64,
+    /// A `bpf_attach_type` value.
+    pub attach_type: u32,
+}
+
+/// The cgroup link behind `fd`; an error if it is another kind of link.
+pub fn cgroup_link_info(fd: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    // SAFETY: both are plain C structs for which all-zero bytes are valid.
+    let mut info: bpf_link_info = unsafe { zeroed() };
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.info.bpf_fd = fd.as_raw_fd() as u32;
+    attr.info.info_len = size_of::<bpf_link_info>() as u32;
+    attr.info.info = &mut info as *mut bpf_link_info as u64;
+    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    if info.type_ != bpf_link_type::BPF_LINK_TYPE_CGROUP as u32 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "link {} is not a cgroup link (type {})",
+                info.id, info.type_
+            ),
+        ));
+    }
+    // SAFETY: the kernel filled the cgroup member, the type says so.
+    let cgroup = unsafe { info.__bindgen_anon_1.cgroup };
+    Ok(CgroupLinkInfo {
+        link_id: info.id,
+        prog_id: info.prog_id,
+        cgroup_id: cgroup.cgroup_id,
+        attach_type: cgroup.attach_type,
+    })
+}
+
+/// Replaces the program of the link behind `link` with `prog` in one step
+/// (`BPF_LINK_UPDATE`): the hook never runs without a program. aya 0.14 offers this for
+/// tcx links only.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: a plain C struct for which all-zero bytes are valid.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.link_update.link_fd = link.as_raw_fd() as u32;
+    attr.link_update.__bindgen_anon_1.new_prog_fd = prog.as_raw_fd() as u32;
+    sys_bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr)
+}
+
+/// Opens the object pinned at `path` (`BPF_OBJ_GET`).
+pub fn obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a plain C struct for which all-zero bytes are valid; `c_path` outlives the
+    // call, as in `obj_pin`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.__bindgen_anon_4.pathname = c_path.as_ptr() as u64;
+    // SAFETY: as in `sys_bpf`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET as libc::c_int,
+            &mut attr as *mut bpf_attr,
+            size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
 }

@@ -14,7 +14,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapInfo, MapType},
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{CgroupSockAddr, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use proxy_common::{
     conntrack::{Ct4Key, Ct4Value},
@@ -24,6 +24,7 @@ use proxy_common::{
         AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
         MaglevKey, NodeConfig4, SourceRange4Key, Svc4Key, Svc4Value, SvcMeta,
     },
+    sock::{SockRev4Key, SockRev4Value},
     stats::SvcCounters,
 };
 
@@ -77,7 +78,7 @@ pub struct LoadOptions {
 }
 
 /// Expected shape of each pinned map: (name, type, key size, value size).
-fn map_shapes() -> [(&'static str, MapType, usize, usize); 16] {
+fn map_shapes() -> [(&'static str, MapType, usize, usize); 17] {
     use std::mem::size_of;
     [
         (
@@ -172,6 +173,12 @@ fn map_shapes() -> [(&'static str, MapType, usize, usize); 16] {
             MapType::LpmTrie,
             4 + size_of::<SourceRange4Key>(),
             size_of::<u8>(),
+        ),
+        (
+            maps::SOCK_REV4,
+            MapType::LruHash,
+            size_of::<SockRev4Key>(),
+            size_of::<SockRev4Value>(),
         ),
     ]
 }
@@ -281,6 +288,19 @@ impl Datapath {
     /// An XDP program of the object ([`PROG_XDP_NODEPORT`], [`PROG_XDP_FLOOR`]).
     pub fn xdp_program_mut(&mut self, name: &str) -> Result<&mut Xdp, DatapathError> {
         xdp(&mut self.ebpf, name)
+    }
+
+    /// One of the socket-level load-balancing programs (`sock_lb::HOOKS`), not loaded
+    /// until socket-level load balancing is asked for.
+    pub fn sock_program_mut(&mut self, name: &str) -> Result<&mut CgroupSockAddr, DatapathError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::MissingProgram(name.to_string()))?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                name: name.to_string(),
+                source,
+            })
     }
 
     /// Keeps the connection counts of lc/sed/nq from drifting when conntrack entries go

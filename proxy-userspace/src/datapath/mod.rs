@@ -10,6 +10,7 @@ pub mod kernel_maps;
 pub mod layout;
 mod link_sys;
 pub mod loader;
+pub mod sock_lb;
 
 pub use kernel_maps::{ApplyReport, KernelMaps};
 pub use loader::{Datapath, LoadOptions, MapSizes};
@@ -69,6 +70,8 @@ pub enum DatapathError {
     NotPinned(PathBuf),
     #[error("bpffs at {path}: {reason}")]
     Bpffs { path: PathBuf, reason: String },
+    #[error("--socket-lb-cgroup {path}: {reason}")]
+    Cgroup { path: PathBuf, reason: String },
     #[error("interface {interface}: {reason}")]
     Interface { interface: String, reason: String },
 }
