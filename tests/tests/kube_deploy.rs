@@ -119,6 +119,24 @@ fn the_daemonset_runs_the_agent_against_the_api_on_every_node() {
         .find(|v| v.name == mount.name)
         .unwrap();
     assert_eq!(volume.host_path.as_ref().unwrap().path, "/sys/fs/bpf");
+    // Socket-level load balancing on the host's cgroup2 root, mounted from the host.
+    let cgroup = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--socket-lb-cgroup="))
+        .unwrap_or_else(|| panic!("--socket-lb-cgroup missing: {args:?}"));
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == cgroup)
+        .unwrap_or_else(|| panic!("{cgroup} not mounted"));
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    assert_eq!(volume.host_path.as_ref().unwrap().path, "/sys/fs/cgroup");
     // The probes ask the port the agent serves /livez and /healthz on.
     let port_of = |flag: &str| -> i32 {
         let addr = args
