@@ -274,3 +274,29 @@ fn a_path_that_is_not_a_cgroup2_folder_is_refused_by_name() {
         "refused after creating pins"
     );
 }
+
+#[test]
+fn detach_on_exit_takes_the_hooks_off() {
+    with_socket_lb(|cluster, cgroup| {
+        cluster.agent().stop_keeping_pins()?;
+        cluster.agent().start_again_with(&["--detach-on-exit"])?;
+        cluster.agent().wait_until_running()?;
+        ensure!(
+            cgroup_programs(cgroup)?.len() == 4,
+            "hooks taken over by the second agent"
+        );
+        cluster.agent().stop_keeping_pins()?;
+        ensure!(
+            cgroup_programs(cgroup)?.is_empty(),
+            "hooks left after an agent with --detach-on-exit stopped"
+        );
+        let pins = cluster.agent().bpffs().join("links/cgroup");
+        let left: Vec<_> = std::fs::read_dir(&pins)
+            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        ensure!(left.is_empty(), "pins left: {left:?}");
+        let v = from_node(cluster, Some(cgroup), "tcp", HTTP_PORT)?;
+        ensure!(errno(&v)? == ENETUNREACH, "after detach-on-exit: {v}");
+        Ok(())
+    });
+}

@@ -267,6 +267,10 @@ mod tests {
         fs::create_dir(dir.join(maps::LINKS_DIR)).unwrap();
         // Not a link: an unusable link pin, removed.
         pin_foreign_map(&dir.join(maps::LINKS_DIR).join("eth0"));
+        // Not a cgroup link where the socket hooks' links go: removed too.
+        let cgroup_links = dir.join(maps::LINKS_DIR).join(sock_lb::LINKS_SUBDIR);
+        fs::create_dir(&cgroup_links).unwrap();
+        pin_foreign_map(&cgroup_links.join("connect4"));
         // Not bpfproxy's: a pin, a folder with a pin, a symlink to it, a folder named like
         // one of the maps.
         pin_foreign_map(&dir.join("foreign"));
@@ -290,6 +294,7 @@ mod tests {
             removed,
             [
                 dir.join(maps::LAYOUT),
+                cgroup_links.join("connect4"),
                 dir.join(maps::LINKS_DIR).join("eth0")
             ],
             "{report:?}"
