@@ -12,8 +12,6 @@ use anyhow::{Context, Result, bail};
 
 /// Names of test cgroups: `bpfproxy-test-<run>` under the cgroup2 mount.
 pub const TEST_CGROUP_PREFIX: &str = "bpfproxy-test-";
-/// `statfs` magic of cgroup2 (linux/magic.h).
-const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
 /// Where cgroup2 is mounted: `/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup`
 /// on unified ones.
@@ -22,7 +20,7 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         .into_iter()
         .find(|p| {
             nix::sys::statfs::statfs(*p)
-                .is_ok_and(|fs| fs.filesystem_type().0 as i64 == CGROUP2_MAGIC)
+                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
         })
         .map(PathBuf::from)
         .context("no cgroup2 mount at /sys/fs/cgroup/unified or /sys/fs/cgroup")
