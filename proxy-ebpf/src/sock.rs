@@ -11,6 +11,10 @@
 //! - `sock_getpeername4` and `sock_recvmsg4` (the source of a UDP datagram received):
 //!   a backend recorded for this socket is shown as the frontend it stands for.
 //!
+//! A LoadBalancer IP with loadBalancerSourceRanges admits the call only from a source in
+//! the ranges (the socket's bound address, else the node's address); others fail with
+//! EPERM, counted as `drop_source_range`.
+//!
 //! The backend is chosen uniformly at random over the service's live table, whatever its
 //! scheduler and session affinity (those need the client address, which a socket does not
 //! have before connect(), or per-connection state the socket path does not keep). A
@@ -19,7 +23,7 @@
 //! local endpoint, where the packet path drops).
 
 use aya_ebpf::{
-    btf_maps::LruHashMap,
+    btf_maps::{LruHashMap, lpm_trie::Key},
     cty::c_void,
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::{btf_map, cgroup_sock_addr},
@@ -28,12 +32,15 @@ use aya_ebpf::{
 use proxy_common::{
     PROTO_TCP, PROTO_UDP,
     maps::DEFAULT_SOCK_REV,
-    service::{BackendSlotKey, SCOPE_CLUSTER_IP, SVC_F_DROP_EMPTY, Svc4Key},
+    service::{
+        BackendSlotKey, SCOPE_CLUSTER_IP, SVC_F_DROP_EMPTY, SVC_F_SOURCE_RANGES, SourceRange4Key,
+        Svc4Key,
+    },
     sock::{SockRev4Key, SockRev4Value},
     stats,
 };
 
-use crate::maps::{BACKEND_SLOTS4, SERVICES4, count, count_new_connection};
+use crate::maps::{BACKEND_SLOTS4, NODE_CFG4, SERVICES4, SRC_RANGES4, count, count_new_connection};
 
 /// (socket cookie, backend) -> the frontend the socket asked for.
 #[btf_map(name = "sock_rev4")]
@@ -121,6 +128,11 @@ fn to_backend(ctx: &SockAddrContext, connect: bool) -> i32 {
             (*svc).flags,
         )
     };
+    if flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(ctx, svc_id) {
+        // kube-proxy drops such packets; here the call fails at once (EPERM).
+        count(stats::DROP_SOURCE_RANGE);
+        return REJECT;
+    }
     if n == 0 {
         let (errno, stat) = if flags & SVC_F_DROP_EMPTY != 0 {
             (EHOSTUNREACH, stats::DROP_NO_LOCAL_BACKEND)
@@ -161,6 +173,36 @@ fn to_backend(ctx: &SockAddrContext, connect: bool) -> i32 {
         count_new_connection(svc_id);
     }
     PROCEED
+}
+
+/// Whether the socket's source is in the loadBalancerSourceRanges of `svc_id`. The source
+/// is the address the socket is bound to, else the node's address (`node_cfg4.snat_addr`),
+/// which the kernel picks for a node process that did not choose one; with neither known,
+/// 0.0.0.0, which only a 0.0.0.0/0 range admits.
+#[inline(always)]
+fn source_allowed(ctx: &SockAddrContext, svc_id: u32) -> bool {
+    // SAFETY: `sk` of a sock_addr context is the socket (never null); 4-byte loads of its
+    // `src_ip4` are allowed.
+    let bound = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        (*sk).src_ip4
+    };
+    let src = if bound != 0 {
+        bound.to_ne_bytes()
+    } else {
+        match NODE_CFG4.get(0) {
+            Some(cfg) => cfg.snat_addr,
+            None => [0; 4],
+        }
+    };
+    let key = Key::new(
+        64,
+        SourceRange4Key {
+            svc_id_be: svc_id.to_be_bytes(),
+            addr: src,
+        },
+    );
+    SRC_RANGES4.get(&key).is_some()
 }
 
 /// getpeername4/recvmsg4: a backend this socket was sent to shows as its frontend.
