@@ -23,6 +23,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const CLIENT: &str = env!("CARGO_BIN_EXE_testbed-sock-client");
 const ECONNREFUSED: i64 = 111;
 const ENETUNREACH: i64 = 101;
+const EPERM: i64 = 1;
 
 fn stat(cluster: &Cluster, name: &str) -> Result<u64> {
     let json = cluster.agent().cli(&["stats", "-o", "json"])?;
@@ -299,4 +300,96 @@ fn detach_on_exit_takes_the_hooks_off() {
         ensure!(errno(&v)? == ENETUNREACH, "after detach-on-exit: {v}");
         Ok(())
     });
+}
+
+/// `bpftool map update` of the pinned `map` with raw bytes.
+fn bpftool_update(bpffs: &Path, map: &str, key: &[u8], value: &[u8]) -> Result<()> {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>();
+    let out = Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(bpffs.join(map))
+        .arg("key")
+        .arg("hex")
+        .args(hex(key))
+        .arg("value")
+        .arg("hex")
+        .args(hex(value))
+        .output()
+        .context("running bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool map update {map}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The kernel side of loadBalancerSourceRanges on the socket path, from map contents
+/// written with bpftool (the agent's resync is pushed past the test): `myapp:80` marked as
+/// having source ranges admits a node process only once a range holds its source (here
+/// 0.0.0.0/0: this testbed configures no node address, so the source is unknown).
+#[test]
+fn source_ranges_refuse_node_processes_outside_them() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cluster = Cluster::new(1, 1).expect("building the testbed");
+    let cgroup = TestCgroup::create(&cluster.topo.run).expect("creating the test cgroup");
+    let body = |cluster: &mut Cluster| -> Result<()> {
+        cluster.write_myapp_service(false)?;
+        cluster.write_myapp_endpoints(&["b1"], false)?;
+        let glob = cluster.topo.node_interfaces_glob();
+        let path = cgroup.path().display().to_string();
+        cluster.start_agent_with(
+            &glob,
+            &["--socket-lb-cgroup", &path, "--resync-seconds", "3600"],
+        )?;
+        cluster.wait_for_myapp_backends(&["b1"])?;
+        let bpffs = cluster.agent().bpffs().to_path_buf();
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(bpffs.join("services4"))
+            .output()
+            .context("running bpftool")?;
+        let dump = String::from_utf8_lossy(&out.stdout).into_owned();
+        let entries: serde_json::Value = serde_json::from_str(&dump)?;
+        let bytes = |v: &serde_json::Value| -> Result<Vec<u8>> {
+            v.as_array()
+                .context("hex bytes")?
+                .iter()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().unwrap_or("").trim_start_matches("0x"), 16)
+                        .context("a hex byte")
+                })
+                .collect()
+        };
+        let entry = entries
+            .as_array()
+            .and_then(|a| a.first())
+            .with_context(|| format!("no services4 entry: {dump}"))?;
+        let key = bytes(&entry["key"])?;
+        let mut value = bytes(&entry["value"])?;
+        // Svc4Value: svc_id, table, backend_count (u32 each), scheduler, flags.
+        let svc_id = u32::from_ne_bytes(value[0..4].try_into()?);
+        value[13] |= proxy_common::service::SVC_F_SOURCE_RANGES;
+        bpftool_update(&bpffs, "services4", &key, &value)?;
+
+        let v = from_node(cluster, Some(&cgroup), "tcp", HTTP_PORT)?;
+        ensure!(errno(&v)? == EPERM, "outside the ranges: {v}");
+        ensure!(
+            stat(cluster, "drop_source_range")? == 1,
+            "drop_source_range"
+        );
+
+        // 0.0.0.0/0 for this svc_id: the trie key is the prefix length (32 bits of svc_id
+        // plus the range's 0), svc_id big-endian, then the address.
+        let mut range = 32u32.to_ne_bytes().to_vec();
+        range.extend_from_slice(&svc_id.to_be_bytes());
+        range.extend_from_slice(&[0, 0, 0, 0]);
+        bpftool_update(&bpffs, "src_ranges4", &range, &[1])?;
+        let v = from_node(cluster, Some(&cgroup), "tcp", HTTP_PORT)?;
+        ensure!(field(&v, "body")? == "b1", "inside the ranges: {v}");
+        Ok(())
+    };
+    if let Err(e) = body(&mut cluster) {
+        panic!("{e:?}");
+    }
 }
