@@ -34,8 +34,15 @@ pub const REASON_MALFORMED: u8 = 5;
 /// or expired) and was given a backend anew.
 pub const REASON_MIDSTREAM: u8 = 6;
 
+/// A client outside a LoadBalancer frontend's loadBalancerSourceRanges; dropped.
+pub const REASON_SOURCE_RANGE: u8 = 7;
+/// A traffic policy Local with no endpoint on this node; dropped.
+pub const REASON_NO_LOCAL_BACKEND: u8 = 8;
+/// No free SNAT port (or no SNAT address) for a connection to another node; dropped.
+pub const REASON_SNAT_PORTS: u8 = 9;
+
 /// Names of the reasons, indexed by value.
-pub const REASON_NAMES: [&str; 7] = [
+pub const REASON_NAMES: [&str; 10] = [
     "",
     "no_backend",
     "conntrack_full",
@@ -43,6 +50,9 @@ pub const REASON_NAMES: [&str; 7] = [
     "rewrite_failed",
     "malformed",
     "midstream",
+    "source_range",
+    "no_local_backend",
+    "snat_ports",
 ];
 
 /// One event. Addresses are wire bytes, ports host order, as in the map keys. For

@@ -38,3 +38,22 @@ pub fn ipv4_update(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2] {
     sum += u16::from_be_bytes([new[2], new[3]]) as u32;
     finish(sum).to_be_bytes()
 }
+
+/// The part of an incremental update (RFC 1624, eqn. 3) that a change of the 16-bit
+/// words of `old` into those of `new` contributes: the sum of `~m` and `m'`.
+#[inline(always)]
+pub fn delta<const N: usize>(mut sum: u32, old: &[u8; N], new: &[u8; N]) -> u32 {
+    let mut i = 0;
+    while i + 1 < N {
+        sum += !u16::from_be_bytes([old[i], old[i + 1]]) as u32;
+        sum += u16::from_be_bytes([new[i], new[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// A checksum field after changes whose [`delta`] is `delta`: HC' = ~(~HC + delta).
+#[inline(always)]
+pub fn apply(check: [u8; 2], delta: u32) -> [u8; 2] {
+    finish(!u16::from_be_bytes(check) as u32 + delta).to_be_bytes()
+}

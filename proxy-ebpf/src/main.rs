@@ -21,6 +21,7 @@ mod parse;
 mod reject;
 mod sched;
 mod sock;
+mod xdp;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK as ACT_OK, TC_ACT_SHOT as ACT_SHOT, xdp_action},
@@ -28,18 +29,20 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING},
+    conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, Ct4Value},
     monitor::{
         REASON_BACKEND_MISSING, REASON_CT_FULL, REASON_MALFORMED, REASON_MIDSTREAM,
-        REASON_NO_BACKEND, REASON_REWRITE,
+        REASON_NO_BACKEND, REASON_NO_LOCAL_BACKEND, REASON_REWRITE,
     },
     reply_filter,
-    service::{BackendConnsKey, SCOPE_CLUSTER_IP, Svc4Key, sched_counts_connections},
+    service::{
+        BackendConnsKey, SCOPE_CLUSTER_IP, SVC_F_DROP_EMPTY, Svc4Key, sched_counts_connections,
+    },
     stats,
 };
 
 use crate::{
-    conntrack::Created,
+    conntrack::{Created, Snat, Translation},
     maps::{CONNTRACK4, REPLY_FILTER4, SERVICES4, count, count_new_connection, count_service},
     parse::{ETH_LEN, Packet, Skip, TCP_SYN, ptr_at},
     sched::Service,
@@ -62,11 +65,10 @@ pub fn tc_floor(_ctx: TcContext) -> i32 {
 }
 
 /// The external view at XDP on the node interfaces (NodePorts, external and LoadBalancer
-/// IPs). First step: attached by the agent, passes everything to the stack; the
-/// translation comes in the following commits.
+/// IPs, and replies to the connections it source-NAT-ed); see `xdp.rs`.
 #[xdp]
-pub fn xdp_nodeport(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn xdp_nodeport(ctx: XdpContext) -> u32 {
+    xdp::nodeport(&ctx)
 }
 
 /// The floor that benchmarks compare `xdp_nodeport` against, and the program tests put on
@@ -84,10 +86,10 @@ pub fn xdp_floor(_ctx: XdpContext) -> u32 {
 /// added, 1 when the backend has no counters, 2 for a short frame.
 #[classifier]
 pub fn conns_release(ctx: TcContext) -> i32 {
-    let Some(key) = ptr_at::<BackendConnsKey>(&ctx, ETH_LEN) else {
+    let Some(key) = ptr_at::<_, BackendConnsKey>(&ctx, ETH_LEN) else {
         return 2;
     };
-    let Some(n) = ptr_at::<[u8; 8]>(&ctx, ETH_LEN + core::mem::size_of::<BackendConnsKey>()) else {
+    let Some(n) = ptr_at::<_, [u8; 8]>(&ctx, ETH_LEN + core::mem::size_of::<BackendConnsKey>()) else {
         return 2;
     };
     // SAFETY: ptr_at checked the bounds.
@@ -135,19 +137,9 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, i32> {
     };
     match SERVICES4.get_ptr(key) {
         Some(svc) => {
-            // SAFETY: a lookup result. A concurrent update of a preallocated hash may
-            // recycle the element; reading the three fields at once, right after the
-            // lookup, keeps that window to a few instructions (the usual BPF trade-off).
-            let svc = unsafe {
-                Service {
-                    svc_id: (*svc).svc_id,
-                    table: (*svc).table,
-                    count: (*svc).backend_count,
-                    scheduler: (*svc).scheduler,
-                    affinity_timeout_s: (*svc).affinity_timeout_s,
-                }
-            };
-            to_service(ctx, &pkt, &svc)
+            // SAFETY: a lookup result.
+            let (svc, flags) = unsafe { Service::read(svc) };
+            to_service(ctx, &pkt, &svc, flags)
         }
         None => maybe_reply(ctx, &pkt),
     }
@@ -155,72 +147,120 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, i32> {
 
 /// A packet to a service frontend: DNAT to the connection's backend, or pick one.
 #[inline(always)]
-fn to_service(ctx: &TcContext, pkt: &Packet, svc: &Service) -> Result<i32, i32> {
-    count_service(svc.svc_id, ctx.len() as u64, false);
+fn to_service(ctx: &TcContext, pkt: &Packet, svc: &Service, flags: u8) -> Result<i32, i32> {
     if let Some(ct) = CONNTRACK4.get_ptr_mut(conntrack::tuple_key(pkt)) {
         // SAFETY: a lookup result, read and written only through this pointer.
-        let (dir, flags, addr, port) =
-            unsafe { ((*ct).dir, (*ct).flags, (*ct).nat_addr, (*ct).nat_port) };
+        let (dir, ct_flags) = unsafe { ((*ct).dir, (*ct).flags) };
+        let t = Translation::of(ct);
         if dir == CT_DIR_FORWARD {
-            if !(pkt.is_syn() && flags & CT_FLAG_CLOSING != 0) {
+            count_service(svc.svc_id, ctx.len() as u64, false);
+            if !(pkt.is_syn() && ct_flags & CT_FLAG_CLOSING != 0) {
                 if pkt.is_closing() {
                     conntrack::note_closing(pkt, ct);
                     conntrack::release(&conntrack::tuple_key(pkt), ct);
                 }
                 conntrack::touch(ct);
-                if nat::rewrite_dst(ctx, pkt, addr, port).is_err() {
+                if translate(ctx, pkt, &t).is_err() {
                     return fail_rewrite(pkt, svc.svc_id);
                 }
                 return exit(stats::FORWARD_ESTABLISHED, OK);
             }
             // A new connection reuses the tuple of a closed one: select anew below.
-            conntrack::forget_reply(pkt, addr, port);
+            conntrack::forget_reply(pkt, &t);
             conntrack::forget_forward(pkt, ct);
+        } else {
+            // A reply that happens to be addressed to a frontend's address and port: a
+            // hairpin connection's reply goes to the frontend address at the client's port.
+            return reply(ctx, pkt, ct);
         }
+    } else {
+        count_service(svc.svc_id, ctx.len() as u64, false);
     }
-
     if svc.count == 0 {
+        if flags & SVC_F_DROP_EMPTY != 0 {
+            monitor::dropped(pkt, svc.svc_id, REASON_NO_LOCAL_BACKEND);
+            return fail(stats::DROP_NO_LOCAL_BACKEND);
+        }
         monitor::dropped(pkt, svc.svc_id, REASON_NO_BACKEND);
         return match reject::reject(ctx, pkt) {
             Ok(action) => exit(stats::REJECT_NO_BACKEND, action),
             Err(_) => fail_rewrite(pkt, svc.svc_id),
         };
     }
+    match new_connection(ctx, pkt, svc) {
+        ACT_SHOT => Err(ACT_SHOT),
+        action => Ok(action),
+    }
+}
+
+/// A packet to a frontend with backends and without a tracked connection: pick a backend.
+#[inline(always)]
+fn new_connection(ctx: &TcContext, pkt: &Packet, svc: &Service) -> i32 {
+    match try_new_connection(ctx, pkt, svc) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+#[inline(always)]
+fn try_new_connection(ctx: &TcContext, pkt: &Packet, svc: &Service) -> Result<i32, i32> {
     let Ok(chosen) = sched::choose(pkt, svc) else {
         monitor::dropped(pkt, svc.svc_id, REASON_BACKEND_MISSING);
         return exit(stats::ERR_BACKEND_MISSING, OK);
     };
-    let count = pkt.is_tcp() && sched_counts_connections(svc.scheduler);
+    let counted = pkt.is_tcp() && sched_counts_connections(svc.scheduler);
     // A TCP packet that is no SYN starts nothing: its connection lost its entries.
     let new = if pkt.is_tcp() && pkt.tcp_flags & TCP_SYN == 0 {
         stats::CT_MISS_MIDSTREAM
     } else {
         stats::FORWARD_NEW
     };
-    let (addr, port, stat) =
-        match conntrack::create(pkt, svc.svc_id, chosen.addr, chosen.port, count) {
-            Ok(Created::New) => {
-                count_new_connection(svc.svc_id);
-                (chosen.addr, chosen.port, new)
+    // Hairpin: the pod reached its own service and landed on itself. A packet from its own
+    // address would be dropped as a martian, so the source becomes the frontend (keeping
+    // the client port, which keeps the reply key unique to the client's socket).
+    let hairpin = chosen.addr == pkt.saddr;
+    let snat = if hairpin {
+        Snat::Fixed(pkt.daddr, pkt.sport)
+    } else {
+        Snat::None
+    };
+    let (t, stat) = match conntrack::create(pkt, svc.svc_id, chosen.addr, chosen.port, counted, snat)
+    {
+        Ok(Created::New(t)) => {
+            count_new_connection(svc.svc_id);
+            if hairpin {
+                count(stats::HAIRPIN);
             }
-            Ok(Created::Raced(addr, port)) => (addr, port, stats::FORWARD_ESTABLISHED),
-            Err(_) => {
-                monitor::dropped(pkt, svc.svc_id, REASON_CT_FULL);
-                return exit(stats::ERR_CONNTRACK_FULL, OK);
-            }
-        };
+            (t, new)
+        }
+        Ok(Created::Raced(t)) => (t, stats::FORWARD_ESTABLISHED),
+        Err(_) => {
+            monitor::dropped(pkt, svc.svc_id, REASON_CT_FULL);
+            return exit(stats::ERR_CONNTRACK_FULL, OK);
+        }
+    };
     if stat != stats::FORWARD_ESTABLISHED {
         let reason = if stat == stats::CT_MISS_MIDSTREAM {
             REASON_MIDSTREAM
         } else {
             0
         };
-        monitor::new_connection(pkt, svc.svc_id, svc.scheduler, (addr, port), reason);
+        monitor::new_connection(pkt, svc.svc_id, svc.scheduler, (t.addr, t.port), reason);
     }
-    if nat::rewrite_dst(ctx, pkt, addr, port).is_err() {
+    if translate(ctx, pkt, &t).is_err() {
         return fail_rewrite(pkt, svc.svc_id);
     }
     exit(stat, OK)
+}
+
+/// A client's packet rewritten as its forward entry says: DNAT, and SNAT too for a
+/// source-NAT-ed connection (hairpin).
+#[inline(always)]
+fn translate(ctx: &TcContext, pkt: &Packet, t: &Translation) -> Result<(), nat::RewriteError> {
+    if t.snat {
+        nat::rewrite_both(ctx, pkt, &t.forward(pkt))
+    } else {
+        nat::rewrite_dst(ctx, pkt, t.addr, t.port)
+    }
 }
 
 /// A packet to no service: a reply from a backend gets the frontend back as its source.
@@ -238,20 +278,33 @@ fn maybe_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, i32> {
     let Some(ct) = CONNTRACK4.get_ptr_mut(conntrack::tuple_key(pkt)) else {
         return exit(stats::PASS_NOT_SERVICE, OK);
     };
-    // SAFETY: a lookup result, read and written only through this pointer.
-    let (dir, addr, port, svc_id) =
-        unsafe { ((*ct).dir, (*ct).nat_addr, (*ct).nat_port, (*ct).svc_id) };
-    if dir != CT_DIR_REPLY {
+    // SAFETY: a lookup result.
+    if unsafe { (*ct).dir } != CT_DIR_REPLY {
         return exit(stats::PASS_NOT_SERVICE, OK);
     }
+    reply(ctx, pkt, ct)
+}
+
+/// A backend's packet on reply entry `ct`: the frontend becomes its source, and for a
+/// source-NAT-ed connection the client its destination.
+#[inline(always)]
+fn reply(ctx: &TcContext, pkt: &Packet, ct: *mut Ct4Value) -> Result<i32, i32> {
+    let t = Translation::of(ct);
+    // SAFETY: a lookup result.
+    let svc_id = unsafe { (*ct).svc_id };
     count_service(svc_id, ctx.len() as u64, true);
     conntrack::note_closing(pkt, ct);
-    conntrack::note_closing_forward(pkt, addr, port);
+    conntrack::note_closing_forward(pkt, &t);
     conntrack::touch(ct);
     if conntrack::note_replied(ct) {
-        monitor::first_reply(pkt, svc_id, (addr, port));
+        monitor::first_reply(pkt, svc_id, t.client_of_reply(pkt), (t.addr, t.port));
     }
-    if nat::rewrite_src(ctx, pkt, addr, port).is_err() {
+    let done = if t.snat {
+        nat::rewrite_both(ctx, pkt, &t.reply(pkt))
+    } else {
+        nat::rewrite_src(ctx, pkt, t.addr, t.port)
+    };
+    if done.is_err() {
         return fail_rewrite(pkt, svc_id);
     }
     exit(stats::REPLY, OK)

@@ -97,12 +97,10 @@ pub static REPLY_FILTER4: Array<u64, { WORDS as usize }> = Array::new();
 
 /// What the external view needs to know about this node (one entry, written by the agent).
 #[btf_map(name = "node_cfg4")]
-#[allow(dead_code)]
 pub static NODE_CFG4: Array<NodeConfig4, 1> = Array::new();
 
 /// loadBalancerSourceRanges: (svc_id, client prefix) -> 1 for each allowed range.
 #[btf_map(name = "src_ranges4")]
-#[allow(dead_code)]
 pub static SRC_RANGES4: LpmTrie<SourceRange4Key, u8, { DEFAULT_SOURCE_RANGES as usize }> =
     LpmTrie::new();
 

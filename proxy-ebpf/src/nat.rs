@@ -1,4 +1,5 @@
-//! Address and port rewrites with incremental checksum updates.
+//! Address and port rewrites with incremental checksum updates, at tc (through helpers)
+//! and at XDP (direct writes, checksums by hand; see [`rewrite_xdp`]).
 //!
 //! The IPv4 header checksum is updated here (RFC 1624) and written together with the
 //! addresses, and with the ports too when the header has no options: one
@@ -21,13 +22,23 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 
 use crate::{
     csum,
-    parse::{ETH_LEN, IP_CSUM, IPV4_MIN_LEN, Packet},
+    parse::{ETH_LEN, IP_CSUM, IPV4_MIN_LEN, Packet, ptr_at_mut},
 };
+
+/// The addresses and ports a packet gets (wire-order addresses, host-order ports).
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub saddr: [u8; 4],
+    pub sport: u16,
+    pub daddr: [u8; 4],
+    pub dport: u16,
+}
+
 
 /// A helper call failed; the packet may be half rewritten and must be dropped.
 pub struct RewriteError;
@@ -94,6 +105,98 @@ pub fn rewrite_src(
     rewrite(
         ctx, pkt, &span, pkt.saddr, addr, pkt.l4_off, pkt.sport, port,
     )
+}
+
+/// Both ends at once (a source-NAT-ed connection: NodePort SNAT, hairpin): the packet
+/// becomes `new`. Out of line: used by source-NAT-ed connections only, it keeps its
+/// spans off the stack frame of the common paths.
+#[inline(never)]
+pub fn rewrite_both(ctx: &TcContext, pkt: &Packet, new: &Tuple) -> Result<(), RewriteError> {
+    let mut old_addrs = [0u8; 8];
+    old_addrs[..4].copy_from_slice(&pkt.saddr);
+    old_addrs[4..].copy_from_slice(&pkt.daddr);
+    let mut new_addrs = [0u8; 8];
+    new_addrs[..4].copy_from_slice(&new.saddr);
+    new_addrs[4..].copy_from_slice(&new.daddr);
+    let span = Span {
+        ip_csum: csum::apply(pkt.ip_csum, csum::delta(0, &old_addrs, &new_addrs)),
+        saddr: new.saddr,
+        daddr: new.daddr,
+        sport: new.sport.to_be_bytes(),
+        dport: new.dport.to_be_bytes(),
+    };
+    let csum_off = pkt.l4_csum_off();
+    let l4_flags = if pkt.is_tcp() {
+        0
+    } else {
+        BPF_F_MARK_MANGLED_0 as u64
+    };
+    if !pkt.no_l4_csum {
+        for (old, new) in [(pkt.saddr, new.saddr), (pkt.daddr, new.daddr)] {
+            if old != new {
+                let from = u32::from_ne_bytes(old) as u64;
+                let to = u32::from_ne_bytes(new) as u64;
+                ctx.l4_csum_replace(csum_off, from, to, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4)
+                    .map_err(|_| RewriteError)?;
+            }
+        }
+        for (old, new) in [(pkt.sport, new.sport), (pkt.dport, new.dport)] {
+            if old != new {
+                let from = u16::from_ne_bytes(old.to_be_bytes()) as u64;
+                let to = u16::from_ne_bytes(new.to_be_bytes()) as u64;
+                ctx.l4_csum_replace(csum_off, from, to, l4_flags | 2)
+                    .map_err(|_| RewriteError)?;
+            }
+        }
+    }
+    if pkt.l4_off == ETH_LEN + IPV4_MIN_LEN {
+        return ctx.store(SPAN_OFF, &span, 0).map_err(|_| RewriteError);
+    }
+    // SAFETY: `Span` is repr(C) and starts with its first SPAN_ADDRS bytes.
+    let addrs = unsafe { &*(&span as *const Span as *const [u8; SPAN_ADDRS]) };
+    ctx.store(SPAN_OFF, addrs, 0).map_err(|_| RewriteError)?;
+    let ports = [span.sport[0], span.sport[1], span.dport[0], span.dport[1]];
+    ctx.store(pkt.l4_off, &ports, 0).map_err(|_| RewriteError)
+}
+
+/// XDP: the packet becomes `new`, written in place, the IPv4 header and L4 checksums
+/// updated by hand (RFC 1624: XDP has no skb, hence no checksum helpers and no checksum
+/// state). A UDP datagram without a checksum keeps its zero; a computed zero becomes
+/// 0xffff.
+///
+/// This assumes the L4 checksum is complete, as in a frame from a real wire. A frame sent
+/// by a local socket over a veth is CHECKSUM_PARTIAL (the field holds only the
+/// pseudo-header sum, to be completed by offload), which XDP cannot tell: the update is
+/// then still a correct update of the pseudo-header part, but the peer sees a partial
+/// checksum. Interfaces that feed a node from a veth (the tests' "wire") must have TX
+/// checksum offload off (`ethtool -K <if> tx off`) so their frames arrive complete.
+#[inline(always)]
+pub fn rewrite_xdp(ctx: &XdpContext, pkt: &Packet, new: &Tuple) -> Result<(), RewriteError> {
+    let addrs: *mut [u8; 8] = ptr_at_mut(ctx, ETH_LEN + IP_CSUM + 2).ok_or(RewriteError)?;
+    let ip_csum: *mut [u8; 2] = ptr_at_mut(ctx, ETH_LEN + IP_CSUM).ok_or(RewriteError)?;
+    let ports: *mut [u8; 4] = ptr_at_mut(ctx, pkt.l4_off).ok_or(RewriteError)?;
+    let l4_csum: *mut [u8; 2] = ptr_at_mut(ctx, pkt.l4_csum_off()).ok_or(RewriteError)?;
+    let mut new_addrs = [0u8; 8];
+    new_addrs[..4].copy_from_slice(&new.saddr);
+    new_addrs[4..].copy_from_slice(&new.daddr);
+    let s = new.sport.to_be_bytes();
+    let d = new.dport.to_be_bytes();
+    let new_ports = [s[0], s[1], d[0], d[1]];
+    // SAFETY: every pointer was checked against data_end by ptr_at_mut.
+    unsafe {
+        let addr_delta = csum::delta(0, &*addrs, &new_addrs);
+        *ip_csum = csum::apply(*ip_csum, addr_delta);
+        if !pkt.no_l4_csum {
+            let mut c = csum::apply(*l4_csum, csum::delta(addr_delta, &*ports, &new_ports));
+            if !pkt.is_tcp() && c == [0, 0] {
+                c = [0xff, 0xff];
+            }
+            *l4_csum = c;
+        }
+        *addrs = new_addrs;
+        *ports = new_ports;
+    }
+    Ok(())
 }
 
 #[inline(always)]

@@ -1,6 +1,6 @@
-//! Bounds-checked header parsing with direct packet access.
+//! Bounds-checked header parsing with direct packet access, for tc and XDP alike.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -13,6 +13,8 @@ pub const ETH_LEN: usize = EthHdr::LEN;
 pub const IPV4_MIN_LEN: usize = Ipv4Hdr::LEN;
 /// Offset of the checksum inside the IPv4 header.
 pub const IP_CSUM: usize = 10;
+/// Offset of the TTL inside the IPv4 header.
+pub const IP_TTL: usize = 8;
 
 pub const TCP_CSUM: usize = 16;
 pub const UDP_CSUM: usize = 6;
@@ -22,10 +24,58 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// What the parser needs of a program context: the bounds of the packet's linear data,
+/// and a way to make more of it linear. Implemented for tc and XDP, so both hooks share
+/// one parser (monomorphised: each program gets the code for its own context only).
+pub trait PacketCtx {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Makes the first `len` bytes linear if they are not; false if it cannot.
+    fn pull(&self, len: u32) -> bool;
+}
+
+impl PacketCtx for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    /// Only the headers actually read are pulled: on a TCP clone (every segment a socket
+    /// sends) they are already private, while pulling payload would copy the skb's head.
+    #[inline(always)]
+    fn pull(&self, len: u32) -> bool {
+        self.len() >= len && self.pull_data(len).is_ok()
+    }
+}
+
+impl PacketCtx for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    /// An XDP frame's headers are in its first buffer (a multi-buffer frame's fragments
+    /// hold payload only): nothing to pull.
+    #[inline(always)]
+    fn pull(&self, _len: u32) -> bool {
+        false
+    }
+}
+
 /// A pointer to a `T` at `off` bytes into the packet, if the whole `T` is inside the linear
 /// data. The verifier sees the comparison against `data_end` and accepts the access.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+pub fn ptr_at<C: PacketCtx, T>(ctx: &C, off: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
@@ -34,18 +84,22 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
-/// A pointer to a `T` at `off`, pulling the bytes up to its end into the linear area first
-/// if the skb is paged there. Only the headers actually read are pulled: on a TCP clone
-/// (every segment a socket sends) they are already private, while pulling payload would
-/// copy the skb's head. `bpf_skb_pull_data` invalidates packet pointers; this derives its
-/// pointer afterwards, and earlier pointers must not be used again.
+/// As [`ptr_at`], writable (XDP writes the packet directly; tc goes through helpers, see
+/// `nat.rs`).
 #[inline(always)]
-fn pull_ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+pub fn ptr_at_mut<C: PacketCtx, T>(ctx: &C, off: usize) -> Option<*mut T> {
+    ptr_at::<C, T>(ctx, off).map(|p| p as *mut T)
+}
+
+/// A pointer to a `T` at `off`, pulling the bytes up to its end into the linear area first
+/// if they are not there (tc). `bpf_skb_pull_data` invalidates packet pointers; this
+/// derives its pointer afterwards, and earlier pointers must not be used again.
+#[inline(always)]
+fn pull_ptr_at<C: PacketCtx, T>(ctx: &C, off: usize) -> Option<*const T> {
     if let Some(p) = ptr_at(ctx, off) {
         return Some(p);
     }
-    let need = (off + core::mem::size_of::<T>()) as u32;
-    if ctx.len() < need || ctx.pull_data(need).is_err() {
+    if !ctx.pull((off + core::mem::size_of::<T>()) as u32) {
         return None;
     }
     ptr_at(ctx, off)
@@ -110,7 +164,7 @@ impl Packet {
 /// Parses Ethernet, IPv4 (honouring IHL) and the TCP/UDP ports, with network-types'
 /// header layouts.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Packet, Skip> {
+pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Skip> {
     let eth: *const EthHdr = pull_ptr_at(ctx, 0).ok_or(Skip::Malformed)?;
     // SAFETY: ptr_at checked the bounds.
     if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {

@@ -13,23 +13,26 @@
 //! is dropped (ERR_REWRITE) instead of answered.
 
 use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
-    programs::TcContext,
+    bindings::{TC_ACT_REDIRECT, xdp_action},
+    btf_maps::PerCpuArray,
+    macros::btf_map,
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail},
+    programs::{TcContext, XdpContext},
 };
 
 use crate::{
     csum,
-    parse::{ETH_LEN, IPV4_MIN_LEN, Packet, ptr_at},
+    parse::{ETH_LEN, IPV4_MIN_LEN, Packet, PacketCtx, ptr_at, ptr_at_mut},
 };
 
 const ICMP_LEN: usize = 8;
 const QUOTE_L4: usize = 8;
 const IP_TOT_LEN: usize = IPV4_MIN_LEN + ICMP_LEN + IPV4_MIN_LEN + QUOTE_L4;
 
-/// The whole reply frame, built on the stack and written with one store.
+/// The whole reply frame, built in a per-CPU scratch map (70 bytes the verifier would
+/// otherwise count in the stack of the packet path that calls this) and written at once.
 #[repr(C)]
-struct Reply {
+pub struct Reply {
     eth_dst: [u8; 6],
     eth_src: [u8; 6],
     eth_type: [u8; 2],
@@ -42,18 +45,21 @@ struct Reply {
 const FRAME_LEN: usize = ETH_LEN + IP_TOT_LEN;
 const _: () = assert!(core::mem::size_of::<Reply>() == FRAME_LEN);
 
+/// Where the reply frame is built (see [`Reply`]). Not pinned: scratch space only.
+#[btf_map(name = "reject_scratch")]
+static REJECT_SCRATCH: PerCpuArray<Reply, 1> = PerCpuArray::new();
+
 /// A header read or a helper failed.
 pub struct RejectError;
 
-/// Turns the packet into the ICMP error and returns TC_ACT_REDIRECT. Kept out of line: it
-/// is the rare path, and its frame buffer should not weigh on the hot path's stack.
-#[inline(never)]
-pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, RejectError> {
+/// The ICMP error answering the packet, built on the stack from its headers.
+#[inline(always)]
+fn build<C: PacketCtx>(ctx: &C, pkt: &Packet, r: &mut Reply) -> Result<(), RejectError> {
     let eth: *const [u8; ETH_LEN] = ptr_at(ctx, 0).ok_or(RejectError)?;
     let ip: *const [u8; IPV4_MIN_LEN] = ptr_at(ctx, ETH_LEN).ok_or(RejectError)?;
     let l4: *const [u8; QUOTE_L4] = ptr_at(ctx, pkt.l4_off).ok_or(RejectError)?;
     let tot = (IP_TOT_LEN as u16).to_be_bytes();
-    let mut r = Reply {
+    *r = Reply {
         eth_dst: [0; 6],
         eth_src: [0; 6],
         eth_type: [0; 2],
@@ -99,13 +105,29 @@ pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, RejectError> {
     let c = csum::finish(sum).to_be_bytes();
     r.icmp[2] = c[0];
     r.icmp[3] = c[1];
+    Ok(())
+}
 
+/// The scratch frame of this CPU (programs do not migrate while they run).
+#[inline(always)]
+fn scratch() -> Result<&'static mut Reply, RejectError> {
+    let p = REJECT_SCRATCH.get_ptr_mut(0).ok_or(RejectError)?;
+    // SAFETY: this CPU's own slot, used by one program run at a time.
+    Ok(unsafe { &mut *p })
+}
+
+/// Turns the packet into the ICMP error and returns TC_ACT_REDIRECT. Kept out of line: it
+/// is the rare path, and its frame buffer should not weigh on the hot path's stack.
+#[inline(never)]
+pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, RejectError> {
+    let r = scratch()?;
+    build(ctx, pkt, r)?;
     // SAFETY: the context pointer is the program's own skb.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, FRAME_LEN as u32, 0) } != 0 {
         return Err(RejectError);
     }
     // Packet pointers are stale from here on; only helpers touch the packet.
-    ctx.store(0, &r, 0).map_err(|_| RejectError)?;
+    ctx.store(0, r, 0).map_err(|_| RejectError)?;
     // SAFETY: reads a field of the program's own skb; bpf_redirect takes no pointers.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let action = unsafe { bpf_redirect(ifindex, 0) };
@@ -113,4 +135,23 @@ pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, RejectError> {
         return Err(RejectError);
     }
     Ok(TC_ACT_REDIRECT)
+}
+
+/// XDP: turns the frame into the ICMP error in place (cut or grown with
+/// `bpf_xdp_adjust_tail`) and returns XDP_TX, back out of the interface it came in on.
+/// Out of line for the same reason as [`reject`].
+#[inline(never)]
+pub fn reject_xdp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, RejectError> {
+    let r = scratch()?;
+    build(ctx, pkt, r)?;
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: the context pointer is the program's own frame.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, FRAME_LEN as i32 - len) } != 0 {
+        return Err(RejectError);
+    }
+    // Packet pointers are stale after the resize; this one is derived anew.
+    let out: *mut Reply = ptr_at_mut(ctx, 0).ok_or(RejectError)?;
+    // SAFETY: checked against data_end by ptr_at_mut.
+    unsafe { core::ptr::copy_nonoverlapping(r as *const Reply, out, 1) };
+    Ok(xdp_action::XDP_TX)
 }

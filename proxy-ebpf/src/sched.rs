@@ -18,6 +18,7 @@ use proxy_common::{
     service::{
         AffinityKey, AffinityValue, BackendConns, BackendConnsKey, BackendSlotKey, MAGLEV_SIZE,
         MaglevKey, SCHED_DH, SCHED_LC, SCHED_MAGLEV, SCHED_NQ, SCHED_RR, SCHED_SED, SCHED_SH,
+        Svc4Value,
     },
 };
 
@@ -37,11 +38,37 @@ pub struct Service {
     pub affinity_timeout_s: u32,
 }
 
+impl Service {
+    /// Copies a `services4` value out, with its `SVC_F_*` flags.
+    ///
+    /// # Safety
+    /// `svc` is a lookup result. A concurrent update of a preallocated hash may recycle the
+    /// element; reading the fields at once, right after the lookup, keeps that window to a
+    /// few instructions (the usual BPF trade-off).
+    #[inline(always)]
+    pub unsafe fn read(svc: *const Svc4Value) -> (Service, u8) {
+        unsafe {
+            (
+                Service {
+                    svc_id: (*svc).svc_id,
+                    table: (*svc).table,
+                    count: (*svc).backend_count,
+                    scheduler: (*svc).scheduler,
+                    affinity_timeout_s: (*svc).affinity_timeout_s,
+                },
+                (*svc).flags,
+            )
+        }
+    }
+}
+
 /// The backend a new connection goes to.
 #[derive(Clone, Copy)]
 pub struct Chosen {
     pub addr: [u8; 4],
     pub port: u16,
+    /// `BACKEND_*` flags (the external view SNATs only backends without `BACKEND_LOCAL`).
+    pub flags: u8,
     pub slot: u32,
 }
 
@@ -58,8 +85,16 @@ fn random() -> u32 {
 fn backend_at(table: u32, slot: u32) -> Option<(Chosen, u8)> {
     let b = BACKEND_SLOTS4.get_ptr(BackendSlotKey { table, slot })?;
     // SAFETY: a lookup result, read at once.
-    let (addr, port, weight) = unsafe { ((*b).addr, (*b).port, (*b).weight) };
-    Some((Chosen { addr, port, slot }, weight))
+    let (addr, port, flags, weight) = unsafe { ((*b).addr, (*b).port, (*b).flags, (*b).weight) };
+    Some((
+        Chosen {
+            addr,
+            port,
+            flags,
+            slot,
+        },
+        weight,
+    ))
 }
 
 /// Picks the backend of a new connection.
@@ -147,7 +182,7 @@ struct Scan {
     best_slot: u32,
     best_port: u32,
     best_addr: [u8; 4],
-    _pad: u32,
+    best_flags: u32,
     /// The best cost as a fraction: best_num / best_weight.
     best_num: u64,
     best_weight: u64,
@@ -179,6 +214,7 @@ extern "C" fn scan_least_loaded(i: u64, ctx: *mut c_void) -> i64 {
         s.best_slot = slot;
         s.best_addr = c.addr;
         s.best_port = c.port as u32;
+        s.best_flags = c.flags as u32;
         s.best_num = num;
         s.best_weight = weight;
     }
@@ -200,7 +236,7 @@ fn least_loaded(svc: &Service) -> Result<Chosen, Missing> {
         best_slot: 0,
         best_port: 0,
         best_addr: [0; 4],
-        _pad: 0,
+        best_flags: 0,
         best_num: 0,
         best_weight: 1,
     };
@@ -224,6 +260,7 @@ fn least_loaded(svc: &Service) -> Result<Chosen, Missing> {
     Ok(Chosen {
         addr: scan.best_addr,
         port: scan.best_port as u16,
+        flags: scan.best_flags as u8,
         slot: scan.best_slot,
     })
 }
@@ -242,6 +279,7 @@ extern "C" fn scan_find(i: u64, ctx: *mut c_void) -> i64 {
         Some((c, _)) if c.addr == s.best_addr && c.port as u32 == s.best_port => {
             s.found = 1;
             s.best_slot = i;
+            s.best_flags = c.flags as u32;
             1
         }
         _ => 0,
@@ -269,7 +307,7 @@ fn find_backend(svc: &Service, addr: [u8; 4], port: u16, slot: u32) -> Option<Ch
         best_slot: 0,
         best_port: port as u32,
         best_addr: addr,
-        _pad: 0,
+        best_flags: 0,
         best_num: 0,
         best_weight: 0,
     };
@@ -290,6 +328,7 @@ fn find_backend(svc: &Service, addr: [u8; 4], port: u16, slot: u32) -> Option<Ch
     (scan.found != 0).then_some(Chosen {
         addr,
         port,
+        flags: scan.best_flags as u8,
         slot: scan.best_slot,
     })
 }
