@@ -89,7 +89,8 @@ pub fn conns_release(ctx: TcContext) -> i32 {
     let Some(key) = ptr_at::<_, BackendConnsKey>(&ctx, ETH_LEN) else {
         return 2;
     };
-    let Some(n) = ptr_at::<_, [u8; 8]>(&ctx, ETH_LEN + core::mem::size_of::<BackendConnsKey>()) else {
+    let Some(n) = ptr_at::<_, [u8; 8]>(&ctx, ETH_LEN + core::mem::size_of::<BackendConnsKey>())
+    else {
         return 2;
     };
     // SAFETY: ptr_at checked the bounds.
@@ -223,21 +224,21 @@ fn try_new_connection(ctx: &TcContext, pkt: &Packet, svc: &Service) -> Result<i3
     } else {
         Snat::None
     };
-    let (t, stat) = match conntrack::create(pkt, svc.svc_id, chosen.addr, chosen.port, counted, snat)
-    {
-        Ok(Created::New(t)) => {
-            count_new_connection(svc.svc_id);
-            if hairpin {
-                count(stats::HAIRPIN);
+    let (t, stat) =
+        match conntrack::create(pkt, svc.svc_id, chosen.addr, chosen.port, counted, snat) {
+            Ok(Created::New(t)) => {
+                count_new_connection(svc.svc_id);
+                if hairpin {
+                    count(stats::HAIRPIN);
+                }
+                (t, new)
             }
-            (t, new)
-        }
-        Ok(Created::Raced(t)) => (t, stats::FORWARD_ESTABLISHED),
-        Err(_) => {
-            monitor::dropped(pkt, svc.svc_id, REASON_CT_FULL);
-            return exit(stats::ERR_CONNTRACK_FULL, OK);
-        }
-    };
+            Ok(Created::Raced(t)) => (t, stats::FORWARD_ESTABLISHED),
+            Err(_) => {
+                monitor::dropped(pkt, svc.svc_id, REASON_CT_FULL);
+                return exit(stats::ERR_CONNTRACK_FULL, OK);
+            }
+        };
     if stat != stats::FORWARD_ESTABLISHED {
         let reason = if stat == stats::CT_MISS_MIDSTREAM {
             REASON_MIDSTREAM

@@ -39,7 +39,6 @@ pub struct Tuple {
     pub dport: u16,
 }
 
-
 /// A helper call failed; the packet may be half rewritten and must be dropped.
 pub struct RewriteError;
 

@@ -15,8 +15,8 @@
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, xdp_action},
     btf_maps::PerCpuArray,
-    macros::btf_map,
     helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail},
+    macros::btf_map,
     programs::{TcContext, XdpContext},
 };
 

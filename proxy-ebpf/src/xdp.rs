@@ -30,9 +30,9 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
     btf_maps::PerCpuArray,
-    macros::btf_map,
-    helpers::{bpf_fib_lookup, bpf_redirect},
     btf_maps::lpm_trie::Key,
+    helpers::{bpf_fib_lookup, bpf_redirect},
+    macros::btf_map,
     programs::XdpContext,
 };
 use proxy_common::{
@@ -52,8 +52,7 @@ use crate::{
     conntrack::{self, CreateError, Created, Snat, Translation},
     csum,
     maps::{
-        CONNTRACK4, NODE_CFG4, SERVICES4, SRC_RANGES4, count, count_new_connection,
-        count_service,
+        CONNTRACK4, NODE_CFG4, SERVICES4, SRC_RANGES4, count, count_new_connection, count_service,
     },
     monitor, nat,
     parse::{self, ETH_LEN, IP_CSUM, IP_TTL, Packet, TCP_SYN, ptr_at_mut},
@@ -297,14 +296,8 @@ fn forward(ctx: &XdpContext) -> u32 {
     let ingress = ctx.ingress_ifindex() as u32;
     p.ifindex = ingress;
     // SAFETY: `p` is a map value of the size given.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    let rc =
+        unsafe { bpf_fib_lookup(ctx.as_ptr(), p, core::mem::size_of::<FibParams>() as i32, 0) };
     if rc != FIB_SUCCESS {
         return PASS;
     }

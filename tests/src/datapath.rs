@@ -12,7 +12,10 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use aya::programs::{ProgramError, TestRun, TestRunOptions};
+use aya::{
+    maps::lpm_trie::Key,
+    programs::{ProgramError, TestRun, TestRunOptions},
+};
 use bpfproxy::{
     datapath::{Datapath, LoadOptions},
     model::{Protocol, ServicePortName},
@@ -22,14 +25,23 @@ use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use proxy_common::{
     conntrack::{Ct4Key, Ct4Value},
     reply_filter,
-    service::{Backend4, BackendSlotKey, SCHED_RANDOM, SCOPE_CLUSTER_IP, Svc4Key, Svc4Value},
+    service::{
+        Backend4, BackendSlotKey, NodeConfig4, SCHED_RANDOM, SCOPE_CLUSTER_IP, SourceRange4Key,
+        Svc4Key, Svc4Value,
+    },
     stats,
 };
 
 pub use bpfproxy::datapath::{
     MapSizes,
-    loader::{PROG_TC_FLOOR, PROG_TC_INGRESS},
+    loader::{PROG_TC_FLOOR, PROG_TC_INGRESS, PROG_XDP_FLOOR, PROG_XDP_NODEPORT},
 };
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -226,6 +238,116 @@ impl DatapathHarness {
     pub fn run_prog(&mut self, name: &str, frame: &[u8], repeat: u32) -> Run {
         self.try_run_prog(name, frame, repeat)
             .expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// Runs XDP program `name` `repeat` times on one frame (the output of a run is the
+    /// input of the next). With `ingress_ifindex`, the frame arrives on that interface of
+    /// the calling thread's namespace (what `bpf_fib_lookup` starts from); else on none.
+    pub fn try_run_xdp(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        repeat: u32,
+        ingress_ifindex: Option<u32>,
+    ) -> Result<Run, ProgramError> {
+        let mut out = vec![0u8; frame.len() + 2048];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let md: Vec<u8> = [0, frame.len() as u32, 0, ingress_ifindex.unwrap_or(0), 0, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let res = {
+            let opts = TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: ingress_ifindex.map(|_| md.as_slice()),
+                repeat,
+                ..TestRunOptions::new()
+            };
+            let prog = self.dp.xdp_program_mut(name).expect("program");
+            prog.test_run(opts)?
+        };
+        out.truncate(res.data_size_out as usize);
+        Ok(Run {
+            ret: res.return_value,
+            out,
+            duration: res.duration,
+        })
+    }
+
+    /// Runs `xdp_nodeport` once, arriving on no interface.
+    pub fn run_xdp(&mut self, frame: &[u8]) -> Run {
+        self.try_run_xdp(PROG_XDP_NODEPORT, frame, 1, None)
+            .expect("BPF_PROG_TEST_RUN of xdp_nodeport")
+    }
+
+    /// Programs frontend `key` (any scope) with `flags` (`SVC_F_*`) and `backends` (with
+    /// their `BACKEND_*` flags) as the agent does: reply-filter bits, the backends in table
+    /// `svc_id * 2`, then the service.
+    pub fn add_frontend(&mut self, svc_id: u32, key: Svc4Key, flags: u8, backends: &[Backend4]) {
+        for b in backends {
+            let bit = self.filter_bit(b.addr, b.port, key.proto);
+            self.apply(vec![bit], Vec::new());
+        }
+        let mut ops: Vec<MapOp> = backends
+            .iter()
+            .enumerate()
+            .map(|(slot, b)| MapOp::PutBackend {
+                key: BackendSlotKey {
+                    table: svc_id * 2,
+                    slot: slot as u32,
+                },
+                value: *b,
+            })
+            .collect();
+        ops.push(MapOp::PutService {
+            key,
+            value: Svc4Value {
+                svc_id,
+                table: svc_id * 2,
+                backend_count: backends.len() as u32,
+                scheduler: SCHED_RANDOM,
+                flags,
+                _pad: 0,
+                affinity_timeout_s: 0,
+            },
+        });
+        self.apply(Vec::new(), ops);
+    }
+
+    /// Writes `node_cfg4`.
+    pub fn set_node_config(&mut self, cfg: NodeConfig4) {
+        self.dp
+            .maps
+            .node_cfg
+            .set(0, cfg, 0)
+            .expect("writing node_cfg4");
+    }
+
+    /// Allows clients in `addr/bits` to the frontend of `svc_id` (`src_ranges4`).
+    pub fn allow_source_range(&mut self, svc_id: u32, addr: [u8; 4], bits: u32) {
+        let key = Key::new(
+            32 + bits,
+            SourceRange4Key {
+                svc_id_be: svc_id.to_be_bytes(),
+                addr,
+            },
+        );
+        self.dp
+            .maps
+            .src_ranges
+            .insert(&key, 1, 0)
+            .expect("writing src_ranges4");
+    }
+
+    /// Writes a conntrack entry directly (benchmarks set up connections this way).
+    pub fn put_ct(&mut self, key: Ct4Key, value: Ct4Value) {
+        self.dp
+            .maps
+            .conntrack
+            .insert(key, value, 0)
+            .expect("writing conntrack4");
     }
 
     /// Runs `tc_ingress` once; returns (return code, output frame).
