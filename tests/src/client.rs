@@ -389,3 +389,67 @@ pub fn ask_udp_here(addr: Ipv4Addr, port: u16, timeout: Duration) -> Asked {
         Err(e) => Asked::Failed(format!("UDP to {target}: {e}")),
     }
 }
+
+/// An HTTP answer of any status, read whole.
+#[derive(Clone, Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    /// Header names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    /// The first header called `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` from `ns` to `addr:port` with `Connection: close`, reading the answer to
+/// its end (at most a few seconds), whatever its status.
+pub fn http_get_any(ns: &NetNs, addr: Ipv4Addr, port: u16, path: &str) -> Result<HttpAnswer> {
+    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+    let mut stream = match connect(ns, addr, port, IO_TIMEOUT)? {
+        ConnectOutcome::Connected(s, _) => s,
+        other => bail!("connecting from {} to {target}: {other:?}", ns.name()),
+    };
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 2048];
+    // Bounded: each read times out and the answer is small.
+    while raw.len() < 64 * 1024 {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(e).with_context(|| format!("reading the answer of {target}")),
+        }
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no complete head in {text:?}"))?;
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("status line {status_line:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(HttpAnswer {
+        status,
+        headers,
+        body: body.to_owned(),
+    })
+}

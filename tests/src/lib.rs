@@ -133,18 +133,6 @@ fn reap_stale() {
             }
         }
     }
-    // Cgroups made for socket-level load balancing (`two_node`): empty once their
-    // processes are gone, so a plain rmdir removes them.
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup/unified") {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(run) = name.strip_prefix("bpfproxy-testbed-")
-                && dead(run)
-            {
-                let _ = std::fs::remove_dir(entry.path());
-            }
-        }
-    }
 }
 
 /// Raises this process's soft open-file limit to its hard one (tests holding thousands of

@@ -44,8 +44,9 @@ use aya::programs::{Xdp, XdpMode};
 
 use crate::{
     agent::{Agent, BPFFS_ROOT, TEST_PIN_PREFIX},
-    client::Asked,
-    manifests::ManifestDir,
+    cgroup::{TEST_CGROUP_PREFIX, TestCgroup},
+    client::{Asked, ask_tcp, ask_udp},
+    manifests::{EndpointSlice, ManifestDir, Service, documents},
     netns::NetNs,
     servers::PeerServer,
     topology::{Pod, wire_pod},
@@ -62,12 +63,13 @@ pub const LB_CIDR: &str = "203.0.113.0/24";
 pub const EXTERNAL_CIDR: &str = "198.51.100.0/24";
 /// Every pod's [`PeerServer`] listens here, TCP and UDP.
 pub const PEER_PORT: u16 = 8080;
+/// Port (TCP and UDP, named `tcp` and `udp`) of every test service made by
+/// [`peer_service`]; its targetPort is [`PEER_PORT`].
+pub const SERVICE_PORT: u16 = 80;
+/// Namespace of the test services.
+pub const SERVICE_NAMESPACE: &str = "default";
 /// The node's uplink, on the LAN.
 pub const UPLINK: &str = "eth0";
-/// Where cgroup v2 is mounted on this machine (the test makes its cgroups below it).
-pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
-/// Name prefix of the cgroups made here (`<prefix><run>-<node>`).
-pub const CGROUP_PREFIX: &str = "bpfproxy-testbed-";
 
 /// ETHTOOL_GTXCSUM / ETHTOOL_STXCSUM (linux/ethtool.h).
 const ETHTOOL_GTXCSUM: u32 = 0x16;
@@ -125,6 +127,16 @@ impl Node {
             .unwrap_or_else(|| panic!("the agent of {} was not started", self.name))
     }
 
+    /// Counter `name` of `bpfproxy stats` on this node (e.g. `drop_source_range`).
+    pub fn stat(&self, name: &str) -> Result<u64> {
+        let json = self.agent().cli(&["stats", "-o", "json"])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&json).with_context(|| format!("stats JSON {json:?}"))?;
+        v[name]
+            .as_u64()
+            .with_context(|| format!("no counter {name} in {json}"))
+    }
+
     /// Where this node's agent pins its maps.
     pub fn bpffs(&self) -> &Path {
         &self.bpffs
@@ -150,7 +162,7 @@ pub struct TwoNode {
     pub client: NetNs,
     pub manifests: ManifestDir,
     /// After the agents (which hold programs on them) and before the LAN.
-    cgroups: Vec<Cgroup>,
+    cgroups: Vec<TestCgroup>,
     pub lan: NetNs,
 }
 
@@ -294,15 +306,15 @@ impl TwoNode {
         Ok(agent)
     }
 
-    /// Makes a cgroup v2 for processes of node `which` (for `--socket-lb-cgroup`), removed
+    /// Makes a cgroup v2 (a [`TestCgroup`]) for processes of node `which` (for `--socket-lb-cgroup`), removed
     /// on drop; returns its path.
     pub fn make_cgroup(&mut self, which: Which) -> Result<PathBuf> {
         let letter = match which {
             Which::A => 'a',
             Which::B => 'b',
         };
-        let cg = Cgroup::create(&format!("{CGROUP_PREFIX}{}-{letter}", self.run))?;
-        let path = cg.path.clone();
+        let cg = TestCgroup::create(&format!("{}-{letter}", self.run))?;
+        let path = cg.path().to_owned();
         self.cgroups.push(cg);
         Ok(path)
     }
@@ -324,7 +336,11 @@ impl TwoNode {
         let netns = std::fs::File::open(node.ns.path())
             .with_context(|| format!("opening {}", node.ns.path().display()))?;
         let procs_path = cgroup.join("cgroup.procs");
-        if !procs_path.starts_with(CGROUP2_ROOT) || cgroup == Path::new(CGROUP2_ROOT) {
+        // Never the machine's own cgroups: only one made by the harness.
+        let is_test_cgroup = cgroup
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(TEST_CGROUP_PREFIX));
+        if !is_test_cgroup {
             bail!(
                 "refusing to run a probe in {}: not a test cgroup",
                 cgroup.display()
@@ -394,6 +410,96 @@ impl TwoNode {
             bail!("{} failed ({status}): {}", probe.display(), err.trim());
         }
         Asked::parse(&out)
+    }
+}
+
+/// A Service `name` of type `kind` with ClusterIP `cluster_ip` and ports `tcp` 80/TCP and
+/// `udp` 80/UDP to the pods' [`PEER_PORT`], both with nodePort `node_port` if given.
+pub fn peer_service(
+    name: &str,
+    kind: &str,
+    cluster_ip: Ipv4Addr,
+    node_port: Option<u16>,
+) -> Service {
+    let svc = Service::cluster_ip(SERVICE_NAMESPACE, name, cluster_ip).kind(kind);
+    match node_port {
+        Some(np) => svc
+            .node_port("tcp", "TCP", SERVICE_PORT, PEER_PORT, np)
+            .node_port("udp", "UDP", SERVICE_PORT, PEER_PORT, np),
+        None => svc.port("tcp", "TCP", SERVICE_PORT, PEER_PORT).port(
+            "udp",
+            "UDP",
+            SERVICE_PORT,
+            PEER_PORT,
+        ),
+    }
+}
+
+impl TwoNode {
+    /// The EndpointSlice of [`peer_service`] `service` with the pods `pods` (ready, each
+    /// with the `nodeName` of the node it runs on).
+    pub fn peer_slice(&self, service: &str, pods: &[&str]) -> EndpointSlice {
+        let mut slice = EndpointSlice::for_service(SERVICE_NAMESPACE, service, "s1")
+            .port("tcp", "TCP", PEER_PORT)
+            .port("udp", "UDP", PEER_PORT);
+        for pod in pods {
+            let p = self.pod(pod);
+            slice = slice.ready_on(&p.name, p.ip, &self.node_of(pod).name);
+        }
+        slice
+    }
+
+    /// Writes the services and their slices as one manifest file `file`, read by both
+    /// agents.
+    pub fn write_services(&self, file: &str, services: &[(Service, EndpointSlice)]) -> Result<()> {
+        let docs: Vec<String> = services
+            .iter()
+            .flat_map(|(svc, slice)| [svc.to_yaml(), slice.to_yaml()])
+            .collect();
+        self.manifests.write(file, &documents(&docs))
+    }
+
+    /// Asks `addr:port` (`tcp`/`udp`) from `from` until a backend called `want` answers,
+    /// for at most 20 s (the agents apply a change within that), and returns its answer.
+    /// For the first request to a new service; later checks ask once.
+    pub fn wait_for_answer(
+        &self,
+        from: &NetNs,
+        proto: &str,
+        addr: Ipv4Addr,
+        port: u16,
+        want: &str,
+    ) -> Result<Asked> {
+        let what = format!(
+            "{want} to answer {proto} {addr}:{port} from {}",
+            from.name()
+        );
+        crate::wait_until(&what, crate::agent::READY_TIMEOUT, || {
+            let asked = match proto {
+                "tcp" => ask_tcp(from, addr, port, Duration::from_secs(1))?,
+                _ => ask_udp(from, addr, port, Duration::from_secs(1))?,
+            };
+            match asked.answer() {
+                Some((name, _)) if name == want => Ok(Some(asked)),
+                _ => bail!("last outcome: {asked:?}"),
+            }
+        })
+        .with_context(|| self.agent_logs())
+    }
+
+    /// Both agents' logs (for a failure message).
+    pub fn agent_logs(&self) -> String {
+        let mut out = String::new();
+        for node in [&self.a, &self.b] {
+            if let Some(agent) = &node.agent {
+                out.push_str(&format!(
+                    "---- {} agent log ----\n{}",
+                    node.name,
+                    agent.log()
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -527,50 +633,4 @@ fn attach_xdp_floor(ns: &NetNs, ifnames: &[String]) -> Result<aya::Ebpf> {
         Ok(ebpf)
     })?
     .with_context(|| format!("xdp_floor on the LAN side of the veths in {}", ns.name()))
-}
-
-/// Whether `path` is the root of a cgroup v2 mount.
-fn is_cgroup2(path: &Path) -> bool {
-    /// CGROUP2_SUPER_MAGIC (linux/magic.h).
-    const CGROUP2_MAGIC: libc::__fsword_t = 0x6367_7270;
-    nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 == CGROUP2_MAGIC)
-        .unwrap_or(false)
-}
-
-/// A cgroup v2 made by the harness under [`CGROUP2_ROOT`]; removed on drop.
-struct Cgroup {
-    path: PathBuf,
-}
-
-impl Cgroup {
-    fn create(name: &str) -> Result<Self> {
-        if !is_cgroup2(Path::new(CGROUP2_ROOT)) {
-            bail!("{CGROUP2_ROOT} is not a cgroup v2 mount");
-        }
-        let path = Path::new(CGROUP2_ROOT).join(name);
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Cgroup { path })
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        remove_cgroup(&self.path);
-    }
-}
-
-/// Removes a test cgroup (rmdir; it must be empty). Retries for a second: a probe process
-/// that just exited may still be counted in it.
-pub fn remove_cgroup(path: &Path) {
-    for _ in 0..50 {
-        match std::fs::remove_dir(path) {
-            Ok(()) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    if let Err(e) = std::fs::remove_dir(path) {
-        eprintln!("testbed: removing cgroup {}: {e}", path.display());
-    }
 }
