@@ -6,7 +6,8 @@
 //!    and nftables rule layouts and against direct access;
 //! 3. control plane: programming N services and one endpoint change;
 //! 4. memory of the agent;
-//! 5. the Kubernetes API source: event to map, and the initial sync.
+//! 5. the Kubernetes API source: event to map, and the initial sync;
+//! 6. the XDP external view (`xdp_nodeport`) per packet against the `xdp_floor` program.
 //!
 //! Everything runs inside network namespaces made here (see the `testbed` crate for the
 //! rules it keeps): nothing is added to the root namespace and nothing is sent outside.
@@ -28,6 +29,7 @@ mod memory;
 mod netfilter;
 mod report;
 mod rules;
+mod xdp;
 
 use std::{
     path::{Path, PathBuf},
@@ -52,6 +54,7 @@ enum Section {
     Control,
     Memory,
     Api,
+    Xdp,
 }
 
 #[derive(Parser)]
@@ -233,6 +236,18 @@ fn methods(s: &Settings, m: &Machine) -> Vec<String> {
              log timestamps, from both initial lists done to the maps written; {} runs.",
             s.api_events, s.api_sync_services, s.api_sync_endpoints, s.api_sync_runs
         ),
+        format!(
+            "XDP external view: BPF_PROG_TEST_RUN of xdp_nodeport on an unpinned object \
+             programmed with the harness's map writes (a NodePort to a local backend, one to \
+             a backend on another node, SNAT port range of 10,000), NODE_F_FIB_FORWARD off. \
+             Repeated figures: repeat {} on one frame, each checked against its stats \
+             counter, on connections whose translation gives back the same tuple (the \
+             SNAT-ed one's conntrack entries written directly). New connections: the median \
+             of {} single runs of SYNs from distinct source ports, with xdp_floor single runs \
+             interleaved as their floor; their entries removed after each run. {} runs; \
+             ratios to xdp_floor of the same run.",
+            s.datapath_repeat, s.new_conn_samples, s.datapath_runs
+        ),
     ]
 }
 
@@ -305,6 +320,9 @@ fn run(cli: &Cli) -> Result<()> {
     }
     if wanted(Section::Api) {
         figures.extend(api::run(&settings, &mut notes).context("Kubernetes API source")?);
+    }
+    if wanted(Section::Xdp) {
+        figures.extend(xdp::run(&settings, &mut notes).context("XDP external view")?);
     }
     let rustc_at_end = machine::processes_named("rustc");
     if rustc_at_end > 0 {

@@ -34,6 +34,38 @@ pub struct Results {
 }
 
 /// Datapath rows: metric, contender, label.
+/// Section 6: (metric, contender, label).
+const XDP_ROWS: &[(&str, &str, &str)] = &[
+    ("floor", "xdp_floor", "xdp_floor, repeated (the floor)"),
+    ("non_service", "bpfproxy", "non-service packet"),
+    (
+        "established_dnat",
+        "bpfproxy",
+        "established, DNAT (local backend)",
+    ),
+    (
+        "established_snat",
+        "bpfproxy",
+        "established, DNAT + SNAT (remote backend)",
+    ),
+    ("snat_reply", "bpfproxy", "SNAT reply back to the client"),
+    (
+        "floor_single",
+        "xdp_floor",
+        "xdp_floor, single runs (floor of new connections)",
+    ),
+    (
+        "new_dnat",
+        "bpfproxy",
+        "new connection, DNAT (local backend)",
+    ),
+    (
+        "new_snat",
+        "bpfproxy",
+        "new connection, DNAT + SNAT port allocation",
+    ),
+];
+
 const DATAPATH_ROWS: &[(&str, &str, &str)] = &[
     ("floor", "tc_floor", "tc_floor, repeated (the floor)"),
     (
@@ -458,6 +490,21 @@ pub fn markdown(r: &Results, plots: &[(String, String)]) -> String {
         for (metric, label) in API_ROWS {
             row(&mut out, label, &api, |n| {
                 find(&r.figures, "api", metric, "bpfproxy", n).cloned()
+            });
+        }
+        out.push('\n');
+    }
+
+    let xdp = scales(&r.figures, "xdp");
+    if !xdp.is_empty() {
+        let _ = writeln!(
+            out,
+            "## 6. XDP external view (xdp_nodeport): ns per packet (BPF_PROG_TEST_RUN); ratio to xdp_floor\n"
+        );
+        header(&mut out, "packet", &xdp);
+        for (metric, contender, label) in XDP_ROWS {
+            row(&mut out, label, &xdp, |n| {
+                find(&r.figures, "xdp", metric, contender, n).cloned()
             });
         }
         out.push('\n');

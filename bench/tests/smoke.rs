@@ -19,6 +19,16 @@ const DATAPATH: &[(&str, &str)] = &[
     ("new_connection_repeated", "bpfproxy"),
     ("new_connection", "bpfproxy"),
 ];
+const XDP: &[(&str, &str)] = &[
+    ("floor", "xdp_floor"),
+    ("floor_single", "xdp_floor"),
+    ("non_service", "bpfproxy"),
+    ("established_dnat", "bpfproxy"),
+    ("established_snat", "bpfproxy"),
+    ("snat_reply", "bpfproxy"),
+    ("new_dnat", "bpfproxy"),
+    ("new_snat", "bpfproxy"),
+];
 const E2E_METRICS: &[&str] = &["conn_rate", "latency_p50", "latency_p99"];
 const E2E_CONTENDERS: &[&str] = &["direct", "bpfproxy", "iptables", "nftables"];
 const CONTROL_METRICS: &[&str] = &["program", "endpoint_change"];
@@ -156,6 +166,9 @@ fn smoke_run_writes_every_figure() {
         .expect("api_sync_services");
     check_figure(figures, "api", "initial_sync", "bpfproxy", sync);
     check_figure(figures, "api", "initial_sync_after_lists", "bpfproxy", sync);
+    for (metric, contender) in XDP {
+        check_figure(figures, "xdp", metric, contender, 1);
+    }
 
     // The tables and plots next to it.
     let stem = json.file_stem().unwrap().to_string_lossy().into_owned();
