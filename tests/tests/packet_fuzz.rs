@@ -1,4 +1,5 @@
-//! Packet fuzzing of `tc_ingress` through BPF_PROG_TEST_RUN.
+//! Packet fuzzing of `tc_ingress`, and of `xdp_nodeport` with the same frontends in the
+//! external view, through BPF_PROG_TEST_RUN.
 //!
 //! Tens of thousands of frames, random and mutated (truncated at every length, odd IP
 //! versions and IHL, IP options, fragments, 802.1Q and QinQ tags, IPv6 with extension
@@ -19,6 +20,11 @@
 //! - afterwards services4 and backend_slots4 read back identical, and every conntrack entry
 //!   is a pair (forward, reply) for a well-formed tuple sent to a frontend with backends.
 //!
+//! At XDP the frontends are NodePorts of local backends (DNAT only, handed to the stack):
+//! the same rules hold with XDP's verdicts (XDP_PASS, XDP_DROP, XDP_TX for the reject), and
+//! a backend's reply is not XDP's to translate (tc_ingress at the pod's veth does it), so
+//! it passes unchanged.
+//!
 //! Seeded: the seed is printed, and BPFPROXY_FUZZ_SEED=<n> replays a run;
 //! BPFPROXY_FUZZ_RUNS sets the number of random frames (default 40,000).
 
@@ -29,12 +35,15 @@ use etherparse::{IpHeaders, IpNumber, Ipv4Header, PacketBuilder};
 use proxy_common::{
     PROTO_TCP, PROTO_UDP,
     conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, Ct4Key},
-    service::{Backend4, BackendSlotKey, Svc4Key, Svc4Value},
+    service::{
+        BACKEND_LOCAL, Backend4, BackendSlotKey, SCOPE_EXTERNAL, SVC_F_NODE_PORT, SVC_F_SNAT,
+        Svc4Key, Svc4Value,
+    },
     stats,
 };
 use testbed::datapath::{
-    CLIENT_MAC, DatapathHarness, ETH_LEN, MapSizes, NODE_MAC, PROG_TC_INGRESS, TC_ACT_OK,
-    TC_ACT_REDIRECT, TC_ACT_SHOT, ct_key, fold,
+    CLIENT_MAC, DatapathHarness, ETH_LEN, MapSizes, NODE_MAC, PROG_TC_INGRESS, PROG_XDP_NODEPORT,
+    TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX, ct_key, fold,
 };
 
 type Addr = ([u8; 4], u16);
@@ -441,6 +450,8 @@ struct Fuzz {
     /// Forward tuples of well-formed frames sent to a frontend with backends.
     sent: HashSet<Ct4Key>,
     tally: Tally,
+    /// Runs `xdp_nodeport` (verdicts mapped to tc's) instead of `tc_ingress`.
+    xdp: bool,
 }
 
 impl Fuzz {
@@ -455,7 +466,22 @@ impl Fuzz {
                 .ct(ct_key(p.src.0, p.src.1, p.dst.0, p.dst.1, p.proto))
         });
         let stats_before = self.h.stats();
-        let run = match self.h.try_run_prog(PROG_TC_INGRESS, frame, 1) {
+        let run = if self.xdp {
+            self.h
+                .try_run_xdp(PROG_XDP_NODEPORT, frame, 1, None)
+                .map(|mut run| {
+                    run.ret = match run.ret {
+                        XDP_PASS => TC_ACT_OK,
+                        XDP_DROP => TC_ACT_SHOT,
+                        XDP_TX => TC_ACT_REDIRECT,
+                        other => 100 + other,
+                    };
+                    run
+                })
+        } else {
+            self.h.try_run_prog(PROG_TC_INGRESS, frame, 1)
+        };
+        let run = match run {
             Ok(run) => run,
             Err(ProgramError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(libc::EINVAL) && too_short(frame) =>
@@ -574,6 +600,7 @@ impl Fuzz {
             self.sent
                 .insert(ct_key(p.src.0, p.src.1, p.dst.0, p.dst.1, p.proto));
         } else {
+            assert!(!self.xdp, "{}: XDP translated a reply", ctx());
             self.tally.snat += 1;
             let served = self.backends.get(&(p.src, p.proto));
             assert!(
@@ -733,8 +760,18 @@ fn runs() -> u64 {
 
 #[test]
 fn random_and_mutated_frames_get_a_verdict_and_keep_maps_sound() {
+    fuzz_program(false);
+}
+
+#[test]
+fn xdp_random_and_mutated_frames_get_a_verdict_and_keep_maps_sound() {
+    fuzz_program(true);
+}
+
+fn fuzz_program(xdp: bool) {
     let seed = seed();
-    println!("packet_fuzz seed {seed} (replay with BPFPROXY_FUZZ_SEED={seed})");
+    let name = if xdp { "xdp_nodeport" } else { "tc_ingress" };
+    println!("packet_fuzz {name} seed {seed} (replay with BPFPROXY_FUZZ_SEED={seed})");
     let mut h = DatapathHarness::load(MapSizes {
         services: 64,
         backend_slots: 256,
@@ -745,7 +782,27 @@ fn random_and_mutated_frames_get_a_verdict_and_keep_maps_sound() {
     let mut frontends = Frontends::new();
     let mut backends: HashMap<(Addr, u8), Vec<Addr>> = HashMap::new();
     for s in &svcs {
-        h.add_service(s.id, s.frontend, s.proto, &s.backends);
+        if xdp {
+            let backends: Vec<Backend4> = s
+                .backends
+                .iter()
+                .map(|&(addr, port)| Backend4 {
+                    addr,
+                    port,
+                    flags: BACKEND_LOCAL,
+                    weight: 1,
+                })
+                .collect();
+            let key = Svc4Key {
+                addr: s.frontend.0,
+                port: s.frontend.1,
+                proto: s.proto,
+                scope: SCOPE_EXTERNAL,
+            };
+            h.add_frontend(s.id, key, SVC_F_NODE_PORT | SVC_F_SNAT, &backends);
+        } else {
+            h.add_service(s.id, s.frontend, s.proto, &s.backends);
+        }
         frontends.insert((s.frontend, s.proto), s.backends.clone());
         for &b in &s.backends {
             backends.entry((b, s.proto)).or_default().push(s.frontend);
@@ -759,6 +816,7 @@ fn random_and_mutated_frames_get_a_verdict_and_keep_maps_sound() {
         backends,
         sent: HashSet::new(),
         tally: Tally::default(),
+        xdp,
     };
     let mut frames = Gen {
         rng: fastrand::Rng::with_seed(seed),
@@ -792,7 +850,7 @@ fn random_and_mutated_frames_get_a_verdict_and_keep_maps_sound() {
             fuzz.run("setup", &reply);
         }
     }
-    assert!(fuzz.tally.dnat > 0 && fuzz.tally.snat > 0);
+    assert!(fuzz.tally.dnat > 0 && (xdp || fuzz.tally.snat > 0));
 
     // Every truncation of a few frames: TCP with options, UDP, a reply, VLAN, IPv6.
     let bases = [
@@ -815,7 +873,7 @@ fn random_and_mutated_frames_get_a_verdict_and_keep_maps_sound() {
     fuzz.check_maps(&programmed);
     let t = &fuzz.tally;
     println!(
-        "packet_fuzz: {} runs ({:?}): {} unchanged, {} DNAT, {} SNAT, {} rejected, {} dropped, {} refused by the kernel as too short; {} conntrack entries",
+        "packet_fuzz {name}: {} runs ({:?}): {} unchanged, {} DNAT, {} SNAT, {} rejected, {} dropped, {} refused by the kernel as too short; {} conntrack entries",
         t.runs,
         t.by_kind,
         t.unchanged,
@@ -827,5 +885,13 @@ fn random_and_mutated_frames_get_a_verdict_and_keep_maps_sound() {
         fuzz.h.ct_len()
     );
     assert_eq!(t.shot, 0, "no frame should fail a rewrite");
-    assert!(t.rejected > 0 && t.dnat > 100 && t.snat > 100 && t.unchanged > 1000);
+    assert!(t.rejected > 0 && t.dnat > 100 && t.unchanged > 1000);
+    if xdp {
+        assert_eq!(
+            t.snat, 0,
+            "XDP translates no reply of a DNAT-only connection"
+        );
+    } else {
+        assert!(t.snat > 100);
+    }
 }
