@@ -284,20 +284,24 @@ impl TwoNode {
     /// veths, its own bpffs folder, the shared manifests) with `extra` arguments, and waits
     /// until it is running.
     pub fn start_agent(&mut self, which: Which, extra: &[&str]) -> Result<&Agent> {
+        let name = self.node(which).name.clone();
+        let mut args = vec!["--node-name", &name, "--node-interfaces", UPLINK];
+        args.extend_from_slice(extra);
+        self.start_pod_agent(which, &args)
+    }
+
+    /// Like [`TwoNode::start_agent`] with the pod side only: no `--node-name` and no
+    /// `--node-interfaces`, for what needs neither (in-cluster traffic that does not cross
+    /// an uplink translated, hairpin, socket-level load balancing).
+    pub fn start_pod_agent(&mut self, which: Which, extra: &[&str]) -> Result<&Agent> {
         let manifests = self.manifests.path().to_owned();
         let node = match which {
             Which::A => &mut self.a,
             Which::B => &mut self.b,
         };
-        let mut args = vec![
-            "--node-name",
-            node.name.as_str(),
-            "--node-interfaces",
-            UPLINK,
-            // Two agents, two namespaces: the default ports do not collide, but say so.
-            "--metrics-addr",
-            "",
-        ];
+        // Two agents, two namespaces: the default ports do not collide, but no test reads
+        // the metrics.
+        let mut args = vec!["--metrics-addr", ""];
         args.extend_from_slice(extra);
         let agent =
             Agent::start_with_args(&node.ns, &manifests, &node.pods_glob(), &node.bpffs, &args)?;
