@@ -397,6 +397,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         model: Model::new(
             ModelOptions {
                 default_scheduler: config.default_scheduler,
+                ..Default::default()
             },
             false,
         ),

@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
 use proxy_common::{
     PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    service::{SCHED_NAMES, SCOPE_CLUSTER_IP, Svc4Key},
+    service::{
+        SCHED_NAMES, SCOPE_CLUSTER_IP, SCOPE_EXTERNAL, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL_IP,
+        SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SNAT, SVC_F_SOURCE_RANGES, Svc4Key,
+    },
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,29 +47,186 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// One address a service answers on: ClusterIP:port/protocol (NodePort and external
-/// addresses come as other scopes later).
+/// Which view of the services a frontend is in (`proxy_common::service::SCOPE_*`): the
+/// in-cluster view (pods, processes on the node) or the external view (the node
+/// interfaces, at XDP).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    #[default]
+    Cluster,
+    External,
+}
+
+impl Scope {
+    pub fn value(self) -> u8 {
+        match self {
+            Scope::Cluster => SCOPE_CLUSTER_IP,
+            Scope::External => SCOPE_EXTERNAL,
+        }
+    }
+
+    pub fn from_value(v: u8) -> Option<Self> {
+        match v {
+            SCOPE_CLUSTER_IP => Some(Scope::Cluster),
+            SCOPE_EXTERNAL => Some(Scope::External),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Cluster => "cluster",
+            Scope::External => "external",
+        }
+    }
+}
+
+/// One address a service answers on, in one view: address:port/protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
 }
 
 impl Frontend {
+    /// A frontend of the in-cluster view.
+    pub fn cluster(addr: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
+        Frontend {
+            addr,
+            port,
+            protocol,
+            scope: Scope::Cluster,
+        }
+    }
+
     pub fn key(&self) -> Svc4Key {
         Svc4Key {
             addr: self.addr.octets(),
             port: self.port,
             proto: self.protocol.number(),
-            scope: SCOPE_CLUSTER_IP,
+            scope: self.scope.value(),
         }
+    }
+
+    /// The frontend of a `services4` key (`None` for an unknown protocol or scope).
+    pub fn from_key(key: &Svc4Key) -> Option<Self> {
+        Some(Frontend {
+            addr: key.addr.into(),
+            port: key.port,
+            protocol: Protocol::from_number(key.proto)?,
+            scope: Scope::from_value(key.scope)?,
+        })
     }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)?;
+        if self.scope == Scope::External {
+            f.write_str(" (external view)")?;
+        }
+        Ok(())
+    }
+}
+
+/// What kind of address of a Service a frontend is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    #[default]
+    ClusterIp,
+    /// One of `spec.externalIPs`.
+    ExternalIp,
+    /// A `status.loadBalancer.ingress[].ip`.
+    LoadBalancer,
+    /// `spec.ports[].nodePort` on one of this node's addresses.
+    NodePort,
+}
+
+impl FrontendKind {
+    /// The `SVC_F_*` flag naming the kind (none for a ClusterIP).
+    pub fn flag(self) -> u8 {
+        match self {
+            FrontendKind::ClusterIp => 0,
+            FrontendKind::ExternalIp => SVC_F_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => SVC_F_LOAD_BALANCER,
+            FrontendKind::NodePort => SVC_F_NODE_PORT,
+        }
+    }
+
+    /// The kind named by service flags (the inverse of [`FrontendKind::flag`]).
+    pub fn from_flags(flags: u8) -> Self {
+        if flags & SVC_F_NODE_PORT != 0 {
+            FrontendKind::NodePort
+        } else if flags & SVC_F_LOAD_BALANCER != 0 {
+            FrontendKind::LoadBalancer
+        } else if flags & SVC_F_EXTERNAL_IP != 0 {
+            FrontendKind::ExternalIp
+        } else {
+            FrontendKind::ClusterIp
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::NodePort => "NodePort",
+        }
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Names of the policy flags of a service entry (`snat`, `source-ranges`, `drop-empty`),
+/// for the CLI and logs; the kind flags are shown as the kind.
+pub fn policy_flag_names(flags: u8) -> Vec<&'static str> {
+    [
+        (SVC_F_SNAT, "snat"),
+        (SVC_F_SOURCE_RANGES, "source-ranges"),
+        (SVC_F_DROP_EMPTY, "drop-empty"),
+    ]
+    .into_iter()
+    .filter(|(f, _)| flags & f != 0)
+    .map(|(_, n)| n)
+    .collect()
+}
+
+/// An IPv4 range (`loadBalancerSourceRanges`), its host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv4Range {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv4Range {
+    /// `addr/prefix_len` with the bits past the prefix cleared (`None` if over 32).
+    pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Option<Self> {
+        if prefix_len > 32 {
+            return None;
+        }
+        // A shift by 32 (prefix 0) overflows: the mask is then 0.
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+        Some(Ipv4Range {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix_len,
+        })
+    }
+
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        Ipv4Range::new(addr, self.prefix_len).is_some_and(|r| r.addr == self.addr)
+    }
+}
+
+impl fmt::Display for Ipv4Range {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
     }
 }
 
@@ -97,6 +257,8 @@ pub struct Endpoint {
     pub port: u16,
     /// Only used because no ready endpoint was left (kube-proxy's terminating fallback).
     pub terminating: bool,
+    /// Runs on this node (the endpoint's `nodeName` is the agent's node name).
+    pub local: bool,
 }
 
 /// One service port as the datapath should serve it.
@@ -108,6 +270,12 @@ pub struct DesiredService {
     pub endpoints: Vec<Endpoint>,
     /// ClientIP session affinity; 0 = none.
     pub affinity_timeout_s: u32,
+    pub kind: FrontendKind,
+    /// The `SVC_F_*` flags of the service entry (the kind's flag included).
+    pub flags: u8,
+    /// Allowed client ranges when `flags` has `SVC_F_SOURCE_RANGES` (may be empty: then
+    /// no client is allowed); sorted, without duplicates.
+    pub source_ranges: Vec<Ipv4Range>,
 }
 
 /// A scheduler: how a service port picks the backend of a new connection. The value is
@@ -205,4 +373,44 @@ pub mod build;
 pub mod incremental;
 
 pub use build::{ModelIssue, ModelOptions, Severity, desired_state, desired_state_with};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_clear_host_bits_and_contain_their_addresses() {
+        let r = Ipv4Range::new(Ipv4Addr::new(192, 168, 7, 9), 16).unwrap();
+        assert_eq!(r.to_string(), "192.168.0.0/16");
+        assert!(r.contains(Ipv4Addr::new(192, 168, 200, 1)));
+        assert!(!r.contains(Ipv4Addr::new(192, 169, 0, 1)));
+        let all = Ipv4Range::new(Ipv4Addr::new(1, 2, 3, 4), 0).unwrap();
+        assert_eq!(all.to_string(), "0.0.0.0/0");
+        assert!(all.contains(Ipv4Addr::new(8, 8, 8, 8)));
+        assert_eq!(Ipv4Range::new(Ipv4Addr::new(1, 2, 3, 4), 32).unwrap().addr, Ipv4Addr::new(1, 2, 3, 4));
+        assert_eq!(Ipv4Range::new(Ipv4Addr::new(1, 2, 3, 4), 33), None);
+    }
+
+    #[test]
+    fn kinds_and_flags_round_trip() {
+        for kind in [
+            FrontendKind::ClusterIp,
+            FrontendKind::ExternalIp,
+            FrontendKind::LoadBalancer,
+            FrontendKind::NodePort,
+        ] {
+            assert_eq!(FrontendKind::from_flags(kind.flag() | SVC_F_SNAT), kind);
+        }
+        assert_eq!(
+            policy_flag_names(SVC_F_SNAT | SVC_F_DROP_EMPTY | SVC_F_NODE_PORT),
+            ["snat", "drop-empty"]
+        );
+        let f = Frontend {
+            scope: Scope::External,
+            ..Frontend::cluster(Ipv4Addr::new(192, 0, 2, 1), 30080, Protocol::Tcp)
+        };
+        assert_eq!(Frontend::from_key(&f.key()), Some(f));
+        assert_eq!(f.to_string(), "192.0.2.1:30080/TCP (external view)");
+    }
+}
 pub use incremental::Model;

@@ -9,15 +9,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use proxy_common::{
     PROTO_UDP, maps, reply_filter,
     service::{
-        BACKEND_TERMINATING, Backend4, BackendSlotKey, NAME_LEN, PORT_NAME_LEN, SCHED_MAGLEV,
-        Svc4Key, Svc4Value, SvcMeta,
+        BACKEND_LOCAL, BACKEND_TERMINATING, Backend4, BackendSlotKey, NAME_LEN, NODE_F_FIB_FORWARD,
+        NodeConfig4, PORT_NAME_LEN, SCHED_MAGLEV, Svc4Key, Svc4Value, SvcMeta,
     },
 };
 
 use crate::{
     maglev,
     model::{
-        DesiredService, DesiredState, Endpoint, Frontend, Protocol, Scheduling, ServicePortName,
+        DesiredService, DesiredState, Endpoint, Frontend, Ipv4Range, Protocol, Scheduling,
+        ServicePortName,
     },
 };
 
@@ -28,6 +29,8 @@ pub struct ProgrammedService {
     /// Backends in slot order of the live table (`value.table`).
     pub backends: Vec<Backend4>,
     pub meta: SvcMeta,
+    /// Its `src_ranges4` entries (allowed client ranges, under its `svc_id`).
+    pub source_ranges: BTreeSet<Ipv4Range>,
 }
 
 /// Mirror of the service-side maps.
@@ -45,6 +48,11 @@ pub struct MapState {
     /// `svc_meta` entries of no service in `services`: written just before a new service,
     /// or left by a removed one until its `DeleteMeta`. Empty between plans.
     pub spare_meta: BTreeMap<u32, SvcMeta>,
+    /// `src_ranges4` entries of no service in `services`, by `svc_id`: written just before
+    /// a new service, or left by a removed one until deleted. Empty between plans.
+    pub spare_ranges: BTreeMap<u32, BTreeSet<Ipv4Range>>,
+    /// The `node_cfg4` entry (`None` before the first read or write).
+    pub node_config: Option<NodeConfig4>,
     /// `svc_id` -> key in `services`, kept by [`MapState::apply`]; rebuilt when the number
     /// of services changed behind its back (call [`MapState::reindex`] after replacing
     /// services by hand).
@@ -65,6 +73,8 @@ impl PartialEq for MapState {
             && self.reply_filter == other.reply_filter
             && self.spare_slots == other.spare_slots
             && self.spare_meta == other.spare_meta
+            && self.spare_ranges == other.spare_ranges
+            && self.node_config == other.node_config
     }
 }
 
@@ -125,6 +135,19 @@ pub enum MapOp {
     /// counters must not start from those of a service that had the id before.
     ResetCounters {
         svc_id: u32,
+    },
+    /// Allow clients in `range` for the service `svc_id` (`src_ranges4`).
+    PutSourceRange {
+        svc_id: u32,
+        range: Ipv4Range,
+    },
+    DeleteSourceRange {
+        svc_id: u32,
+        range: Ipv4Range,
+    },
+    /// Write the node's configuration (`node_cfg4`).
+    PutNodeConfig {
+        value: NodeConfig4,
     },
 }
 
@@ -238,16 +261,40 @@ pub fn meta_to_name(meta: &SvcMeta) -> (String, String, String) {
 
 /// The `backend_slots4` value of an endpoint.
 pub fn backend_from_endpoint(endpoint: &Endpoint) -> Backend4 {
+    let mut flags = 0;
+    if endpoint.terminating {
+        flags |= BACKEND_TERMINATING;
+    }
+    if endpoint.local {
+        flags |= BACKEND_LOCAL;
+    }
     Backend4 {
         addr: endpoint.addr.octets(),
         port: endpoint.port,
-        flags: if endpoint.terminating {
-            BACKEND_TERMINATING
-        } else {
-            0
-        },
+        flags,
         weight: 1,
     }
+}
+
+/// The `node_cfg4` value: where SNAT-ed connections come from (`None`: no SNAT address
+/// known, so the kernel uses no remote backend for them), the SNAT source port range, and
+/// whether translated packets are forwarded at XDP (`NODE_F_FIB_FORWARD`).
+pub fn node_config(
+    snat_addr: Option<std::net::Ipv4Addr>,
+    snat_ports: std::ops::RangeInclusive<u16>,
+    fib_forward: bool,
+) -> NodeConfig4 {
+    NodeConfig4 {
+        snat_addr: snat_addr.map_or([0; 4], |a| a.octets()),
+        snat_port_min: *snat_ports.start(),
+        snat_port_max: *snat_ports.end(),
+        flags: if fib_forward { NODE_F_FIB_FORWARD } else { 0 },
+    }
+}
+
+/// The write that makes `node_cfg4` hold `wanted`, if it does not already.
+pub fn plan_node_config(wanted: &NodeConfig4, current: &MapState) -> Option<MapOp> {
+    (current.node_config.as_ref() != Some(wanted)).then_some(MapOp::PutNodeConfig { value: *wanted })
 }
 
 /// The two backend tables of a service id. Wrapping, so an out-of-range id read from the
@@ -335,6 +382,8 @@ impl MapState {
             reply_filter: self.reply_filter.clone(),
             spare_slots: self.spare_slots.clone(),
             spare_meta: self.spare_meta.clone(),
+            spare_ranges: self.spare_ranges.clone(),
+            node_config: self.node_config,
             filter_refs: if self.indexed() {
                 self.filter_refs.clone()
             } else {
@@ -371,6 +420,25 @@ impl MapState {
             || self
                 .live_table(key.table)
                 .is_some_and(|k| (key.slot as usize) < self.services[&k].backends.len())
+    }
+
+    /// Whether `src_ranges4` holds `range` for `svc_id`.
+    fn range_present(&mut self, svc_id: u32, range: &Ipv4Range) -> bool {
+        self.spare_ranges
+            .get(&svc_id)
+            .is_some_and(|r| r.contains(range))
+            || self
+                .key_of_id(svc_id)
+                .is_some_and(|k| self.services[&k].source_ranges.contains(range))
+    }
+
+    /// Number of `src_ranges4` entries.
+    pub fn range_count(&self) -> usize {
+        self.services
+            .values()
+            .map(|s| s.source_ranges.len())
+            .sum::<usize>()
+            + self.spare_ranges.values().map(BTreeSet::len).sum::<usize>()
     }
 
     /// Number of `backend_slots4` entries.
@@ -485,26 +553,35 @@ impl MapState {
             }
             MapOp::PutService { key, value } => {
                 self.ensure_indexed();
-                let meta = match self.services.remove(key) {
+                let (meta, source_ranges) = match self.services.remove(key) {
                     Some(old) => {
                         self.by_id.remove(&old.value.svc_id);
                         count_refs(&mut self.filter_refs, key.proto, &old.backends, false);
                         self.spare_table(old.value.table, old.backends);
                         if old.value.svc_id == value.svc_id {
-                            old.meta
+                            (old.meta, old.source_ranges)
                         } else {
                             if old.meta != empty_meta() {
                                 self.spare_meta.insert(old.value.svc_id, old.meta);
                             }
-                            self.spare_meta
-                                .remove(&value.svc_id)
-                                .unwrap_or_else(empty_meta)
+                            if !old.source_ranges.is_empty() {
+                                self.spare_ranges
+                                    .insert(old.value.svc_id, old.source_ranges);
+                            }
+                            (
+                                self.spare_meta
+                                    .remove(&value.svc_id)
+                                    .unwrap_or_else(empty_meta),
+                                self.spare_ranges.remove(&value.svc_id).unwrap_or_default(),
+                            )
                         }
                     }
-                    None => self
-                        .spare_meta
-                        .remove(&value.svc_id)
-                        .unwrap_or_else(empty_meta),
+                    None => (
+                        self.spare_meta
+                            .remove(&value.svc_id)
+                            .unwrap_or_else(empty_meta),
+                        self.spare_ranges.remove(&value.svc_id).unwrap_or_default(),
+                    ),
                 };
                 let backends = self.take_table(value.table, value.backend_count);
                 count_refs(&mut self.filter_refs, key.proto, &backends, true);
@@ -514,6 +591,7 @@ impl MapState {
                         value: *value,
                         backends,
                         meta,
+                        source_ranges,
                     },
                 );
                 self.by_id.insert(value.svc_id, *key);
@@ -530,9 +608,35 @@ impl MapState {
                     if old.meta != empty_meta() {
                         self.spare_meta.insert(old.value.svc_id, old.meta);
                     }
+                    if !old.source_ranges.is_empty() {
+                        self.spare_ranges
+                            .insert(old.value.svc_id, old.source_ranges);
+                    }
                 }
                 self.indexed = self.services.len();
             }
+            MapOp::PutSourceRange { svc_id, range } => match self.key_of_id(*svc_id) {
+                Some(k) => {
+                    let svc = self.services.get_mut(&k).expect("indexed");
+                    svc.source_ranges.insert(*range);
+                }
+                None => {
+                    self.spare_ranges.entry(*svc_id).or_default().insert(*range);
+                }
+            },
+            MapOp::DeleteSourceRange { svc_id, range } => {
+                if let Some(set) = self.spare_ranges.get_mut(svc_id) {
+                    set.remove(range);
+                    if set.is_empty() {
+                        self.spare_ranges.remove(svc_id);
+                    }
+                }
+                if let Some(k) = self.key_of_id(*svc_id) {
+                    let svc = self.services.get_mut(&k).expect("indexed");
+                    svc.source_ranges.remove(range);
+                }
+            }
+            MapOp::PutNodeConfig { value } => self.node_config = Some(*value),
             MapOp::SetReplyFilterWord { index, word } => {
                 if self.reply_filter.is_empty() {
                     self.reply_filter = vec![0; reply_filter::WORDS as usize];
@@ -638,14 +742,9 @@ pub fn plan_changes(
     (plan, planner.errors)
 }
 
-/// The frontend of a ClusterIP service key.
+/// The frontend of a service key.
 fn frontend_of(key: &Svc4Key) -> Option<Frontend> {
-    (key.scope == proxy_common::service::SCOPE_CLUSTER_IP).then_some(())?;
-    Some(Frontend {
-        addr: key.addr.into(),
-        port: key.port,
-        protocol: Protocol::from_number(key.proto)?,
-    })
+    Frontend::from_key(key)
 }
 
 /// Word `i` of the reply filter goes from `old` to `new`: bits gained are set before any
@@ -716,6 +815,8 @@ struct Planner<'a> {
     next_id: u32,
     /// `backend_slots4` entries in the maps as planned so far.
     slots: usize,
+    /// `src_ranges4` entries in the maps as planned so far.
+    ranges: usize,
     /// Services in the maps that `state` does not hold (a plan of some services only).
     other_services: usize,
     /// Live Maglev tables of those services; counted when first needed.
@@ -752,6 +853,7 @@ impl<'a> Planner<'a> {
             taken: BTreeSet::new(),
             next_id: 1,
             slots: current.slot_count(),
+            ranges: current.range_count(),
             other_services: current.services.len() - state.services.len(),
             other_maglev: None,
             current,
@@ -819,10 +921,11 @@ impl<'a> Planner<'a> {
             table,
             backend_count: count,
             scheduler,
-            flags: 0,
+            flags: svc.flags,
             _pad: 0,
             affinity_timeout_s: svc.affinity_timeout_s,
         };
+        let ranges: BTreeSet<Ipv4Range> = svc.source_ranges.iter().copied().collect();
         let put_backends = |ops: &mut Vec<MapOp>, table: u32| {
             for (slot, b) in backends.iter().enumerate() {
                 ops.push(MapOp::PutBackend {
@@ -853,6 +956,13 @@ impl<'a> Planner<'a> {
                     || (maglev && !was_maglev && !backends.is_empty());
                 if meta != cur.meta {
                     ops.push(MapOp::PutMeta { svc_id: id, meta });
+                }
+                // Ranges gained before the service may use them, lost after.
+                for range in ranges.difference(&cur.source_ranges) {
+                    ops.push(MapOp::PutSourceRange {
+                        svc_id: id,
+                        range: *range,
+                    });
                 }
                 if switch {
                     let table = other_table(id, cur.value.table);
@@ -905,6 +1015,12 @@ impl<'a> Planner<'a> {
                         });
                     }
                 }
+                for range in cur.source_ranges.difference(&ranges) {
+                    ops.push(MapOp::DeleteSourceRange {
+                        svc_id: id,
+                        range: *range,
+                    });
+                }
                 None
             }
             None => {
@@ -918,6 +1034,12 @@ impl<'a> Planner<'a> {
                 let [table, other] = tables_of(id);
                 ops.push(MapOp::ResetCounters { svc_id: id });
                 ops.push(MapOp::PutMeta { svc_id: id, meta });
+                for range in &ranges {
+                    ops.push(MapOp::PutSourceRange {
+                        svc_id: id,
+                        range: *range,
+                    });
+                }
                 put_backends(&mut ops, table);
                 ops.push(MapOp::PutService {
                     key,
@@ -926,6 +1048,14 @@ impl<'a> Planner<'a> {
                 // Left by an agent that stopped halfway: clear them now the id is taken.
                 self.delete_spares(&mut ops, table, count);
                 self.delete_spares(&mut ops, other, 0);
+                for range in self.state.spare_ranges.get(&id).into_iter().flatten() {
+                    if !ranges.contains(range) {
+                        ops.push(MapOp::DeleteSourceRange {
+                            svc_id: id,
+                            range: *range,
+                        });
+                    }
+                }
                 Some(id)
             }
         };
@@ -1007,6 +1137,31 @@ impl<'a> Planner<'a> {
                 size: self.capacity.backend_slots,
             });
         }
+        let (mut ranges_added, mut ranges_deleted) = (0usize, 0usize);
+        for op in ops {
+            match op {
+                MapOp::PutSourceRange { svc_id, range }
+                    if !self.state.range_present(*svc_id, range) =>
+                {
+                    ranges_added += 1
+                }
+                MapOp::DeleteSourceRange { svc_id, range }
+                    if self.state.range_present(*svc_id, range) =>
+                {
+                    ranges_deleted += 1
+                }
+                _ => {}
+            }
+        }
+        if self.ranges + ranges_added > maps::DEFAULT_SOURCE_RANGES as usize {
+            return Err(PlanError::Full {
+                name: svc.name.clone(),
+                frontend: svc.frontend,
+                map: maps::SRC_RANGES4,
+                size: maps::DEFAULT_SOURCE_RANGES,
+            });
+        }
+        self.ranges = self.ranges + ranges_added - ranges_deleted;
         self.slots = self.slots + added - deleted;
         for op in ops {
             self.state.apply(op);
@@ -1036,6 +1191,13 @@ impl<'a> Planner<'a> {
             self.delete_spares(&mut ops, table, 0);
         }
         ops.push(MapOp::DeleteMeta { svc_id: id });
+        let spare = self.state.spare_ranges.get(&id).into_iter().flatten();
+        for range in cur.source_ranges.iter().chain(spare) {
+            ops.push(MapOp::DeleteSourceRange {
+                svc_id: id,
+                range: *range,
+            });
+        }
         if key.proto == PROTO_UDP && !cur.backends.is_empty() {
             ops.push(MapOp::PurgeUdpConntrack {
                 frontend: *key,
@@ -1047,6 +1209,11 @@ impl<'a> Planner<'a> {
                 && self.state.slot_present(key)
             {
                 self.slots -= 1;
+            }
+            if let MapOp::DeleteSourceRange { svc_id, range } = op
+                && self.state.range_present(*svc_id, range)
+            {
+                self.ranges -= 1;
             }
             self.state.apply(op);
         }
@@ -1091,11 +1258,7 @@ mod tests {
     };
 
     fn frontend(last: u8, port: u16, protocol: Protocol) -> Frontend {
-        Frontend {
-            addr: Ipv4Addr::new(10, 96, 0, last),
-            port,
-            protocol,
-        }
+        Frontend::cluster(Ipv4Addr::new(10, 96, 0, last), port, protocol)
     }
 
     fn eps(lasts: &[u8]) -> Vec<Endpoint> {
@@ -1105,6 +1268,7 @@ mod tests {
                 addr: Ipv4Addr::new(10, 244, 0, l),
                 port: 8080,
                 terminating: false,
+                local: false,
             })
             .collect();
         v.sort();
@@ -1122,6 +1286,9 @@ mod tests {
             },
             endpoints,
             affinity_timeout_s: 0,
+            kind: Default::default(),
+            flags: 0,
+            source_ranges: Vec::new(),
         }
     }
 
@@ -1804,6 +1971,7 @@ mod tests {
             addr: Ipv4Addr::new(10, 0, 0, 1),
             port: 8080,
             terminating: true,
+            local: false,
         };
         assert_eq!(
             backend_from_endpoint(&e),
@@ -1860,6 +2028,17 @@ mod tests {
                     .unwrap_or(0),
             },
             MapOp::PutMaglevTable { table, .. } => MapOp::DeleteMaglevTable { table: *table },
+            MapOp::PutSourceRange { svc_id, range } | MapOp::DeleteSourceRange { svc_id, range } => {
+                let (svc_id, range) = (*svc_id, *range);
+                if state.range_present(svc_id, &range) {
+                    MapOp::PutSourceRange { svc_id, range }
+                } else {
+                    MapOp::DeleteSourceRange { svc_id, range }
+                }
+            }
+            MapOp::PutNodeConfig { .. } => MapOp::PutNodeConfig {
+                value: state.node_config?,
+            },
             MapOp::PurgeUdpConntrack { .. }
             | MapOp::ResetCounters { .. }
             | MapOp::DeleteMaglevTable { .. } => return None,
@@ -1985,6 +2164,7 @@ mod tests {
                     addr: Ipv4Addr::new(10, 244, 0, rng.next(8) as u8),
                     port: 8080 + rng.next(2) as u16,
                     terminating: rng.next(4) == 0,
+                    local: rng.next(2) == 0,
                 })
                 .collect();
             endpoints.sort();

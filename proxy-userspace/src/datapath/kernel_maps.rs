@@ -5,7 +5,10 @@ use std::{collections::BTreeSet, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key as TrieKey, LpmTrie},
+    },
 };
 use proxy_common::{
     conntrack::{CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT, Ct4Key, Ct4Value},
@@ -19,7 +22,30 @@ use proxy_common::{
 };
 
 use super::DatapathError;
-use crate::planner::{MapOp, MapState, Plan, ProgrammedService, Step, empty_meta};
+use crate::{
+    model::Ipv4Range,
+    planner::{MapOp, MapState, Plan, ProgrammedService, Step, empty_meta},
+};
+
+/// The `src_ranges4` key of one range of one service: the trie matches the 32 bits of the
+/// svc_id whole, then the range's prefix.
+pub fn range_key(svc_id: u32, range: &Ipv4Range) -> TrieKey<SourceRange4Key> {
+    TrieKey::new(
+        32 + u32::from(range.prefix_len),
+        SourceRange4Key {
+            svc_id_be: svc_id.to_be_bytes(),
+            addr: range.addr.octets(),
+        },
+    )
+}
+
+/// The service id and range of a `src_ranges4` key (`None` for a key no agent writes).
+pub fn range_of_key(key: &TrieKey<SourceRange4Key>) -> Option<(u32, Ipv4Range)> {
+    let data = key.data();
+    let prefix = u8::try_from(key.prefix_len().checked_sub(32)?).ok()?;
+    let range = Ipv4Range::new(data.addr.into(), prefix)?;
+    (range.addr.octets() == data.addr).then_some((u32::from_be_bytes(data.svc_id_be), range))
+}
 
 pub struct KernelMaps {
     pub services: HashMap<MapData, Svc4Key, Svc4Value>,
@@ -102,6 +128,7 @@ impl KernelMaps {
     /// Reads what the service-side maps hold, for the planner.
     pub fn read_state(&self) -> Result<MapState, DatapathError> {
         let mut state = MapState::default();
+        let mut ranges = self.source_ranges()?;
         for entry in self.services.iter() {
             let (key, value) = entry.map_err(map_err(maps::SERVICES4))?;
             let meta = self
@@ -126,9 +153,12 @@ impl KernelMaps {
                     value,
                     backends,
                     meta,
+                    source_ranges: ranges.remove(&value.svc_id).unwrap_or_default(),
                 },
             );
         }
+        state.spare_ranges = ranges;
+        state.node_config = Some(self.node_cfg.get(&0, 0).map_err(map_err(maps::NODE_CFG4))?);
         state.reply_filter = (0..reply_filter::WORDS)
             .map(|i| self.reply_filter.get(&i, 0).unwrap_or(0))
             .collect();
@@ -186,7 +216,30 @@ impl KernelMaps {
         for key in &stale_maglev {
             ignore_missing(self.maglev.remove(key)).map_err(map_err(maps::MAGLEV4))?;
         }
-        Ok(stale_slots.len() + stale_ids.len() + stale_maglev.len())
+        let stale_ranges: Vec<TrieKey<SourceRange4Key>> = self
+            .src_ranges
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !range_of_key(k).is_some_and(|(id, _)| live_ids.contains(&id)))
+            .collect();
+        for key in &stale_ranges {
+            ignore_missing(self.src_ranges.remove(key)).map_err(map_err(maps::SRC_RANGES4))?;
+        }
+        Ok(stale_slots.len() + stale_ids.len() + stale_maglev.len() + stale_ranges.len())
+    }
+
+    /// The `src_ranges4` entries, by service id (keys no agent writes are left out).
+    pub fn source_ranges(
+        &self,
+    ) -> Result<std::collections::BTreeMap<u32, BTreeSet<Ipv4Range>>, DatapathError> {
+        let mut out: std::collections::BTreeMap<u32, BTreeSet<Ipv4Range>> = Default::default();
+        for key in self.src_ranges.keys() {
+            let key = key.map_err(map_err(maps::SRC_RANGES4))?;
+            if let Some((id, range)) = range_of_key(&key) {
+                out.entry(id).or_default().insert(range);
+            }
+        }
+        Ok(out)
     }
 
     /// Applies a plan: prologue, then each step as a unit (a step that fails is rolled back
@@ -224,7 +277,7 @@ impl KernelMaps {
     fn apply_step(&mut self, step: &Step, state: &mut MapState, report: &mut ApplyReport) {
         let mut undo: Vec<MapOp> = Vec::new();
         for op in &step.ops {
-            let inverse = self.inverse(op);
+            let inverse = self.inverse(op, state);
             match self.write(op) {
                 Ok(()) => {
                     state.apply(op);
@@ -245,9 +298,31 @@ impl KernelMaps {
         }
     }
 
-    /// The op that undoes `op`, from what the map holds now.
-    fn inverse(&self, op: &MapOp) -> Option<MapOp> {
+    /// The op that undoes `op`, from what the map holds now (or, for the trie, whose
+    /// lookups are longest-prefix matches, from the mirror `state`).
+    fn inverse(&self, op: &MapOp, state: &MapState) -> Option<MapOp> {
         match op {
+            MapOp::PutSourceRange { svc_id, range } | MapOp::DeleteSourceRange { svc_id, range } => {
+                let present = state
+                    .spare_ranges
+                    .get(svc_id)
+                    .is_some_and(|r| r.contains(range))
+                    || state
+                        .services
+                        .values()
+                        .any(|s| s.value.svc_id == *svc_id && s.source_ranges.contains(range));
+                let (svc_id, range) = (*svc_id, *range);
+                Some(if present {
+                    MapOp::PutSourceRange { svc_id, range }
+                } else {
+                    MapOp::DeleteSourceRange { svc_id, range }
+                })
+            }
+            MapOp::PutNodeConfig { .. } => self
+                .node_cfg
+                .get(&0, 0)
+                .ok()
+                .map(|value| MapOp::PutNodeConfig { value }),
             MapOp::PutBackend { key, .. } | MapOp::DeleteBackend { key } => {
                 Some(match self.backend_slots.get(key, 0) {
                     Ok(value) => MapOp::PutBackend { key: *key, value },
@@ -339,6 +414,18 @@ impl KernelMaps {
                 }
                 Ok(())
             }
+            MapOp::PutSourceRange { svc_id, range } => self
+                .src_ranges
+                .insert(&range_key(*svc_id, range), 1, 0)
+                .map_err(map_err(maps::SRC_RANGES4)),
+            MapOp::DeleteSourceRange { svc_id, range } => {
+                ignore_missing(self.src_ranges.remove(&range_key(*svc_id, range)))
+                    .map_err(map_err(maps::SRC_RANGES4))
+            }
+            MapOp::PutNodeConfig { value } => self
+                .node_cfg
+                .set(0, value, 0)
+                .map_err(map_err(maps::NODE_CFG4)),
             MapOp::DeleteMaglevTable { table } => {
                 for index in 0..MAGLEV_SIZE {
                     let key = MaglevKey {

@@ -25,9 +25,11 @@ use k8s_openapi::api::{
     discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice},
 };
 
+use proxy_common::service::{SVC_F_DROP_EMPTY, SVC_F_SNAT, SVC_F_SOURCE_RANGES};
+
 use super::{
-    DesiredService, DesiredState, Endpoint, Frontend, Protocol, Scheduler, Scheduling,
-    ServicePortName,
+    DesiredService, DesiredState, Endpoint, Frontend, FrontendKind, HealthCheck, Ipv4Range,
+    Protocol, Scheduler, Scheduling, Scope, ServicePortName,
 };
 
 /// Label that hands a Service (or slice) to another proxy; kube-proxy ignores such objects.
@@ -44,10 +46,16 @@ pub const ANNOTATION_SCHEDULER: &str = "bpfproxy.io/scheduler";
 pub const ANNOTATION_WEIGHTS: &str = "bpfproxy.io/weights";
 
 /// Choices of the operator that the model applies.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelOptions {
     /// The scheduler of Services without a `bpfproxy.io/scheduler` annotation.
     pub default_scheduler: Scheduler,
+    /// This node's name: endpoints whose `nodeName` is this one are local (traffic
+    /// policies Local, `BACKEND_LOCAL`, health checks). `None`: no endpoint is local.
+    pub node_name: Option<String>,
+    /// The addresses NodePorts are served on (`--nodeport-addresses` applied to the
+    /// node's addresses), one NodePort frontend each.
+    pub node_addresses: Vec<Ipv4Addr>,
 }
 
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when not set.
@@ -134,6 +142,8 @@ pub(crate) struct Candidate {
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// The endpoint's `nodeName` is this node.
+    local: bool,
 }
 
 /// The endpoints of one (namespace, service, port name, protocol), keyed by IP:port.
@@ -160,6 +170,7 @@ impl Builder {
     fn collect_endpoints(
         &mut self,
         slices: &[EndpointSlice],
+        node_name: Option<&str>,
     ) -> BTreeMap<PortGroupKey, CandidateSet> {
         // Slices in namespace/name order, so the outcome never depends on input order.
         let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
@@ -169,7 +180,7 @@ impl Builder {
         });
         let mut groups: BTreeMap<PortGroupKey, CandidateSet> = BTreeMap::new();
         for slice in sorted {
-            let part = slice_part(slice);
+            let part = slice_part(slice, node_name);
             self.issues.extend(part.issues);
             let Some(service) = part.service else {
                 continue;
@@ -192,7 +203,7 @@ impl Builder {
     }
 
     /// The part of one slice (see [`slice_part`]), its issues left in `self`.
-    fn slice(&mut self, slice: &EndpointSlice) -> SlicePart {
+    fn slice(&mut self, slice: &EndpointSlice, node_name: Option<&str>) -> SlicePart {
         let mut part = SlicePart::default();
         let namespace = slice.metadata.namespace.clone().unwrap_or_default();
         let object = format!(
@@ -221,7 +232,7 @@ impl Builder {
             .endpoints
             .iter()
             .enumerate()
-            .filter_map(|(i, e)| self.candidate(&object, i, e))
+            .filter_map(|(i, e)| self.candidate(&object, i, e, node_name))
             .collect();
         for (pi, port) in slice.ports.iter().flatten().enumerate() {
             let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
@@ -263,6 +274,7 @@ impl Builder {
         object: &str,
         index: usize,
         endpoint: &SliceEndpoint,
+        node_name: Option<&str>,
     ) -> Option<(Ipv4Addr, Candidate)> {
         // Only addresses[0] is used, as kube-proxy does; an endpoint without one is skipped.
         let first = endpoint.addresses.first()?;
@@ -282,6 +294,7 @@ impl Builder {
                 ready: c.and_then(|c| c.ready).unwrap_or(true),
                 serving: c.and_then(|c| c.serving).unwrap_or(true),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                local: node_name.is_some() && endpoint.node_name.as_deref() == node_name,
             },
         ))
     }
@@ -460,11 +473,69 @@ impl Builder {
                 return None;
             }
         };
-        Some(Frontend {
-            addr,
-            port: number,
-            protocol,
-        })
+        Some(Frontend::cluster(addr, number, protocol))
+    }
+
+    /// The IPv4 addresses of a list of `field` (`spec.externalIPs`); IPv6 ones belong to
+    /// the IPv6 datapath and are skipped, others are reported.
+    fn ipv4_list<'s>(
+        &mut self,
+        object: &str,
+        field: &str,
+        list: impl Iterator<Item = (usize, &'s str)>,
+    ) -> Vec<Ipv4Addr> {
+        let mut out = Vec::new();
+        for (i, ip) in list {
+            match classify_ip(ip) {
+                ClusterIp::V4(a) => {
+                    if !out.contains(&a) {
+                        out.push(a);
+                    }
+                }
+                ClusterIp::V6 => {}
+                ClusterIp::Invalid => self.issue(
+                    Severity::Warning,
+                    object,
+                    field.replace("[]", &format!("[{i}]")),
+                    format!("{ip:?} is not an IP address; ignored"),
+                ),
+            }
+        }
+        out
+    }
+
+    /// `spec.loadBalancerSourceRanges` (whitespace trimmed, as kube-proxy does): the IPv4
+    /// ranges, sorted. IPv6 ranges are the IPv6 datapath's; invalid ones are reported.
+    fn source_ranges(&mut self, object: &str, ranges: &[String]) -> Vec<Ipv4Range> {
+        let mut out = Vec::new();
+        for (i, raw) in ranges.iter().enumerate() {
+            let text = raw.trim();
+            let parsed = (|| {
+                let (addr, len) = text.split_once('/')?;
+                if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                let len: u8 = len.parse().ok()?;
+                match classify_ip(addr) {
+                    ClusterIp::V4(a) => Ipv4Range::new(a, len).map(Some),
+                    ClusterIp::V6 => (len <= 128).then_some(None),
+                    ClusterIp::Invalid => None,
+                }
+            })();
+            match parsed {
+                Some(Some(range)) => out.push(range),
+                Some(None) => {}
+                None => self.issue(
+                    Severity::Warning,
+                    object,
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    format!("{raw:?} is not a CIDR (address/prefix length); ignored"),
+                ),
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 }
 
@@ -483,30 +554,52 @@ pub(crate) fn merge_candidate(set: &mut CandidateSet, key: (Ipv4Addr, u16), cand
 }
 
 /// Ready endpoints; when none is ready, the serving and terminating ones (marked
-/// terminating). Sorted and unique.
+/// terminating). Sorted and unique. kube-proxy's cluster policy.
 pub(crate) fn select_endpoints(set: Option<&CandidateSet>) -> Vec<Endpoint> {
+    select_where(set, |_| true)
+}
+
+/// The local endpoints: ready ones; when no local one is ready, the local serving and
+/// terminating ones. kube-proxy's Local policy (whatever the other nodes have).
+pub(crate) fn select_local(set: Option<&CandidateSet>) -> Vec<Endpoint> {
+    select_where(set, |c| c.local)
+}
+
+fn select_where(set: Option<&CandidateSet>, keep: impl Fn(&Candidate) -> bool) -> Vec<Endpoint> {
     let Some(set) = set else { return Vec::new() };
+    let endpoint = |(&(addr, port), c): (&(Ipv4Addr, u16), &Candidate)| Endpoint {
+        addr,
+        port,
+        terminating: !c.ready,
+        local: c.local,
+    };
     let ready: Vec<Endpoint> = set
         .iter()
-        .filter(|(_, c)| c.ready)
-        .map(|(&(addr, port), _)| Endpoint {
-            addr,
-            port,
-            terminating: false,
-        })
+        .filter(|(_, c)| c.ready && keep(c))
+        .map(endpoint)
         .collect();
     if !ready.is_empty() {
         return ready;
     }
     // The map is keyed by IP:port, so both lists come out sorted and unique.
     set.iter()
-        .filter(|(_, c)| c.serving && c.terminating)
-        .map(|(&(addr, port), _)| Endpoint {
-            addr,
-            port,
-            terminating: true,
-        })
+        .filter(|(_, c)| c.serving && c.terminating && keep(c))
+        .map(endpoint)
         .collect()
+}
+
+/// Ready local endpoints of a Service over all its slice ports, each address once (what
+/// its health-check node port reports; terminating endpoints do not count).
+pub(crate) fn local_ready<'s>(sets: impl Iterator<Item = &'s CandidateSet>) -> usize {
+    let mut addrs = std::collections::BTreeSet::new();
+    for set in sets {
+        for (&(addr, _), c) in set {
+            if c.ready && c.local {
+                addrs.insert(addr);
+            }
+        }
+    }
+    addrs.len()
 }
 
 /// Builds what the datapath should serve from Service and EndpointSlice objects, with
@@ -519,14 +612,15 @@ pub fn desired_state(
     desired_state_with(services, slices, &ModelOptions::default())
 }
 
-/// [`desired_state`] with the operator's options (the default scheduler).
+/// [`desired_state`] with the operator's options (default scheduler, node name and
+/// addresses).
 pub fn desired_state_with(
     services: &[Service],
     slices: &[EndpointSlice],
     options: &ModelOptions,
 ) -> (DesiredState, Vec<ModelIssue>) {
     let mut b = Builder { issues: Vec::new() };
-    let endpoints = b.collect_endpoints(slices);
+    let endpoints = b.collect_endpoints(slices, options.node_name.as_deref());
 
     // Services in namespace/name order: on a frontend claimed twice the first one wins.
     let mut sorted: Vec<&Service> = services.iter().collect();
@@ -537,6 +631,7 @@ pub fn desired_state_with(
     let mut state = DesiredState::default();
     // Which Service holds each frontend, and through which port index.
     let mut owners: BTreeMap<Frontend, (String, usize)> = BTreeMap::new();
+    let mut health_owners: BTreeMap<u16, String> = BTreeMap::new();
     for svc in sorted {
         let part = service_part(svc, options);
         b.issues.extend(part.issues.iter().cloned());
@@ -563,12 +658,36 @@ pub fn desired_state_with(
             );
             state.services.insert(
                 port.frontend,
-                part.desired(port, select_endpoints(endpoints.get(&group))),
+                part.desired(port, endpoints.get(&group)),
             );
             if part.scheduling != Scheduling::default() {
                 state
                     .scheduling
                     .insert(port.frontend, part.scheduling.clone());
+            }
+        }
+        if let Some(hc_port) = part.health_check {
+            match health_owners.entry(hc_port) {
+                Entry::Occupied(o) => {
+                    b.issues.push(health_claimed_issue(&object, hc_port, o.get()));
+                }
+                Entry::Vacant(v) => {
+                    v.insert(object.clone());
+                    let sets = endpoints
+                        .range(
+                            (namespace.clone(), name.clone(), String::new(), Protocol::Tcp)..,
+                        )
+                        .take_while(|((ns, n, ..), _)| *ns == namespace && *n == name)
+                        .map(|(_, set)| set);
+                    state.health_checks.insert(
+                        hc_port,
+                        HealthCheck {
+                            namespace: namespace.clone(),
+                            name: name.clone(),
+                            local_ready: local_ready(sets),
+                        },
+                    );
+                }
             }
         }
     }
@@ -587,13 +706,30 @@ pub(crate) fn claimed_issue(
     owner: &str,
     owner_port: usize,
 ) -> ModelIssue {
+    let what = match port.kind {
+        FrontendKind::ClusterIp => "port".to_string(),
+        kind => format!("{kind} frontend"),
+    };
     ModelIssue {
         severity: Severity::Warning,
         object: object.to_string(),
         field: format!("spec.ports[{}]", port.index),
         message: format!(
-            "{} is also claimed by {owner} (spec.ports[{owner_port}]), which sorts first and keeps it; port ignored",
+            "{} is also claimed by {owner} (spec.ports[{owner_port}]), which sorts first and keeps it; {what} ignored",
             port.frontend
+        ),
+    }
+}
+
+/// The issue of a Service whose health-check node port `owner` (which sorts first)
+/// already answers.
+pub(crate) fn health_claimed_issue(object: &str, port: u16, owner: &str) -> ModelIssue {
+    ModelIssue {
+        severity: Severity::Warning,
+        object: object.to_string(),
+        field: "spec.healthCheckNodePort".into(),
+        message: format!(
+            "{port} is also claimed by {owner}, which sorts first and keeps it; not answered for this Service"
         ),
     }
 }
@@ -610,10 +746,10 @@ pub(crate) struct SlicePart {
     pub issues: Vec<ModelIssue>,
 }
 
-/// The [`SlicePart`] of one EndpointSlice.
-pub(crate) fn slice_part(slice: &EndpointSlice) -> SlicePart {
+/// The [`SlicePart`] of one EndpointSlice; `node_name` decides which endpoints are local.
+pub(crate) fn slice_part(slice: &EndpointSlice, node_name: Option<&str>) -> SlicePart {
     let mut b = Builder { issues: Vec::new() };
-    let mut part = b.slice(slice);
+    let mut part = b.slice(slice, node_name);
     part.issues = b.issues;
     part
 }
@@ -629,41 +765,97 @@ impl SlicePart {
             }
         }
     }
+
+    /// Merges all its ports' candidates into `sets`, by (port name, protocol).
+    pub(crate) fn merge_all(&self, sets: &mut BTreeMap<(String, Protocol), CandidateSet>) {
+        for (name, proto, number) in &self.ports {
+            let set = sets.entry((name.clone(), *proto)).or_default();
+            for &(addr, candidate) in &self.endpoints {
+                merge_candidate(set, (addr, *number), candidate);
+            }
+        }
+    }
 }
 
-/// One served port of a Service.
+/// Which endpoints a frontend gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Policy {
+    /// All of the cluster's (ready, else serving and terminating).
+    Cluster,
+    /// This node's only (a traffic policy Local); none while others exist means drop.
+    Local,
+}
+
+/// One served frontend of a Service port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct PortPart {
     pub frontend: Frontend,
     /// Index in `spec.ports`.
     pub index: usize,
     pub name: ServicePortName,
+    pub kind: FrontendKind,
+    pub policy: Policy,
+    /// `SVC_F_*` flags that do not depend on the endpoints.
+    pub flags: u8,
+    pub source_ranges: Vec<Ipv4Range>,
 }
 
-/// What one Service contributes without its endpoints, parsed once: its served ports
-/// (each frontend once, the first port claiming it wins), affinity and scheduling.
+/// What one Service contributes without its endpoints, parsed once: its served frontends
+/// (each once, the first port claiming it wins), affinity and scheduling.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ServicePart {
     pub ports: Vec<PortPart>,
     pub affinity_timeout_s: u32,
     pub scheduling: Scheduling,
+    /// `spec.healthCheckNodePort` when this node answers it (type LoadBalancer,
+    /// externalTrafficPolicy Local).
+    pub health_check: Option<u16>,
     pub issues: Vec<ModelIssue>,
 }
 
 impl ServicePart {
-    /// The desired service of one of its ports, given the port's endpoints.
-    pub(crate) fn desired(&self, port: &PortPart, endpoints: Vec<Endpoint>) -> DesiredService {
+    /// The desired service of one of its frontends, given the candidates of its port.
+    pub(crate) fn desired(&self, port: &PortPart, set: Option<&CandidateSet>) -> DesiredService {
+        let cluster = select_endpoints(set);
+        let (endpoints, flags) = match port.policy {
+            Policy::Cluster => (cluster, port.flags),
+            Policy::Local => {
+                let local = select_local(set);
+                // kube-proxy: no endpoint at all rejects; endpoints only elsewhere drop.
+                let drop = if local.is_empty() && !cluster.is_empty() {
+                    SVC_F_DROP_EMPTY
+                } else {
+                    0
+                };
+                (local, port.flags | drop)
+            }
+        };
         DesiredService {
             frontend: port.frontend,
             name: port.name.clone(),
             endpoints,
             affinity_timeout_s: self.affinity_timeout_s,
+            kind: port.kind,
+            flags,
+            source_ranges: port.source_ranges.clone(),
         }
     }
 }
 
+/// Whether a traffic policy field says Local.
+fn is_local(policy: Option<&str>) -> bool {
+    policy == Some("Local")
+}
+
 /// The [`ServicePart`] of one Service (empty when it is not served: labelled, headless,
 /// ExternalName, no usable ClusterIP).
+///
+/// Frontends of each port: the ClusterIP (in-cluster view, internalTrafficPolicy
+/// applied); and each external address (`spec.externalIPs`, the LoadBalancer ingress IPs
+/// without ipMode Proxy, the NodePort on each of `options.node_addresses`) twice: in the
+/// external view with externalTrafficPolicy applied (Cluster: all endpoints, SNAT), and in
+/// the in-cluster view with all endpoints, as kube-proxy short-circuits pod traffic to
+/// external addresses. loadBalancerSourceRanges apply to the LoadBalancer IPs only.
 pub(crate) fn service_part(svc: &Service, options: &ModelOptions) -> ServicePart {
     let mut b = Builder { issues: Vec::new() };
     let mut part = ServicePart::default();
@@ -691,40 +883,175 @@ pub(crate) fn service_part(svc: &Service, options: &ModelOptions) -> ServicePart
         part.issues = b.issues;
         return part;
     };
-    if spec.internal_traffic_policy.as_deref() == Some("Local") {
-        b.issue(
-            Severity::Notice,
-            &object,
-            "spec.internalTrafficPolicy".into(),
-            "Local is not supported yet; all endpoints of the cluster are used".into(),
-        );
+    let load_balancer = spec.type_.as_deref() == Some("LoadBalancer");
+    let internal_local = is_local(spec.internal_traffic_policy.as_deref());
+    let external_local = is_local(spec.external_traffic_policy.as_deref());
+    let external_ips = b.ipv4_list(
+        &object,
+        "spec.externalIPs[]",
+        spec.external_ips
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .enumerate(),
+    );
+    let mut lb_ips = Vec::new();
+    let mut source_ranges = None;
+    if load_balancer {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        // ipMode Proxy: the load balancer proxies to the nodes itself, so its IP must not
+        // be short-circuited here (kube-proxy leaves it alone too).
+        let ips = ingress.into_iter().flatten().enumerate().filter_map(|(i, ing)| {
+            let ip = ing.ip.as_deref().filter(|ip| !ip.is_empty())?;
+            (ing.ip_mode.as_deref() != Some("Proxy")).then_some((i, ip))
+        });
+        lb_ips = b.ipv4_list(&object, "status.loadBalancer.ingress[].ip", ips);
+        if let Some(ranges) = spec
+            .load_balancer_source_ranges
+            .as_ref()
+            .filter(|r| !r.is_empty())
+        {
+            // Ranges given but none usable here: nobody is allowed (fail closed).
+            source_ranges = Some(b.source_ranges(&object, ranges));
+        }
+    }
+    if load_balancer
+        && external_local
+        && let Some(hc) = spec.health_check_node_port.filter(|p| *p != 0)
+    {
+        match u16::try_from(hc) {
+            Ok(p) => part.health_check = Some(p),
+            Err(_) => b.issue(
+                Severity::Warning,
+                &object,
+                "spec.healthCheckNodePort".into(),
+                format!("{hc} is out of range 1-65535; not answered"),
+            ),
+        }
     }
     part.affinity_timeout_s = b.affinity(&object, svc);
     part.scheduling = b.scheduling(&object, svc, options.default_scheduler);
+    let external_policy = if external_local {
+        Policy::Local
+    } else {
+        Policy::Cluster
+    };
+    let external_snat = if external_local { 0 } else { SVC_F_SNAT };
     for (i, port) in spec.ports.iter().flatten().enumerate() {
-        let Some(frontend) = b.frontend(&object, i, addr, port) else {
+        let Some(cluster) = b.frontend(&object, i, addr, port) else {
             continue;
         };
-        if let Some(first) = part.ports.iter().find(|p| p.frontend == frontend) {
-            let first = first.index;
-            b.issue(
-                Severity::Warning,
-                &object,
-                format!("spec.ports[{i}]"),
-                format!("{frontend} is already served by spec.ports[{first}]; port ignored"),
-            );
-            continue;
-        }
-        part.ports.push(PortPart {
-            frontend,
-            index: i,
-            name: ServicePortName {
-                namespace: namespace.clone(),
+        let name = ServicePortName {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            port_name: port.name.clone().unwrap_or_default(),
+            protocol: cluster.protocol,
+        };
+        let mut add = |b: &mut Builder,
+                       frontend: Frontend,
+                       kind: FrontendKind,
+                       policy: Policy,
+                       flags: u8,
+                       ranges: &[Ipv4Range]| {
+            if let Some(first) = part.ports.iter().find(|p| p.frontend == frontend) {
+                let (first_index, first_kind) = (first.index, first.kind);
+                if kind == FrontendKind::ClusterIp {
+                    b.issue(
+                        Severity::Warning,
+                        &object,
+                        format!("spec.ports[{i}]"),
+                        format!(
+                            "{frontend} is already served by spec.ports[{first_index}]; port ignored"
+                        ),
+                    );
+                } else {
+                    b.issue(
+                        Severity::Notice,
+                        &object,
+                        format!("spec.ports[{i}]"),
+                        format!(
+                            "{frontend} ({kind}) is already served by spec.ports[{first_index}] ({first_kind}); ignored"
+                        ),
+                    );
+                }
+                return;
+            }
+            part.ports.push(PortPart {
+                frontend,
+                index: i,
                 name: name.clone(),
-                port_name: port.name.clone().unwrap_or_default(),
-                protocol: frontend.protocol,
+                kind,
+                policy,
+                flags: kind.flag() | flags,
+                source_ranges: ranges.to_vec(),
+            });
+        };
+        let cluster_policy = if internal_local {
+            Policy::Local
+        } else {
+            Policy::Cluster
+        };
+        add(
+            &mut b,
+            cluster,
+            FrontendKind::ClusterIp,
+            cluster_policy,
+            0,
+            &[],
+        );
+        let node_port = match port.node_port {
+            None | Some(0) => None,
+            Some(p) => match u16::try_from(p) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    b.issue(
+                        Severity::Warning,
+                        &object,
+                        format!("spec.ports[{i}].nodePort"),
+                        format!("{p} is out of range 1-65535; NodePort not served"),
+                    );
+                    None
+                }
             },
-        });
+        };
+        let externals = external_ips
+            .iter()
+            .map(|a| (*a, cluster.port, FrontendKind::ExternalIp))
+            .chain(
+                lb_ips
+                    .iter()
+                    .map(|a| (*a, cluster.port, FrontendKind::LoadBalancer)),
+            )
+            .chain(node_port.into_iter().flat_map(|np| {
+                options
+                    .node_addresses
+                    .iter()
+                    .map(move |a| (*a, np, FrontendKind::NodePort))
+            }));
+        for (ext_addr, ext_port, kind) in externals {
+            let (ranges, range_flag) = match (&source_ranges, kind) {
+                (Some(r), FrontendKind::LoadBalancer) => (r.as_slice(), SVC_F_SOURCE_RANGES),
+                _ => (&[][..], 0),
+            };
+            let inside = Frontend::cluster(ext_addr, ext_port, cluster.protocol);
+            let outside = Frontend {
+                scope: Scope::External,
+                ..inside
+            };
+            add(
+                &mut b,
+                outside,
+                kind,
+                external_policy,
+                external_snat | range_flag,
+                ranges,
+            );
+            add(&mut b, inside, kind, Policy::Cluster, range_flag, ranges);
+        }
     }
     part.issues = b.issues;
     part
@@ -787,6 +1114,7 @@ endpoints:
             addr: addr.parse().unwrap(),
             port,
             terminating: false,
+            local: false,
         }
     }
 
@@ -798,11 +1126,7 @@ endpoints:
     }
 
     fn fe(addr: &str, port: u16, protocol: Protocol) -> Frontend {
-        Frontend {
-            addr: addr.parse().unwrap(),
-            port,
-            protocol,
-        }
+        Frontend::cluster(addr.parse().unwrap(), port, protocol)
     }
 
     fn endpoints_of(state: &DesiredState, frontend: Frontend) -> Vec<Endpoint> {
@@ -1144,6 +1468,7 @@ spec:
             );
             let options = ModelOptions {
                 default_scheduler: default,
+                ..Default::default()
             };
             let (state, issues) = desired_state_with(&[svc(&yaml)], &[], &options);
             (

@@ -15,10 +15,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
-    DesiredState, Frontend, Protocol, Scheduling,
+    DesiredState, Frontend, HealthCheck, Protocol, Scheduling,
     build::{
         CandidateSet, ModelIssue, ModelOptions, ServicePart, Severity, SlicePart, claimed_issue,
-        select_endpoints, service_object, service_part, slice_part,
+        health_claimed_issue, local_ready, service_object, service_part, slice_part,
     },
 };
 
@@ -47,6 +47,8 @@ pub struct Model {
     claims: BTreeMap<Frontend, BTreeSet<ObjectKey>>,
     /// Frontends claimed by more than one Service (so listing issues skips the others).
     contested: BTreeSet<Frontend>,
+    /// Services answering each health-check node port; the first one holds it.
+    health_claims: BTreeMap<u16, BTreeSet<ObjectKey>>,
     desired: DesiredState,
     /// SCTP frontends left out, with the warning naming them.
     unsupported: BTreeMap<Frontend, ModelIssue>,
@@ -63,6 +65,29 @@ impl Model {
             serve_sctp,
             ..Default::default()
         }
+    }
+
+    /// The options the model applies.
+    pub fn options(&self) -> &ModelOptions {
+        &self.options
+    }
+
+    /// Changes the options (the node's name or NodePort addresses changed): the model is
+    /// emptied, every frontend it held reported as changed, and the caller must give it
+    /// all objects again with [`Model::replace_all`]. Nothing happens if they are equal.
+    pub fn set_options(&mut self, options: ModelOptions) -> bool {
+        if self.options == options {
+            return false;
+        }
+        let mut changed = std::mem::take(&mut self.changed);
+        changed.extend(self.desired.services.keys().copied());
+        *self = Model {
+            options,
+            serve_sctp: self.serve_sctp,
+            changed,
+            ..Default::default()
+        };
+        true
     }
 
     /// What is desired now.
@@ -100,7 +125,7 @@ impl Model {
     /// An EndpointSlice was added or changed.
     pub fn set_slice(&mut self, slice: &EndpointSlice) {
         let key = key_of(&slice.metadata);
-        let part = slice_part(slice);
+        let part = slice_part(slice, self.options.node_name.as_deref());
         if self.slices.get(&key) == Some(&part) {
             return;
         }
@@ -190,8 +215,68 @@ impl Model {
                 ));
             }
         }
+        for (port, owners) in &self.health_claims {
+            let mut owners = owners.iter();
+            let Some(first) = owners.next() else { continue };
+            for loser in owners {
+                issues.push(health_claimed_issue(
+                    &service_object(&loser.0, &loser.1),
+                    *port,
+                    &service_object(&first.0, &first.1),
+                ));
+            }
+        }
         issues.extend(self.unsupported.values().cloned());
         issues
+    }
+
+    /// Moves a Service's health-check claim from `old` to `new` and answers both ports
+    /// again.
+    fn refresh_health_claim(&mut self, key: &ObjectKey, old: Option<u16>, new: Option<u16>) {
+        if old != new {
+            if let Some(port) = old
+                && let Some(set) = self.health_claims.get_mut(&port)
+            {
+                set.remove(key);
+                if set.is_empty() {
+                    self.health_claims.remove(&port);
+                }
+            }
+            if let Some(port) = new {
+                self.health_claims
+                    .entry(port)
+                    .or_default()
+                    .insert(key.clone());
+            }
+        }
+        for port in old.into_iter().chain(new) {
+            self.resolve_health(port);
+        }
+    }
+
+    /// Recomputes the health check of one node port from the Service holding it.
+    fn resolve_health(&mut self, port: u16) {
+        let wanted = self
+            .health_claims
+            .get(&port)
+            .and_then(|s| s.first())
+            .map(|owner| {
+                let mut sets = BTreeMap::new();
+                for slice in self.slices_of.get(owner).into_iter().flatten() {
+                    if let Some(s) = self.slices.get(&(owner.0.clone(), slice.clone())) {
+                        s.merge_all(&mut sets);
+                    }
+                }
+                HealthCheck {
+                    namespace: owner.0.clone(),
+                    name: owner.1.clone(),
+                    local_ready: local_ready(sets.values()),
+                }
+            });
+        match wanted {
+            Some(h) => self.desired.health_checks.insert(port, h),
+            None => self.desired.health_checks.remove(&port),
+        };
     }
 
     fn port_of(&self, service: &ObjectKey, frontend: &Frontend) -> Option<&super::build::PortPart> {
@@ -241,6 +326,9 @@ impl Model {
             for f in frontends {
                 self.resolve(f);
             }
+            if let Some(port) = self.services.get(&service).and_then(|p| p.health_check) {
+                self.resolve_health(port);
+            }
         }
     }
 
@@ -276,6 +364,8 @@ impl Model {
             }
             self.resolve(f);
         }
+        let new_health = self.services.get(key).and_then(|p| p.health_check);
+        self.refresh_health_claim(key, old.and_then(|p| p.health_check), new_health);
     }
 
     /// Recomputes the desired entry of one frontend from the Service holding it and that
@@ -291,7 +381,7 @@ impl Model {
                     s.merge_into(&mut set, &port.name.port_name, frontend.protocol);
                 }
             }
-            let service = part.desired(port, select_endpoints(Some(&set)));
+            let service = part.desired(port, Some(&set));
             Some((service, part.scheduling.clone(), port.index, owner.clone()))
         });
         self.unsupported.remove(&frontend);
@@ -433,7 +523,7 @@ mod tests {
     fn changes_one_by_one_give_the_state_built_from_scratch() {
         let mut rng = Lcg(11);
         let options = ModelOptions::default();
-        let mut model = Model::new(options, true);
+        let mut model = Model::new(options.clone(), true);
         let mut services: BTreeMap<u64, Service> = BTreeMap::new();
         let mut slices: BTreeMap<u64, EndpointSlice> = BTreeMap::new();
         let mut before = DesiredState::default();
@@ -511,7 +601,7 @@ mod tests {
             if round % 50 == 0 {
                 model.replace_all(&all_services, &all_slices);
                 assert!(model.take_changed().is_empty(), "round {round}");
-                let mut fresh = Model::new(options, true);
+                let mut fresh = Model::new(options.clone(), true);
                 fresh.replace_all(&all_services, &all_slices);
                 assert_eq!(fresh.desired(), model.desired());
             }
@@ -562,11 +652,11 @@ mod tests {
         let changed = model.take_changed();
         assert_eq!(
             changed.into_iter().collect::<Vec<_>>(),
-            [Frontend {
-                addr: "10.96.1.7".parse().unwrap(),
-                port: 80,
-                protocol: Protocol::Tcp
-            }]
+            [Frontend::cluster(
+                "10.96.1.7".parse().unwrap(),
+                80,
+                Protocol::Tcp
+            )]
         );
         let f = model.desired().services.values().nth(7).unwrap();
         assert_eq!(f.endpoints.len(), 2);
