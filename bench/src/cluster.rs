@@ -101,11 +101,7 @@ impl SynthService {
     }
 
     pub fn frontend(&self) -> Frontend {
-        Frontend {
-            addr: self.vip,
-            port: self.port,
-            protocol: Protocol::Tcp,
-        }
+        Frontend::cluster(self.vip, self.port, Protocol::Tcp)
     }
 
     pub fn desired(&self) -> DesiredService {
@@ -116,6 +112,7 @@ impl SynthService {
                 addr,
                 port,
                 terminating: false,
+                local: false,
             })
             .collect();
         endpoints.sort();
@@ -125,6 +122,9 @@ impl SynthService {
             name: self.port_name(),
             endpoints,
             affinity_timeout_s: 0,
+            kind: Default::default(),
+            flags: 0,
+            source_ranges: Vec::new(),
         }
     }
 

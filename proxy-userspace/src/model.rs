@@ -212,7 +212,9 @@ impl Ipv4Range {
             return None;
         }
         // A shift by 32 (prefix 0) overflows: the mask is then 0.
-        let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix_len))
+            .unwrap_or(0);
         Some(Ipv4Range {
             addr: Ipv4Addr::from(u32::from(addr) & mask),
             prefix_len,
@@ -373,6 +375,7 @@ pub mod build;
 pub mod incremental;
 
 pub use build::{ModelIssue, ModelOptions, Severity, desired_state, desired_state_with};
+pub use incremental::Model;
 
 #[cfg(test)]
 mod tests {
@@ -387,7 +390,10 @@ mod tests {
         let all = Ipv4Range::new(Ipv4Addr::new(1, 2, 3, 4), 0).unwrap();
         assert_eq!(all.to_string(), "0.0.0.0/0");
         assert!(all.contains(Ipv4Addr::new(8, 8, 8, 8)));
-        assert_eq!(Ipv4Range::new(Ipv4Addr::new(1, 2, 3, 4), 32).unwrap().addr, Ipv4Addr::new(1, 2, 3, 4));
+        assert_eq!(
+            Ipv4Range::new(Ipv4Addr::new(1, 2, 3, 4), 32).unwrap().addr,
+            Ipv4Addr::new(1, 2, 3, 4)
+        );
         assert_eq!(Ipv4Range::new(Ipv4Addr::new(1, 2, 3, 4), 33), None);
     }
 
@@ -413,4 +419,3 @@ mod tests {
         assert_eq!(f.to_string(), "192.0.2.1:30080/TCP (external view)");
     }
 }
-pub use incremental::Model;

@@ -294,7 +294,8 @@ pub fn node_config(
 
 /// The write that makes `node_cfg4` hold `wanted`, if it does not already.
 pub fn plan_node_config(wanted: &NodeConfig4, current: &MapState) -> Option<MapOp> {
-    (current.node_config.as_ref() != Some(wanted)).then_some(MapOp::PutNodeConfig { value: *wanted })
+    (current.node_config.as_ref() != Some(wanted))
+        .then_some(MapOp::PutNodeConfig { value: *wanted })
 }
 
 /// The two backend tables of a service id. Wrapping, so an out-of-range id read from the
@@ -1248,9 +1249,16 @@ fn name_of(key: &Svc4Key, meta: &SvcMeta) -> ServicePortName {
 mod tests {
     use std::net::Ipv4Addr;
 
-    use proxy_common::{PROTO_TCP, service::SCOPE_CLUSTER_IP};
+    use proxy_common::{
+        PROTO_TCP,
+        service::{
+            SCOPE_CLUSTER_IP, SCOPE_EXTERNAL, SVC_F_DROP_EMPTY, SVC_F_LOAD_BALANCER, SVC_F_SNAT,
+            SVC_F_SOURCE_RANGES,
+        },
+    };
 
     use super::*;
+    use crate::model::FrontendKind;
 
     const BIG: Capacity = Capacity {
         services: 65_536,
@@ -2028,7 +2036,8 @@ mod tests {
                     .unwrap_or(0),
             },
             MapOp::PutMaglevTable { table, .. } => MapOp::DeleteMaglevTable { table: *table },
-            MapOp::PutSourceRange { svc_id, range } | MapOp::DeleteSourceRange { svc_id, range } => {
+            MapOp::PutSourceRange { svc_id, range }
+            | MapOp::DeleteSourceRange { svc_id, range } => {
                 let (svc_id, range) = (*svc_id, *range);
                 if state.range_present(svc_id, &range) {
                     MapOp::PutSourceRange { svc_id, range }
@@ -2175,6 +2184,28 @@ mod tests {
                 endpoints,
             );
             s.affinity_timeout_s = [0, 60, 10_800][rng.next(3) as usize];
+            // External views, kinds, policy flags and source ranges from small pools.
+            if rng.next(3) == 0 {
+                s.frontend.scope = crate::model::Scope::External;
+            }
+            s.kind = [
+                FrontendKind::ClusterIp,
+                FrontendKind::ExternalIp,
+                FrontendKind::LoadBalancer,
+                FrontendKind::NodePort,
+            ][rng.next(4) as usize];
+            s.flags = s.kind.flag() | [0, SVC_F_SNAT, SVC_F_DROP_EMPTY][rng.next(3) as usize];
+            if rng.next(3) == 0 {
+                s.flags |= SVC_F_SOURCE_RANGES;
+                s.source_ranges = (0..rng.next(3))
+                    .map(|_| {
+                        let len = [8, 16, 24][rng.next(3) as usize];
+                        Ipv4Range::new(Ipv4Addr::new(10, rng.next(2) as u8, 0, 0), len).unwrap()
+                    })
+                    .collect();
+                s.source_ranges.sort();
+                s.source_ranges.dedup();
+            }
             services.push(s);
         }
         desired(services)
@@ -2194,8 +2225,17 @@ mod tests {
             assert!(again.is_empty(), "round {round}: {again:?}");
             // The maps hold exactly the desired services, with nothing left over.
             assert!(
-                state.spare_slots.is_empty() && state.spare_meta.is_empty(),
+                state.spare_slots.is_empty()
+                    && state.spare_meta.is_empty()
+                    && state.spare_ranges.is_empty(),
                 "round {round}"
+            );
+            assert_eq!(
+                state.range_count(),
+                d.services
+                    .values()
+                    .map(|s| s.source_ranges.len())
+                    .sum::<usize>()
             );
             assert_eq!(state.services.len(), d.services.len());
             for (f, s) in &d.services {
@@ -2203,6 +2243,8 @@ mod tests {
                 let want: Vec<Backend4> = s.endpoints.iter().map(backend_from_endpoint).collect();
                 assert_eq!(got.backends, want, "round {round}");
                 assert_eq!(got.value.backend_count as usize, want.len());
+                assert_eq!(got.value.flags, s.flags);
+                assert!(got.source_ranges.iter().eq(s.source_ranges.iter()));
                 assert!(tables_of(got.value.svc_id).contains(&got.value.table));
             }
             let ids: BTreeSet<u32> = state.services.values().map(|s| s.value.svc_id).collect();
@@ -2231,11 +2273,8 @@ mod tests {
             if rng.next(4) != 0 {
                 continue;
             }
-            for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
-                let f = frontend(last, 80, protocol);
-                next.services.remove(&f);
-                next.scheduling.remove(&f);
-            }
+            next.services.retain(|f, _| f.addr.octets()[3] != last);
+            next.scheduling.retain(|f, _| f.addr.octets()[3] != last);
             if let Some(s) = fresh
                 .services
                 .values()
@@ -2308,10 +2347,20 @@ mod tests {
                 // The same content as a fresh agent would program (ids and tables aside).
                 let mut scratch = MapState::default();
                 step(&mut scratch, &d);
-                let backends = |m: &MapState| -> Vec<(Svc4Key, Vec<Backend4>, u8)> {
+                type Content = (Svc4Key, Vec<Backend4>, u8, u8, BTreeSet<Ipv4Range>);
+                let backends = |m: &MapState| -> Vec<Content> {
                     m.services
                         .iter()
-                        .map(|(k, s)| (*k, s.backends.clone(), s.value.scheduler))
+                        .map(|(k, s)| {
+                            let v = s.value;
+                            (
+                                *k,
+                                s.backends.clone(),
+                                v.scheduler,
+                                v.flags,
+                                s.source_ranges.clone(),
+                            )
+                        })
                         .collect()
                 };
                 assert_eq!(backends(&inc), backends(&scratch), "round {round}");
@@ -2384,5 +2433,169 @@ mod tests {
         assert_eq!(p.steps[0].name.to_string(), "(unnamed)/10.96.0.1:80/TCP");
         apply_plan(&mut state, &p);
         assert!(state.services.is_empty());
+    }
+
+    fn range(a: u8, len: u8) -> Ipv4Range {
+        Ipv4Range::new(Ipv4Addr::new(10, a, 0, 0), len).unwrap()
+    }
+
+    /// An external-view LoadBalancer frontend with source ranges, one backend local.
+    fn lb_service(ranges: &[Ipv4Range], flags: u8) -> DesiredService {
+        let mut f = frontend(20, 80, Protocol::Tcp);
+        f.scope = crate::model::Scope::External;
+        let mut endpoints = eps(&[1, 2]);
+        endpoints[0].local = true;
+        DesiredService {
+            kind: FrontendKind::LoadBalancer,
+            flags: SVC_F_LOAD_BALANCER | SVC_F_SOURCE_RANGES | flags,
+            source_ranges: ranges.to_vec(),
+            ..service("lb", f, endpoints)
+        }
+    }
+
+    #[test]
+    fn flags_local_backends_and_source_ranges_reach_the_maps_in_order() {
+        let s = lb_service(&[range(1, 16), range(2, 24)], SVC_F_SNAT);
+        let key = s.frontend.key();
+        assert_eq!(key.scope, SCOPE_EXTERNAL);
+        let mut state = MapState::default();
+        let p = step(&mut state, &desired([s.clone()]));
+        let ops = &p.steps[0].ops;
+        let publish = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::PutService { .. }))
+            .unwrap();
+        let ranges: Vec<usize> = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, MapOp::PutSourceRange { svc_id: 1, .. }))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(ranges.len(), 2);
+        assert!(ranges.iter().all(|i| *i < publish), "{ops:?}");
+        let svc = &state.services[&key];
+        assert_eq!(
+            svc.value.flags,
+            SVC_F_LOAD_BALANCER | SVC_F_SOURCE_RANGES | SVC_F_SNAT
+        );
+        assert_eq!(
+            svc.backends.iter().map(|b| b.flags).collect::<Vec<_>>(),
+            [BACKEND_LOCAL, 0]
+        );
+        assert_eq!(state.range_count(), 2);
+
+        // A range swapped for another: the new one before, the old one after; nothing else.
+        let s2 = lb_service(&[range(1, 16), range(3, 8)], SVC_F_SNAT);
+        let p = step(&mut state, &desired([s2.clone()]));
+        assert_eq!(
+            p.steps[0].ops,
+            [
+                MapOp::PutSourceRange {
+                    svc_id: 1,
+                    range: range(3, 8)
+                },
+                MapOp::DeleteSourceRange {
+                    svc_id: 1,
+                    range: range(2, 24)
+                },
+            ]
+        );
+        // Only the flags change: one put of the value in place.
+        let s3 = lb_service(&[range(1, 16), range(3, 8)], 0);
+        let p = step(&mut state, &desired([s3]));
+        assert!(matches!(
+            p.steps[0].ops[..],
+            [MapOp::PutService { value, .. }] if value.flags == SVC_F_LOAD_BALANCER | SVC_F_SOURCE_RANGES && value.table == 2
+        ));
+        // Removal: unpublished first, then its ranges go.
+        let p = step(&mut state, &desired([]));
+        let ops = &p.steps[0].ops;
+        assert_eq!(ops[0], MapOp::DeleteService { key });
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, MapOp::DeleteSourceRange { svc_id: 1, .. }))
+                .count(),
+            2
+        );
+        assert_eq!(state.range_count(), 0);
+        assert!(state.services.is_empty() && state.spare_ranges.is_empty());
+    }
+
+    #[test]
+    fn ranges_left_under_a_reused_id_are_deleted() {
+        let mut state = MapState::default();
+        // An agent died after writing a range for id 1 but before publishing its service.
+        state
+            .spare_ranges
+            .insert(1, [range(9, 8)].into_iter().collect());
+        let p = step(&mut state, &desired([lb_service(&[range(1, 16)], 0)]));
+        assert!(p.steps[0].ops.contains(&MapOp::DeleteSourceRange {
+            svc_id: 1,
+            range: range(9, 8)
+        }));
+        assert!(state.spare_ranges.is_empty());
+        let only: Vec<Ipv4Range> = state
+            .services
+            .values()
+            .next()
+            .unwrap()
+            .source_ranges
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(only, [range(1, 16)]);
+    }
+
+    #[test]
+    fn a_step_with_source_ranges_rolled_back_at_any_op_restores_the_state() {
+        let mut base = MapState::default();
+        step(
+            &mut base,
+            &desired([lb_service(&[range(1, 16), range(2, 24)], 0)]),
+        );
+        for next in [
+            desired([lb_service(&[range(2, 24), range(3, 8)], SVC_F_SNAT)]),
+            desired([]),
+            desired([lb_service(&[], 0)]),
+        ] {
+            let (p, _) = plan(&next, &base, BIG);
+            for s in &p.steps {
+                for fail_at in 0..=s.ops.len() {
+                    let mut state = base.clone();
+                    let mut undo = Vec::new();
+                    for op in &s.ops[..fail_at] {
+                        undo.extend(inverse(&mut state, op));
+                        state.apply(op);
+                    }
+                    for op in undo.iter().rev() {
+                        state.apply(op);
+                    }
+                    assert_eq!(state, base, "{} rolled back after {fail_at} ops", s.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_node_config_is_written_when_it_differs() {
+        let want = node_config(Some(Ipv4Addr::new(192, 168, 1, 10)), 61000..=65535, true);
+        assert_eq!(
+            want,
+            NodeConfig4 {
+                snat_addr: [192, 168, 1, 10],
+                snat_port_min: 61000,
+                snat_port_max: 65535,
+                flags: NODE_F_FIB_FORWARD,
+            }
+        );
+        assert_eq!(node_config(None, 1..=2, false).snat_addr, [0; 4]);
+        assert_eq!(node_config(None, 1..=2, false).flags, 0);
+        let mut state = MapState::default();
+        let op = plan_node_config(&want, &state).expect("nothing written yet");
+        assert_eq!(op, MapOp::PutNodeConfig { value: want });
+        state.apply(&op);
+        assert_eq!(plan_node_config(&want, &state), None);
+        let other = node_config(Some(Ipv4Addr::new(192, 168, 1, 10)), 61000..=65535, false);
+        assert!(plan_node_config(&other, &state).is_some());
     }
 }

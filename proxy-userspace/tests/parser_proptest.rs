@@ -152,11 +152,8 @@ impl App {
             .ports
             .iter()
             .map(|&(port, udp, target)| {
-                let frontend = Frontend {
-                    addr: self.cluster_ip,
-                    port,
-                    protocol: if udp { Protocol::Udp } else { Protocol::Tcp },
-                };
+                let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
+                let frontend = Frontend::cluster(self.cluster_ip, port, protocol);
                 let mut endpoints: Vec<Endpoint> = self
                     .endpoints
                     .iter()
@@ -165,6 +162,7 @@ impl App {
                         addr,
                         port: target,
                         terminating: false,
+                        local: false,
                     })
                     .collect();
                 endpoints.sort();

@@ -60,11 +60,7 @@ struct Bench {
 
 impl Bench {
     fn serve(&mut self, backends: u32, scheduler: Scheduler, affinity_s: u32) {
-        let frontend = Frontend {
-            addr: VIP,
-            port: 80,
-            protocol: Protocol::Tcp,
-        };
+        let frontend = Frontend::cluster(VIP, 80, Protocol::Tcp);
         let mut desired = DesiredState::default();
         desired.services.insert(
             frontend,
@@ -81,9 +77,13 @@ impl Bench {
                         addr: backend_ip(i),
                         port: 8080,
                         terminating: false,
+                        local: false,
                     })
                     .collect(),
                 affinity_timeout_s: affinity_s,
+                kind: Default::default(),
+                flags: 0,
+                source_ranges: Vec::new(),
             },
         );
         desired.scheduling.insert(

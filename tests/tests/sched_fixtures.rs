@@ -86,17 +86,14 @@ impl Harness {
         weights: &[(Ipv4Addr, u8)],
         affinity_s: u32,
     ) {
-        let frontend = Frontend {
-            addr: VIP,
-            port: PORT,
-            protocol: Protocol::Tcp,
-        };
+        let frontend = Frontend::cluster(VIP, PORT, Protocol::Tcp);
         let mut endpoints: Vec<Endpoint> = backends
             .iter()
             .map(|&addr| Endpoint {
                 addr,
                 port: BACKEND_PORT,
                 terminating: false,
+                local: false,
             })
             .collect();
         endpoints.sort();
@@ -112,6 +109,9 @@ impl Harness {
                 },
                 endpoints,
                 affinity_timeout_s: affinity_s,
+                kind: Default::default(),
+                flags: 0,
+                source_ranges: Vec::new(),
             },
         );
         self.desired.scheduling.insert(

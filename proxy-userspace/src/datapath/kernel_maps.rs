@@ -302,7 +302,8 @@ impl KernelMaps {
     /// lookups are longest-prefix matches, from the mirror `state`).
     fn inverse(&self, op: &MapOp, state: &MapState) -> Option<MapOp> {
         match op {
-            MapOp::PutSourceRange { svc_id, range } | MapOp::DeleteSourceRange { svc_id, range } => {
+            MapOp::PutSourceRange { svc_id, range }
+            | MapOp::DeleteSourceRange { svc_id, range } => {
                 let present = state
                     .spare_ranges
                     .get(svc_id)

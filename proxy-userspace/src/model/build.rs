@@ -656,10 +656,9 @@ pub fn desired_state_with(
                 port.name.port_name.clone(),
                 port.frontend.protocol,
             );
-            state.services.insert(
-                port.frontend,
-                part.desired(port, endpoints.get(&group)),
-            );
+            state
+                .services
+                .insert(port.frontend, part.desired(port, endpoints.get(&group)));
             if part.scheduling != Scheduling::default() {
                 state
                     .scheduling
@@ -669,13 +668,19 @@ pub fn desired_state_with(
         if let Some(hc_port) = part.health_check {
             match health_owners.entry(hc_port) {
                 Entry::Occupied(o) => {
-                    b.issues.push(health_claimed_issue(&object, hc_port, o.get()));
+                    b.issues
+                        .push(health_claimed_issue(&object, hc_port, o.get()));
                 }
                 Entry::Vacant(v) => {
                     v.insert(object.clone());
                     let sets = endpoints
                         .range(
-                            (namespace.clone(), name.clone(), String::new(), Protocol::Tcp)..,
+                            (
+                                namespace.clone(),
+                                name.clone(),
+                                String::new(),
+                                Protocol::Tcp,
+                            )..,
                         )
                         .take_while(|((ns, n, ..), _)| *ns == namespace && *n == name)
                         .map(|(_, set)| set);
@@ -905,10 +910,14 @@ pub(crate) fn service_part(svc: &Service, options: &ModelOptions) -> ServicePart
             .and_then(|lb| lb.ingress.as_ref());
         // ipMode Proxy: the load balancer proxies to the nodes itself, so its IP must not
         // be short-circuited here (kube-proxy leaves it alone too).
-        let ips = ingress.into_iter().flatten().enumerate().filter_map(|(i, ing)| {
-            let ip = ing.ip.as_deref().filter(|ip| !ip.is_empty())?;
-            (ing.ip_mode.as_deref() != Some("Proxy")).then_some((i, ip))
-        });
+        let ips = ingress
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, ing)| {
+                let ip = ing.ip.as_deref().filter(|ip| !ip.is_empty())?;
+                (ing.ip_mode.as_deref() != Some("Proxy")).then_some((i, ip))
+            });
         lb_ips = b.ipv4_list(&object, "status.loadBalancer.ingress[].ip", ips);
         if let Some(ranges) = spec
             .load_balancer_source_ranges
@@ -1059,6 +1068,8 @@ pub(crate) fn service_part(svc: &Service, options: &ModelOptions) -> ServicePart
 
 #[cfg(test)]
 mod tests {
+    use proxy_common::service::{SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT};
+
     use super::*;
 
     fn svc(yaml: &str) -> Service {
@@ -1595,5 +1606,474 @@ spec:
         ] {
             assert_eq!(parse_ipv4(bad), None, "{bad}");
         }
+    }
+
+    // ---- External view: NodePorts, external and LoadBalancer IPs, traffic policies ----
+
+    fn node_options() -> ModelOptions {
+        ModelOptions {
+            node_name: Some("node-a".into()),
+            node_addresses: vec![
+                "192.168.1.10".parse().unwrap(),
+                "192.168.2.10".parse().unwrap(),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn ext(addr: &str, port: u16) -> Frontend {
+        Frontend {
+            scope: Scope::External,
+            ..fe(addr, port, Protocol::Tcp)
+        }
+    }
+
+    fn local(e: Endpoint) -> Endpoint {
+        Endpoint { local: true, ..e }
+    }
+
+    /// A LoadBalancer Service `lb` with an external IP, two usable ingress IPs (one more
+    /// with ipMode Proxy, one hostname only), nodePort 30080; `extra` goes under spec.
+    fn lb_service(extra: &str) -> Service {
+        svc(&format!(
+            "
+metadata: {{name: lb}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.1.1
+  loadBalancerIP: 203.0.113.99
+  externalIPs: [198.51.100.7, 'fd00::7']
+  ports: [{{name: http, port: 80, nodePort: 30080}}]
+{extra}
+status:
+  loadBalancer:
+    ingress:
+    - {{ip: 203.0.113.1}}
+    - {{ip: 203.0.113.2, ipMode: VIP}}
+    - {{ip: 203.0.113.3, ipMode: Proxy}}
+    - {{hostname: lb.example.com}}
+"
+        ))
+    }
+
+    /// Endpoints of `lb`: 10.0.0.1 on this node, 10.0.0.2 on node-b, each with `conds`.
+    fn lb_slice(local_conds: &str, remote_conds: &str) -> EndpointSlice {
+        slice_of(
+            "lb-1",
+            "lb",
+            "{name: http, port: 8080}",
+            &[
+                &format!("{{addresses: [10.0.0.1], nodeName: node-a, conditions: {local_conds}}}"),
+                &format!("{{addresses: [10.0.0.2], nodeName: node-b, conditions: {remote_conds}}}"),
+            ],
+        )
+    }
+
+    fn flags_of(state: &DesiredState, f: Frontend) -> u8 {
+        state
+            .services
+            .get(&f)
+            .unwrap_or_else(|| panic!("{f} missing"))
+            .flags
+    }
+
+    #[test]
+    fn external_policy_cluster_serves_every_external_address_in_both_views() {
+        let (state, issues) =
+            desired_state_with(&[lb_service("")], &[lb_slice("{}", "{}")], &node_options());
+        assert!(issues.is_empty(), "{issues:?}");
+        let all = vec![local(ep("10.0.0.1", 8080)), ep("10.0.0.2", 8080)];
+        let externals = [
+            ("198.51.100.7", 80, FrontendKind::ExternalIp),
+            ("203.0.113.1", 80, FrontendKind::LoadBalancer),
+            ("203.0.113.2", 80, FrontendKind::LoadBalancer),
+            ("192.168.1.10", 30080, FrontendKind::NodePort),
+            ("192.168.2.10", 30080, FrontendKind::NodePort),
+        ];
+        // The ClusterIP plus each external address twice; no ipMode Proxy ingress, no
+        // spec.loadBalancerIP, no IPv6 address, no hostname.
+        assert_eq!(state.services.len(), 1 + 2 * externals.len());
+        let cluster = &state.services[&fe("10.96.1.1", 80, Protocol::Tcp)];
+        assert_eq!((cluster.kind, cluster.flags), (FrontendKind::ClusterIp, 0));
+        assert_eq!(cluster.endpoints, all);
+        for (addr, port, kind) in externals {
+            let outside = &state.services[&ext(addr, port)];
+            assert_eq!(outside.kind, kind);
+            assert_eq!(outside.flags, kind.flag() | SVC_F_SNAT, "{addr}");
+            assert_eq!(outside.endpoints, all);
+            assert_eq!(outside.name.to_string(), "default/lb:http/TCP");
+            let inside = &state.services[&fe(addr, port, Protocol::Tcp)];
+            assert_eq!((inside.kind, inside.flags), (kind, kind.flag()), "{addr}");
+            assert_eq!(inside.endpoints, all);
+        }
+        assert!(state.health_checks.is_empty());
+    }
+
+    #[test]
+    fn external_policy_local_serves_local_endpoints_outside_and_all_inside() {
+        let service = lb_service("  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000");
+        let (state, _) = desired_state_with(
+            std::slice::from_ref(&service),
+            &[lb_slice("{}", "{}")],
+            &node_options(),
+        );
+        for f in [
+            ext("203.0.113.1", 80),
+            ext("192.168.1.10", 30080),
+            ext("198.51.100.7", 80),
+        ] {
+            let s = &state.services[&f];
+            assert_eq!(s.endpoints, [local(ep("10.0.0.1", 8080))], "{f}");
+            assert_eq!(s.flags & (SVC_F_SNAT | SVC_F_DROP_EMPTY), 0, "{f}");
+        }
+        // Pods reaching the same addresses: all endpoints (kube-proxy's short-circuit).
+        assert_eq!(
+            endpoints_of(&state, fe("192.168.1.10", 30080, Protocol::Tcp)),
+            [local(ep("10.0.0.1", 8080)), ep("10.0.0.2", 8080)]
+        );
+
+        // No endpoint here but one elsewhere: drop outside, all endpoints inside.
+        let (state, _) = desired_state_with(
+            std::slice::from_ref(&service),
+            &[lb_slice("{ready: false}", "{}")],
+            &node_options(),
+        );
+        let outside = &state.services[&ext("192.168.2.10", 30080)];
+        assert!(outside.endpoints.is_empty());
+        assert_eq!(outside.flags, SVC_F_NODE_PORT | SVC_F_DROP_EMPTY);
+        assert_eq!(
+            endpoints_of(&state, fe("192.168.2.10", 30080, Protocol::Tcp)),
+            [ep("10.0.0.2", 8080)]
+        );
+
+        // No endpoint at all: rejected as for a ClusterIP (no drop flag).
+        let (state, _) = desired_state_with(std::slice::from_ref(&service), &[], &node_options());
+        assert_eq!(
+            flags_of(&state, ext("192.168.2.10", 30080)),
+            SVC_F_NODE_PORT
+        );
+
+        // No ready local endpoint but a local serving terminating one while the other node
+        // has a ready one: the local terminating one, as kube-proxy falls back per policy.
+        let (state, _) = desired_state_with(
+            &[service],
+            &[lb_slice(
+                "{ready: false, serving: true, terminating: true}",
+                "{}",
+            )],
+            &node_options(),
+        );
+        let outside = &state.services[&ext("203.0.113.1", 80)];
+        assert_eq!(outside.endpoints, [local(term("10.0.0.1", 8080))]);
+        assert_eq!(outside.flags, SVC_F_LOAD_BALANCER);
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.1.1", 80, Protocol::Tcp)),
+            [ep("10.0.0.2", 8080)]
+        );
+    }
+
+    #[test]
+    fn without_a_node_name_no_endpoint_is_local() {
+        let service = lb_service("  externalTrafficPolicy: Local");
+        let options = ModelOptions {
+            node_name: None,
+            ..node_options()
+        };
+        let (state, _) = desired_state_with(&[service], &[lb_slice("{}", "{}")], &options);
+        let outside = &state.services[&ext("203.0.113.1", 80)];
+        assert!(outside.endpoints.is_empty());
+        assert_ne!(outside.flags & SVC_F_DROP_EMPTY, 0);
+        assert!(
+            endpoints_of(&state, fe("10.96.1.1", 80, Protocol::Tcp))
+                .iter()
+                .all(|e| !e.local)
+        );
+    }
+
+    #[test]
+    fn internal_policy_local_limits_the_cluster_ip_only() {
+        let service = lb_service("  internalTrafficPolicy: Local");
+        let (state, issues) = desired_state_with(
+            std::slice::from_ref(&service),
+            &[lb_slice("{}", "{}")],
+            &node_options(),
+        );
+        assert!(issues.is_empty(), "{issues:?}");
+        let cluster = &state.services[&fe("10.96.1.1", 80, Protocol::Tcp)];
+        assert_eq!(cluster.endpoints, [local(ep("10.0.0.1", 8080))]);
+        assert_eq!(cluster.flags, 0);
+        // External addresses keep every endpoint, in both views.
+        assert_eq!(endpoints_of(&state, ext("203.0.113.1", 80)).len(), 2);
+        assert_eq!(
+            endpoints_of(&state, fe("203.0.113.1", 80, Protocol::Tcp)).len(),
+            2
+        );
+
+        // None local, some elsewhere: drop.
+        let (state, _) = desired_state_with(
+            std::slice::from_ref(&service),
+            &[lb_slice("{ready: false}", "{}")],
+            &node_options(),
+        );
+        let cluster = &state.services[&fe("10.96.1.1", 80, Protocol::Tcp)];
+        assert!(cluster.endpoints.is_empty());
+        assert_eq!(cluster.flags, SVC_F_DROP_EMPTY);
+
+        // None anywhere (the remote one neither ready nor terminating): reject.
+        let (state, _) = desired_state_with(
+            &[service],
+            &[lb_slice("{ready: false}", "{ready: false}")],
+            &node_options(),
+        );
+        assert_eq!(flags_of(&state, fe("10.96.1.1", 80, Protocol::Tcp)), 0);
+    }
+
+    #[test]
+    fn load_balancer_ips_need_type_load_balancer() {
+        let yaml = "
+metadata: {name: plain}
+spec: {clusterIP: 10.96.1.2, ports: [{port: 80}]}
+status: {loadBalancer: {ingress: [{ip: 203.0.113.5}]}}
+";
+        let (state, issues) = desired_state_with(&[svc(yaml)], &[], &node_options());
+        assert!(issues.is_empty());
+        assert_eq!(
+            state.services.keys().copied().collect::<Vec<_>>(),
+            [fe("10.96.1.2", 80, Protocol::Tcp)]
+        );
+    }
+
+    #[test]
+    fn source_ranges_are_trimmed_checked_and_apply_to_load_balancer_ips_only() {
+        let service = lb_service(
+            "  loadBalancerSourceRanges: [' 10.1.0.0/16 ', 'bogus', '172.16.5.9/24', 'fd00::/8', '10.2.0.0/33']",
+        );
+        let (state, issues) = desired_state_with(&[service], &[], &node_options());
+        let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                r#"Service default/lb: spec.loadBalancerSourceRanges[1]: "bogus" is not a CIDR (address/prefix length); ignored"#,
+                r#"Service default/lb: spec.loadBalancerSourceRanges[4]: "10.2.0.0/33" is not a CIDR (address/prefix length); ignored"#,
+            ]
+        );
+        let want: Vec<Ipv4Range> = vec![
+            Ipv4Range::new("10.1.0.0".parse().unwrap(), 16).unwrap(),
+            Ipv4Range::new("172.16.5.0".parse().unwrap(), 24).unwrap(),
+        ];
+        for f in [ext("203.0.113.1", 80), fe("203.0.113.2", 80, Protocol::Tcp)] {
+            let s = &state.services[&f];
+            assert_ne!(s.flags & SVC_F_SOURCE_RANGES, 0, "{f}");
+            assert_eq!(s.source_ranges, want, "{f}");
+        }
+        // NodePorts and external IPs bypass them, as in kube-proxy.
+        for f in [
+            ext("192.168.1.10", 30080),
+            ext("198.51.100.7", 80),
+            fe("10.96.1.1", 80, Protocol::Tcp),
+        ] {
+            let s = &state.services[&f];
+            assert_eq!(s.flags & SVC_F_SOURCE_RANGES, 0, "{f}");
+            assert!(s.source_ranges.is_empty(), "{f}");
+        }
+
+        // Ranges given, none usable: nobody is allowed rather than everybody.
+        let service = lb_service("  loadBalancerSourceRanges: [nope]");
+        let (state, issues) = desired_state_with(&[service], &[], &node_options());
+        assert_eq!(issues.len(), 1);
+        let s = &state.services[&ext("203.0.113.1", 80)];
+        assert_ne!(s.flags & SVC_F_SOURCE_RANGES, 0);
+        assert!(s.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn node_ports_follow_the_node_addresses() {
+        let service = lb_service("");
+        let options = ModelOptions {
+            node_addresses: vec!["10.9.0.1".parse().unwrap()],
+            ..node_options()
+        };
+        let (state, _) = desired_state_with(std::slice::from_ref(&service), &[], &options);
+        let node_ports: Vec<Frontend> = state
+            .services
+            .values()
+            .filter(|s| s.kind == FrontendKind::NodePort)
+            .map(|s| s.frontend)
+            .collect();
+        assert_eq!(
+            node_ports,
+            [fe("10.9.0.1", 30080, Protocol::Tcp), ext("10.9.0.1", 30080)]
+        );
+        // No node address known: no NodePort frontend at all.
+        let (state, _) = desired_state_with(&[service], &[], &ModelOptions::default());
+        assert!(
+            state
+                .services
+                .values()
+                .all(|s| s.kind != FrontendKind::NodePort)
+        );
+
+        let bad = svc(
+            "metadata: {name: np}\nspec: {type: NodePort, clusterIP: 10.96.1.3, ports: [{port: 80, nodePort: 70000}]}",
+        );
+        let (state, issues) = desired_state_with(&[bad], &[], &node_options());
+        assert_eq!(state.services.len(), 1);
+        assert_eq!(issues[0].field, "spec.ports[0].nodePort");
+    }
+
+    #[test]
+    fn health_checks_count_local_ready_endpoints_once_each() {
+        let service = svc("
+metadata: {name: hc}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.1.4
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32100
+  ports: [{name: a, port: 80, nodePort: 30100}, {name: b, port: 81, nodePort: 30101}]
+");
+        let slices = [
+            slice_of(
+                "hc-1",
+                "hc",
+                "{name: a, port: 8080}, {name: b, port: 8081}",
+                &[
+                    "{addresses: [10.0.0.1], nodeName: node-a}",
+                    "{addresses: [10.0.0.3], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+                    "{addresses: [10.0.0.4], nodeName: node-a, conditions: {ready: false}}",
+                    "{addresses: [10.0.0.2], nodeName: node-b}",
+                ],
+            ),
+            slice_of(
+                "hc-2",
+                "hc",
+                "{name: a, port: 8080}",
+                &["{addresses: [10.0.0.5], nodeName: node-a}"],
+            ),
+        ];
+        let (state, issues) =
+            desired_state_with(std::slice::from_ref(&service), &slices, &node_options());
+        assert!(issues.is_empty(), "{issues:?}");
+        assert_eq!(
+            state.health_checks.get(&32100),
+            Some(&HealthCheck {
+                namespace: "default".into(),
+                name: "hc".into(),
+                local_ready: 2,
+            })
+        );
+        assert_eq!(state.health_checks.len(), 1);
+
+        // Only terminating endpoints here: 0 (the port answers 503).
+        let only_terminating = [slice_of(
+            "hc-1",
+            "hc",
+            "{name: a, port: 8080}",
+            &[
+                "{addresses: [10.0.0.3], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+            ],
+        )];
+        let (state, _) = desired_state_with(
+            std::slice::from_ref(&service),
+            &only_terminating,
+            &node_options(),
+        );
+        assert_eq!(state.health_checks[&32100].local_ready, 0);
+
+        // Only LoadBalancer Services with externalTrafficPolicy Local have one.
+        for (from, to) in [
+            (
+                "externalTrafficPolicy: Local",
+                "externalTrafficPolicy: Cluster",
+            ),
+            ("type: LoadBalancer", "type: NodePort"),
+        ] {
+            let yaml = serde_yaml_ng::to_string(&service)
+                .unwrap()
+                .replace(from, to);
+            let (state, _) = desired_state_with(&[svc(&yaml)], &slices, &node_options());
+            assert!(state.health_checks.is_empty(), "{to}");
+        }
+
+        // Two Services on one port: the first by namespace/name keeps it.
+        let mut other = service.clone();
+        other.metadata.name = Some("ab".into());
+        let (state, issues) = desired_state_with(&[service, other], &slices, &node_options());
+        assert_eq!(state.health_checks[&32100].name, "ab");
+        // (Its ports clash too, as it is a copy: only the health-check one matters here.)
+        assert_eq!(
+            issues
+                .iter()
+                .filter(|i| i.field == "spec.healthCheckNodePort")
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "Service default/hc: spec.healthCheckNodePort: 32100 is also claimed by Service default/ab, which sorts first and keeps it; not answered for this Service"
+            ]
+        );
+    }
+
+    #[test]
+    fn external_addresses_conflict_per_view_with_the_first_service_winning() {
+        // `alpha` has 10.96.2.1:80 as its ClusterIP; `beta` lists it as an external IP: the
+        // in-cluster view is alpha's, the external view beta's (nobody else claims it).
+        let alpha =
+            svc("metadata: {name: alpha}\nspec: {clusterIP: 10.96.2.1, ports: [{port: 80}]}");
+        let beta = svc(
+            "metadata: {name: beta}\nspec: {clusterIP: 10.96.2.2, externalIPs: [10.96.2.1], ports: [{port: 80}]}",
+        );
+        // `gamma`'s NodePort lands on the node address `delta` lists as an external IP.
+        let gamma = svc(
+            "metadata: {name: gamma}\nspec: {type: NodePort, clusterIP: 10.96.2.3, ports: [{port: 80, nodePort: 30200}]}",
+        );
+        let delta = svc(
+            "metadata: {name: delta}\nspec: {clusterIP: 10.96.2.4, externalIPs: [192.168.1.10], ports: [{port: 30200}]}",
+        );
+        for services in [
+            [alpha.clone(), beta.clone(), gamma.clone(), delta.clone()],
+            [delta, gamma, beta, alpha],
+        ] {
+            let (state, issues) = desired_state_with(&services, &[], &node_options());
+            let owner = |f: Frontend| state.services[&f].name.name.clone();
+            assert_eq!(owner(fe("10.96.2.1", 80, Protocol::Tcp)), "alpha");
+            assert_eq!(owner(ext("10.96.2.1", 80)), "beta");
+            assert_eq!(owner(ext("192.168.1.10", 30200)), "delta");
+            assert_eq!(
+                state.services[&ext("192.168.1.10", 30200)].kind,
+                FrontendKind::ExternalIp
+            );
+            assert_eq!(owner(ext("192.168.2.10", 30200)), "gamma");
+            let mut text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+            text.sort();
+            assert_eq!(
+                text,
+                [
+                    "Service default/beta: spec.ports[0]: 10.96.2.1:80/TCP is also claimed by Service default/alpha (spec.ports[0]), which sorts first and keeps it; ExternalIP frontend ignored",
+                    "Service default/gamma: spec.ports[0]: 192.168.1.10:30200/TCP (external view) is also claimed by Service default/delta (spec.ports[0]), which sorts first and keeps it; NodePort frontend ignored",
+                    "Service default/gamma: spec.ports[0]: 192.168.1.10:30200/TCP is also claimed by Service default/delta (spec.ports[0]), which sorts first and keeps it; NodePort frontend ignored",
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn an_address_listed_twice_in_one_service_is_served_once() {
+        let service = svc("
+metadata: {name: twice}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.2.5
+  externalIPs: [203.0.113.9, 203.0.113.9]
+  ports: [{port: 80}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.9}]}}
+");
+        let (state, issues) = desired_state_with(&[service], &[], &node_options());
+        assert_eq!(state.services.len(), 3);
+        assert_eq!(
+            state.services[&ext("203.0.113.9", 80)].kind,
+            FrontendKind::ExternalIp
+        );
+        assert_eq!(issues.len(), 2, "{issues:?}");
+        assert!(issues.iter().all(|i| i.severity == Severity::Notice));
     }
 }

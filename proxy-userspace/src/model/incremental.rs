@@ -449,8 +449,13 @@ mod tests {
         let mut ports = Vec::new();
         for p in 0..1 + rng.next(3) {
             let proto = ["TCP", "TCP", "UDP", "SCTP"][rng.next(4) as usize];
+            // NodePorts clash between Services now and then (one node address is shared).
+            let node_port = match rng.next(3) {
+                0 => String::new(),
+                _ => format!(", nodePort: {}", 30000 + rng.next(3)),
+            };
             ports.push(format!(
-                "{{name: p{p}, port: {}, protocol: {proto}}}",
+                "{{name: p{p}, port: {}, protocol: {proto}{node_port}}}",
                 80 + rng.next(2)
             ));
         }
@@ -459,13 +464,42 @@ mod tests {
             1 => "annotations: {bpfproxy.io/scheduler: nonsense}",
             _ => "annotations: {}",
         };
-        let extra = match rng.next(6) {
+        let mut extra = match rng.next(6) {
             0 => "\n  type: ExternalName",
             1 => "\n  sessionAffinity: ClientIP",
+            2 | 3 => "\n  type: LoadBalancer",
             _ => "",
+        }
+        .to_string();
+        // External addresses from a small pool, so they clash with ClusterIPs and each other.
+        if rng.next(3) == 0 {
+            extra += &format!("\n  externalIPs: [10.96.0.{}]", rng.next(6));
+        }
+        for field in ["externalTrafficPolicy", "internalTrafficPolicy"] {
+            if rng.next(4) != 0 {
+                extra += &format!(
+                    "\n  {field}: {}",
+                    ["Local", "Cluster"][rng.next(2) as usize]
+                );
+            }
+        }
+        if rng.next(3) != 0 {
+            extra += &format!("\n  healthCheckNodePort: {}", 32000 + rng.next(2));
+        }
+        if rng.next(3) == 0 {
+            extra += "\n  loadBalancerSourceRanges: [' 10.0.0.0/8', bad, 192.168.0.0/24]";
+        }
+        let status = match rng.next(3) {
+            0 => format!(
+                "\nstatus: {{loadBalancer: {{ingress: [{{ip: 10.96.0.{}}}, {{ip: 203.0.113.{}, ipMode: {}}}]}}}}",
+                rng.next(6),
+                rng.next(2),
+                ["VIP", "Proxy"][rng.next(2) as usize]
+            ),
+            _ => String::new(),
         };
         let yaml = format!(
-            "metadata: {{name: s{i}, namespace: ns{}, {annotations}}}\nspec:\n  clusterIP: {ip}\n  ports: [{}]{extra}",
+            "metadata: {{name: s{i}, namespace: ns{}, {annotations}}}\nspec:\n  clusterIP: {ip}\n  ports: [{}]{extra}{status}",
             rng.next(2),
             ports.join(", ")
         );
@@ -485,7 +519,10 @@ mod tests {
             } else {
                 format!("10.244.0.{}", rng.next(6))
             };
-            endpoints.push(format!("{{addresses: [\"{addr}\"], conditions: {cond}}}"));
+            let node = ["", ", nodeName: node-a", ", nodeName: node-b"][rng.next(3) as usize];
+            endpoints.push(format!(
+                "{{addresses: [\"{addr}\"], conditions: {cond}{node}}}"
+            ));
         }
         let mut ports = Vec::new();
         for p in 0..1 + rng.next(2) {
@@ -522,13 +559,20 @@ mod tests {
     #[test]
     fn changes_one_by_one_give_the_state_built_from_scratch() {
         let mut rng = Lcg(11);
-        let options = ModelOptions::default();
+        let options = ModelOptions {
+            node_name: Some("node-a".into()),
+            // The first is also an external IP in the pool, so NodePorts clash with them.
+            node_addresses: vec!["10.96.0.5".parse().unwrap(), "192.168.0.1".parse().unwrap()],
+            ..Default::default()
+        };
         let mut model = Model::new(options.clone(), true);
         let mut services: BTreeMap<u64, Service> = BTreeMap::new();
         let mut slices: BTreeMap<u64, EndpointSlice> = BTreeMap::new();
         let mut before = DesiredState::default();
         // What the random objects covered, so the property is not vacuous.
         let (mut most_services, mut conflicts, mut with_endpoints) = (0, 0, 0);
+        let (mut external, mut drop_empty, mut ranges) = (0, 0, 0);
+        let (mut health, mut health_ready) = (0, 0);
         for round in 0..600 {
             let i = rng.next(6);
             match rng.next(4) {
@@ -581,6 +625,17 @@ mod tests {
                 .values()
                 .filter(|s| !s.endpoints.is_empty())
                 .count();
+            for s in want.services.values() {
+                external += usize::from(s.frontend.scope == crate::model::Scope::External);
+                drop_empty += usize::from(s.flags & proxy_common::service::SVC_F_DROP_EMPTY != 0);
+                ranges += usize::from(!s.source_ranges.is_empty());
+            }
+            health += want.health_checks.len();
+            health_ready += want
+                .health_checks
+                .values()
+                .filter(|h| h.local_ready > 0)
+                .count();
             let changed = model.take_changed();
             let frontends: BTreeSet<Frontend> = before
                 .services
@@ -609,6 +664,10 @@ mod tests {
         assert!(
             most_services >= 5 && conflicts > 0 && with_endpoints > 50,
             "{most_services} {conflicts} {with_endpoints}"
+        );
+        assert!(
+            external > 100 && drop_empty > 10 && health > 100 && health_ready > 0 && ranges > 10,
+            "{external} {drop_empty} {health} {health_ready} {ranges}"
         );
     }
 
@@ -660,6 +719,64 @@ mod tests {
         );
         let f = model.desired().services.values().nth(7).unwrap();
         assert_eq!(f.endpoints.len(), 2);
+    }
+
+    /// A health check follows its Service's slices and the Service itself, and a change of
+    /// the node's addresses moves every NodePort.
+    #[test]
+    fn health_checks_and_node_ports_follow_changes() {
+        let options = ModelOptions {
+            node_name: Some("node-a".into()),
+            node_addresses: vec!["192.168.0.1".parse().unwrap()],
+            ..Default::default()
+        };
+        let mut model = Model::new(options.clone(), false);
+        let svc: Service = serde_yaml_ng::from_str(
+            "metadata: {name: lb, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.9\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports: [{port: 80, nodePort: 30080}]",
+        )
+        .unwrap();
+        let slice = |nodes: &[&str]| -> EndpointSlice {
+            let eps: Vec<String> = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("{{addresses: [10.244.0.{i}], nodeName: {n}}}"))
+                .collect();
+            serde_yaml_ng::from_str(&format!(
+                "metadata: {{name: lb-1, namespace: default, labels: {{kubernetes.io/service-name: lb}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{{port: 8080}}]",
+                eps.join(", ")
+            ))
+            .unwrap()
+        };
+        model.set_service(&svc);
+        assert_eq!(model.desired().health_checks[&32000].local_ready, 0);
+        model.set_slice(&slice(&["node-a", "node-b", "node-a"]));
+        assert_eq!(model.desired().health_checks[&32000].local_ready, 2);
+        model.set_slice(&slice(&["node-b"]));
+        assert_eq!(model.desired().health_checks[&32000].local_ready, 0);
+        model.remove_service("default", "lb");
+        assert!(model.desired().health_checks.is_empty());
+        model.set_service(&svc);
+        model.take_changed();
+
+        let moved = ModelOptions {
+            node_addresses: vec!["192.168.0.2".parse().unwrap()],
+            ..options
+        };
+        assert!(model.set_options(moved.clone()));
+        assert!(!model.set_options(moved.clone()));
+        model.replace_all([&svc], [&slice(&["node-a"])]);
+        let (want, _) = super::super::desired_state_with(&[svc], &[slice(&["node-a"])], &moved);
+        assert_eq!(model.desired(), &want);
+        let changed = model.take_changed();
+        for addr in ["192.168.0.1", "192.168.0.2"] {
+            assert!(
+                changed
+                    .iter()
+                    .any(|f| f.addr.to_string() == addr && f.port == 30080),
+                "{addr}: {changed:?}"
+            );
+        }
+        assert_eq!(model.desired().health_checks[&32000].local_ready, 1);
     }
 
     fn slice_with(i: u32, endpoints: u32) -> EndpointSlice {
