@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     datapath::{DatapathError, KernelMaps},
-    model::{Protocol, Scheduler},
+    model::{FrontendKind, Protocol, Scheduler, Scope, policy_flag_names},
     planner::meta_to_name,
 };
 
@@ -20,6 +20,15 @@ pub struct ServiceRow {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub protocol: String,
+    /// Which view the entry is in: `cluster` (pods and node processes) or `external` (the
+    /// node interfaces, at XDP).
+    pub scope: String,
+    /// `ClusterIP`, `ExternalIP`, `LoadBalancer` or `NodePort`.
+    pub kind: String,
+    /// Policy flags: `snat`, `source-ranges`, `drop-empty`.
+    pub flags: Vec<String>,
+    /// Allowed client ranges (with `source-ranges`; none listed then means nobody).
+    pub source_ranges: Vec<String>,
     pub svc_id: u32,
     /// The scheduler new connections go through (`random`, `rr`, `maglev`, ...).
     pub scheduler: String,
@@ -33,6 +42,8 @@ pub struct BackendRow {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub terminating: bool,
+    /// On this node (reached without SNAT from the external view).
+    pub local: bool,
     pub weight: u8,
     /// Connections open to it, as counted for lc/sed/nq (0 for other schedulers, which
     /// do not count).
@@ -71,6 +82,14 @@ pub fn services(maps: &KernelMaps) -> Result<Vec<ServiceRow>, DatapathError> {
                 ip: Ipv4Addr::from(key.addr),
                 port: key.port,
                 protocol: protocol_name(key.proto),
+                scope: Scope::from_value(key.scope)
+                    .map_or_else(|| key.scope.to_string(), |s| s.name().to_string()),
+                kind: FrontendKind::from_flags(svc.value.flags).name().to_string(),
+                flags: policy_flag_names(svc.value.flags)
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+                source_ranges: svc.source_ranges.iter().map(ToString::to_string).collect(),
                 svc_id: svc.value.svc_id,
                 scheduler: Scheduler::from_value(svc.value.scheduler).name(),
                 affinity_timeout_s: svc.value.affinity_timeout_s,
@@ -81,6 +100,7 @@ pub fn services(maps: &KernelMaps) -> Result<Vec<ServiceRow>, DatapathError> {
                         ip: Ipv4Addr::from(b.addr),
                         port: b.port,
                         terminating: b.flags & proxy_common::service::BACKEND_TERMINATING != 0,
+                        local: b.flags & proxy_common::service::BACKEND_LOCAL != 0,
                         weight: b.weight,
                         active_connections: counts
                             .get(&proxy_common::service::BackendConnsKey {
@@ -95,13 +115,31 @@ pub fn services(maps: &KernelMaps) -> Result<Vec<ServiceRow>, DatapathError> {
             }
         })
         .collect();
+    // A Service's ClusterIP first, then its other frontends by kind and view.
+    let kind_order = |k: &str| {
+        ["ClusterIP", "ExternalIP", "LoadBalancer", "NodePort"]
+            .iter()
+            .position(|n| *n == k)
+    };
     rows.sort_by(|a, b| {
-        (&a.namespace, &a.name, &a.port_name, a.port).cmp(&(
-            &b.namespace,
-            &b.name,
-            &b.port_name,
-            b.port,
-        ))
+        (
+            &a.namespace,
+            &a.name,
+            &a.port_name,
+            kind_order(&a.kind),
+            &a.scope,
+            a.port,
+            a.ip,
+        )
+            .cmp(&(
+                &b.namespace,
+                &b.name,
+                &b.port_name,
+                kind_order(&b.kind),
+                &b.scope,
+                b.port,
+                b.ip,
+            ))
     });
     Ok(rows)
 }
@@ -132,8 +170,8 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<32} {:<22} {:<6} {:<14} BACKENDS",
-        "SERVICE", "FRONTEND", "PROTO", "SCHEDULER"
+        "{:<32} {:<22} {:<6} {:<9} {:<13} {:<14} {:<20} BACKENDS",
+        "SERVICE", "FRONTEND", "PROTO", "SCOPE", "KIND", "SCHEDULER", "FLAGS"
     );
     for r in rows {
         let mut name = format!("{}/{}", r.namespace, r.name);
@@ -148,6 +186,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
                 .iter()
                 .map(|b| {
                     let t = if b.terminating { " (terminating)" } else { "" };
+                    let l = if b.local { " (local)" } else { "" };
                     let w = if b.weight > 1 {
                         format!(" w{}", b.weight)
                     } else {
@@ -159,7 +198,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
                     } else {
                         String::new()
                     };
-                    format!("{}:{}{w}{c}{t}", b.ip, b.port)
+                    format!("{}:{}{w}{c}{l}{t}", b.ip, b.port)
                 })
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -168,11 +207,20 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
         if r.affinity_timeout_s != 0 {
             scheduler.push_str(&format!("+aff{}s", r.affinity_timeout_s));
         }
+        let mut flags = r.flags.join(",");
+        if !r.source_ranges.is_empty() {
+            flags.push_str(&format!("({})", r.source_ranges.join(",")));
+        }
+        if flags.is_empty() {
+            flags.push('-');
+        }
         let _ = writeln!(
             out,
-            "{name:<32} {:<22} {:<6} {scheduler:<14} {backends}",
+            "{name:<32} {:<22} {:<6} {:<9} {:<13} {scheduler:<14} {flags:<20} {backends}",
             format!("{}:{}", r.ip, r.port),
-            r.protocol
+            r.protocol,
+            r.scope,
+            r.kind,
         );
     }
     out
@@ -197,4 +245,49 @@ pub fn connections_table(rows: &[ConnectionRow]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_shows_scope_kind_flags_and_local_backends() {
+        let row = ServiceRow {
+            namespace: "default".into(),
+            name: "web".into(),
+            port_name: "http".into(),
+            ip: Ipv4Addr::new(203, 0, 113, 1),
+            port: 80,
+            protocol: "TCP".into(),
+            scope: "external".into(),
+            kind: "LoadBalancer".into(),
+            flags: vec!["snat".into(), "source-ranges".into()],
+            source_ranges: vec!["10.0.0.0/8".into()],
+            svc_id: 3,
+            scheduler: "random".into(),
+            affinity_timeout_s: 0,
+            backends: vec![BackendRow {
+                ip: Ipv4Addr::new(10, 244, 1, 5),
+                port: 8080,
+                terminating: false,
+                local: true,
+                weight: 1,
+                active_connections: 0,
+            }],
+        };
+        let table = services_table(&[row]);
+        let line = table.lines().nth(1).unwrap();
+        for part in [
+            "default/web:http",
+            "203.0.113.1:80",
+            "external",
+            "LoadBalancer",
+            "snat,source-ranges(10.0.0.0/8)",
+            "10.244.1.5:8080 (local)",
+        ] {
+            assert!(line.contains(part), "{part:?} missing in {line:?}");
+        }
+        assert!(table.lines().next().unwrap().contains("SCOPE"));
+    }
 }
