@@ -179,7 +179,10 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
             name.push(':');
             name.push_str(&r.port_name);
         }
-        let backends = if r.backends.is_empty() {
+        let backends = if r.backends.is_empty() && r.flags.iter().any(|f| f == "drop-empty") {
+            // A traffic policy Local with endpoints on other nodes only (kube-proxy drops).
+            "(none on this node: connections are dropped)".to_string()
+        } else if r.backends.is_empty() {
             "(none: connections are refused)".to_string()
         } else {
             r.backends

@@ -5,7 +5,8 @@
 //!
 //! The path is the agent's own: the test API server (real list/watch protocol over HTTP),
 //! reached by the real kube client through a kubeconfig file; `KubeSource` (watchers and
-//! reflector stores with kube-proxy's label selector); `desired_state`; the planner; and
+//! reflector stores with kube-proxy's label selector); `desired_state_with` (node `golden-node`,
+//! node address 192.168.100.1); the planner; and
 //! `KernelMaps::apply` into freshly loaded (unpinned) maps, read back with
 //! `inspect::services`. Needs root (BPF maps) and the kernel object.
 //!
@@ -37,7 +38,7 @@ use bpfproxy::{
     datapath::{Datapath, LoadOptions, MapSizes},
     inspect,
     kube_source::{KubeOptions, KubeSource},
-    model::desired_state,
+    model::{ModelOptions, desired_state_with},
     planner::{Capacity, plan},
 };
 use testbed::ApiServer;
@@ -220,7 +221,14 @@ fn run_file(path: &Path) -> Result<(Vec<String>, String)> {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 let (services, slices) = source.objects();
-                let (desired, _issues) = desired_state(&services, &slices);
+                // This node's name and one node address, so local endpoints and NodePorts
+                // show too.
+                let options = ModelOptions {
+                    node_name: Some("golden-node".into()),
+                    node_addresses: vec![std::net::Ipv4Addr::new(192, 168, 100, 1)],
+                    ..Default::default()
+                };
+                let (desired, _issues) = desired_state_with(&services, &slices, &options);
                 let desired = without_unsupported(desired, &mut Default::default());
                 let (plan, refused) = plan(&desired, &state, capacity);
                 assert!(refused.is_empty(), "{context}: {refused:?}");
