@@ -1,4 +1,5 @@
-//! In-cluster traffic on the two-node testbed that needs no node-interface setup: hairpin
+//! In-cluster traffic on the two-node testbed that needs no node-interface setup: pods
+//! reaching a service's LB and external IPs (short-circuited, not source-NAT-ed); hairpin
 //! (a pod reaching its own service lands on itself) and a client process on node A (not
 //! in a pod) reaching a ClusterIP whose endpoint is on node B, through socket-level load
 //! balancing on a cgroup the test makes. See `testbed::two_node`. Needs root (CI runs as
@@ -16,6 +17,54 @@ const WAIT: Duration = Duration::from_secs(2);
 
 const CIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 60);
 const SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 62);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+
+#[test]
+fn pods_reach_lb_ips_and_external_ips_without_snat() {
+    let mut tb = TwoNode::new(2).expect("building the two-node testbed");
+    tb.write_services(
+        "services.yaml",
+        &[
+            (
+                peer_service(
+                    "lb",
+                    "LoadBalancer",
+                    "10.96.0.63".parse().unwrap(),
+                    Some(30086),
+                )
+                .lb_ingress(LB_IP),
+                tb.peer_slice("lb", &["a2"]),
+            ),
+            (
+                peer_service("ext", "ClusterIP", "10.96.0.64".parse().unwrap(), None)
+                    .external_ip(EXTERNAL_IP),
+                tb.peer_slice("ext", &["a2"]),
+            ),
+        ],
+    )
+    .unwrap();
+    tb.start_pod_agent(Which::A, &[]).expect("agent on node A");
+    let (a1, a2) = (tb.pod("a1"), tb.pod("a2"));
+
+    // kube-proxy short-circuits pod traffic to a service's external addresses: the
+    // endpoint answers and sees the pod itself; the answer comes from the address asked.
+    for addr in [LB_IP, EXTERNAL_IP] {
+        for proto in ["tcp", "udp"] {
+            let asked = tb
+                .wait_for_answer(&a1.ns, proto, addr, SERVICE_PORT, "a2")
+                .unwrap();
+            let (_, peer) = asked.answer().unwrap();
+            assert_eq!(*peer.ip(), a1.ip, "{proto} {addr}: a2 saw {peer}");
+            if proto == "udp" {
+                let Asked::Answer { from, .. } = &asked else {
+                    unreachable!()
+                };
+                assert_eq!(*from, (addr, SERVICE_PORT).into(), "{asked:?}");
+            }
+        }
+    }
+}
 
 #[test]
 fn hairpin_a_pod_reaching_its_own_service_lands_on_itself() {
