@@ -23,6 +23,10 @@
 //! packets always go to the stack: their backend is a pod behind a veth, and a frame
 //! redirected into a veth whose peer runs no XDP program is dropped.
 //!
+//! Packets passed to the stack after SNAT (or a NodePort reply) carry one of the node's own
+//! addresses as their source: the node interfaces need `accept_local=1`, or the stack
+//! drops them as martians (see README).
+//!
 //! Checksums are updated by hand (`nat::rewrite_xdp`), assuming complete L4 checksums as
 //! frames from a wire have; see there for frames from a local veth.
 
