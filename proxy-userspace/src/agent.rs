@@ -29,8 +29,9 @@ use crate::{
     datapath::{
         Datapath, KernelMaps, LoadOptions,
         attach::{Attachments, InterfacePatterns, list_interfaces},
-        loader::PROG_TC_INGRESS,
+        loader::{PROG_TC_INGRESS, PROG_XDP_NODEPORT},
         sock_lb::{self, SocketLb},
+        xdp_attach::{self, XdpAttachments},
     },
     health::Health,
     health_check::HealthCheckServers,
@@ -39,7 +40,11 @@ use crate::{
     manifest::ManifestDir,
     metrics::{self, DatapathCollector, Metrics, SyncMetrics},
     model::{DesiredState, Frontend, Model, ModelOptions, Protocol, Scheduler, Severity},
-    planner::{Capacity, MapState, Plan, keep_reply_bits, plan, plan_changes},
+    node,
+    planner::{
+        Capacity, MapState, Plan, keep_reply_bits, node_config, plan, plan_changes,
+        plan_node_config,
+    },
 };
 
 /// Where Services and EndpointSlices come from.
@@ -53,6 +58,8 @@ pub enum SourceConfig {
 
 pub struct AgentConfig {
     pub source: SourceConfig,
+    /// This node: its name and external interfaces, NodePort addresses, SNAT.
+    pub node: NodeConfig,
     pub interfaces: Vec<String>,
     pub load: LoadOptions,
     /// Full resync period, a safety net for missed events.
@@ -71,6 +78,129 @@ pub struct AgentConfig {
     /// Attach the socket-level load-balancing programs to this cgroup2 folder
     /// (`--socket-lb-cgroup`); `None`: off.
     pub socket_lb_cgroup: Option<PathBuf>,
+}
+
+/// What the external view needs to know about this node (see [`crate::node`]).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Endpoints whose `nodeName` is this are local; `None`: none is.
+    pub name: Option<String>,
+    /// `--node-interfaces`: names or globs; empty: no external view.
+    pub interfaces: Vec<String>,
+    /// `--nodeport-addresses`; empty: the node interfaces' addresses.
+    pub nodeport_addresses: Vec<crate::model::Ipv4Range>,
+    /// `--snat-address`; `None`: the first address of a node interface.
+    pub snat_address: Option<std::net::Ipv4Addr>,
+    pub snat_ports: std::ops::RangeInclusive<u16>,
+    /// Set `NODE_F_FIB_FORWARD` in `node_cfg4`.
+    pub xdp_fib_forward: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: None,
+            interfaces: Vec::new(),
+            nodeport_addresses: Vec::new(),
+            snat_address: None,
+            snat_ports: node::DEFAULT_SNAT_PORTS,
+            xdp_fib_forward: true,
+        }
+    }
+}
+
+/// The node's addresses as last read: what the model and `node_cfg4` were given.
+struct NodeAddresses {
+    config: NodeConfig,
+    patterns: Option<InterfacePatterns>,
+    nodeport: Vec<std::net::Ipv4Addr>,
+    snat: Option<std::net::Ipv4Addr>,
+}
+
+impl NodeAddresses {
+    /// Reads the interfaces' addresses; an error for a --snat-address that is not one.
+    fn read(
+        config: &NodeConfig,
+        patterns: Option<InterfacePatterns>,
+    ) -> anyhow::Result<NodeAddresses> {
+        let mut addresses = NodeAddresses {
+            config: config.clone(),
+            patterns,
+            nodeport: Vec::new(),
+            snat: None,
+        };
+        addresses.refresh()?;
+        Ok(addresses)
+    }
+
+    /// Reads the addresses again; true if the NodePort addresses or the SNAT address
+    /// changed.
+    fn refresh(&mut self) -> anyhow::Result<bool> {
+        let addrs = node::interface_addresses().context("reading the interfaces' addresses")?;
+        let nodeport = node::nodeport_addresses(
+            &addrs,
+            self.patterns.as_ref(),
+            &self.config.nodeport_addresses,
+        );
+        let snat = node::snat_address(self.config.snat_address, &addrs, self.patterns.as_ref())
+            .map_err(anyhow::Error::msg)?;
+        if !self.config.nodeport_addresses.is_empty() && nodeport.is_empty() {
+            let cidrs: Vec<String> = self
+                .config
+                .nodeport_addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            tracing::warn!(
+                "--nodeport-addresses {}: no address of this node is in these ranges (yet); NodePorts are served nowhere",
+                cidrs.join(",")
+            );
+        }
+        let changed = nodeport != self.nodeport || snat != self.snat;
+        if changed {
+            tracing::info!(
+                nodeport = ?nodeport.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                snat = ?snat.map(|a| a.to_string()),
+                "node addresses"
+            );
+        }
+        self.nodeport = nodeport;
+        self.snat = snat;
+        Ok(changed)
+    }
+
+    fn model_options(&self, default_scheduler: Scheduler) -> ModelOptions {
+        ModelOptions {
+            default_scheduler,
+            node_name: self.config.name.clone(),
+            node_addresses: self.nodeport.clone(),
+        }
+    }
+
+    fn node_cfg(&self) -> proxy_common::service::NodeConfig4 {
+        node_config(
+            self.snat,
+            self.config.snat_ports.clone(),
+            self.config.xdp_fib_forward,
+        )
+    }
+}
+
+/// Writes `node_cfg4` if it differs from `cfg`.
+fn write_node_config(
+    maps: &mut KernelMaps,
+    state: &mut MapState,
+    cfg: proxy_common::service::NodeConfig4,
+) {
+    if let Some(op) = plan_node_config(&cfg, state) {
+        let plan = Plan {
+            prologue: vec![op],
+            ..Plan::default()
+        };
+        for e in maps.apply(&plan, state).failed {
+            tracing::error!("writing node_cfg4: {e}");
+        }
+    }
 }
 
 /// The conntrack collector's settings (see [`crate::conntrack_gc`]).
@@ -280,7 +410,30 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     {
         bail!("--manifests {}: not a directory", dir.display());
     }
-    let patterns = InterfacePatterns::parse(&config.interfaces)?;
+    // tc_ingress also runs on the node interfaces: replies from pods on other nodes to
+    // ClusterIP connections made here come back through them.
+    let tc_interfaces: Vec<String> = config
+        .interfaces
+        .iter()
+        .chain(&config.node.interfaces)
+        .cloned()
+        .collect();
+    let patterns = InterfacePatterns::parse(&tc_interfaces)?;
+    let node_patterns = if config.node.interfaces.is_empty() {
+        None
+    } else {
+        Some(InterfacePatterns::parse(&config.node.interfaces)?)
+    };
+    if let Some(ephemeral) = node::ephemeral_ports()
+        && node::overlaps(&ephemeral, &config.node.snat_ports)
+    {
+        tracing::warn!(
+            snat_ports = ?config.node.snat_ports,
+            ephemeral = ?ephemeral,
+            "--snat-ports overlaps the kernel's ephemeral ports (net.ipv4.ip_local_port_range): a SNAT-ed connection may collide with a connection of a process on the node"
+        );
+    }
+    let mut node_addresses = NodeAddresses::read(&config.node, node_patterns.clone())?;
     // A wrong path fails the start before anything is loaded.
     if let Some(cgroup) = &config.socket_lb_cgroup {
         sock_lb::open_cgroup2(cgroup)?;
@@ -314,6 +467,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "listing the interfaces");
         Vec::new()
     });
+    for name in node_patterns.iter().flat_map(|p| p.literal_names()) {
+        if !present.is_empty() && !present.iter().any(|(_, n)| n == name) {
+            bail!("--node-interfaces {name}: no such interface");
+        }
+    }
     for name in patterns.literal_names() {
         if !present.is_empty() && !present.iter().any(|(_, n)| n == name) {
             tracing::error!(
@@ -323,10 +481,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     }
 
-    let node_name = match &config.source {
-        SourceConfig::Kube(o) => Some(o.node_name.clone()),
-        SourceConfig::Manifests(_) => None,
-    };
+    let node_name = config.node.name.clone();
     // kube-proxy's timeout: twice its sync period.
     let health = Health::new(config.resync * 2, node_name);
     let sync_metrics = serve_endpoints(
@@ -395,10 +550,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         problems: ProblemLog::default(),
         // SCTP left out (named in the problems): the datapath parses TCP and UDP only.
         model: Model::new(
-            ModelOptions {
-                default_scheduler: config.default_scheduler,
-                ..Default::default()
-            },
+            node_addresses.model_options(config.default_scheduler),
             false,
         ),
         retry: BTreeSet::new(),
@@ -406,6 +558,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     // Program the maps before attaching, so the first attached packet already sees them.
     reconciler.reconcile(&mut datapath.maps);
+    write_node_config(
+        &mut datapath.maps,
+        &mut reconciler.state,
+        node_addresses.node_cfg(),
+    );
     // Links pinned next to the maps: they outlive the agent, and the next one swaps its
     // program into them (see `Attachments`).
     let mut attachments = match &datapath.pin_dir {
@@ -413,6 +570,32 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         None => Attachments::default(),
     };
     sync_links(&mut datapath, &mut attachments, &patterns)?;
+    let mut xdp_attachments = match &datapath.pin_dir {
+        Some(dir) => XdpAttachments::pinned(
+            dir.join(proxy_common::maps::LINKS_DIR)
+                .join(xdp_attach::LINKS_SUBDIR),
+        ),
+        None => XdpAttachments::default(),
+    };
+    if let Some(node_patterns) = &node_patterns {
+        // At start a node interface that cannot take the program fails the agent, naming
+        // it; later ones are logged.
+        let prog = datapath.xdp_program_mut(PROG_XDP_NODEPORT)?;
+        if let Some(e) = xdp_attachments.sync(prog, node_patterns).into_iter().next() {
+            return Err(e.into());
+        }
+    } else if let Some(dir) = &datapath.pin_dir {
+        // No node interfaces now: links an earlier agent pinned go.
+        let mut none = XdpAttachments::pinned(
+            dir.join(proxy_common::maps::LINKS_DIR)
+                .join(xdp_attach::LINKS_SUBDIR),
+        );
+        let nothing = InterfacePatterns::parse(&[])?;
+        let prog = datapath.xdp_program_mut(PROG_XDP_NODEPORT)?;
+        for e in none.sync(prog, &nothing) {
+            tracing::error!("{e}");
+        }
+    }
     let socket_lb = match &config.socket_lb_cgroup {
         Some(cgroup) => Some(SocketLb::attach(&mut datapath, cgroup)?),
         None => {
@@ -444,6 +627,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 collect_connection_counts(&mut datapath, &reconciler.state);
                 reconciler.resync(&mut datapath.maps);
                 sync_links(&mut datapath, &mut attachments, &patterns)?;
+                sync_xdp(&mut datapath, &mut xdp_attachments, node_patterns.as_ref())?;
             }
             Some(trigger) = rx.recv() => {
                 // Editors write a file in several events; let them settle, then take all.
@@ -462,6 +646,23 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 }
                 if links {
                     sync_links(&mut datapath, &mut attachments, &patterns)?;
+                    sync_xdp(&mut datapath, &mut xdp_attachments, node_patterns.as_ref())?;
+                    // An address came or went: NodePorts follow the node's addresses.
+                    match node_addresses.refresh() {
+                        Ok(true) => {
+                            reconciler
+                                .model
+                                .set_options(node_addresses.model_options(config.default_scheduler));
+                            reconciler.sync(&mut datapath.maps, true);
+                            write_node_config(
+                                &mut datapath.maps,
+                                &mut reconciler.state,
+                                node_addresses.node_cfg(),
+                            );
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::error!("{e:#}"),
+                    }
                 }
             }
         }
@@ -469,11 +670,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if config.detach_on_exit {
         tracing::info!("stopping: detaching programs; maps stay pinned for the CLI and a restart");
         attachments.detach_all();
+        xdp_attachments.detach_all();
         if let Some(socket_lb) = socket_lb {
             socket_lb.detach_all();
         }
     } else {
-        let kept = attachments.leave_attached() + socket_lb.map_or(0, SocketLb::leave_attached);
+        let kept = attachments.leave_attached()
+            + xdp_attachments.leave_attached()
+            + socket_lb.map_or(0, SocketLb::leave_attached);
         tracing::info!(
             links = kept,
             "stopping: programs stay attached and maps pinned, so traffic keeps flowing until the next agent takes over (`bpfproxy cleanup` removes them)"
@@ -563,11 +767,30 @@ fn sync_links(
     Ok(())
 }
 
-/// Sends a trigger on every rtnetlink link message (RTMGRP_LINK).
+fn sync_xdp(
+    datapath: &mut Datapath,
+    attachments: &mut XdpAttachments,
+    patterns: Option<&InterfacePatterns>,
+) -> anyhow::Result<()> {
+    let Some(patterns) = patterns else {
+        return Ok(());
+    };
+    let prog = datapath.xdp_program_mut(PROG_XDP_NODEPORT)?;
+    for e in attachments.sync(prog, patterns) {
+        tracing::error!("{e}");
+    }
+    Ok(())
+}
+
+/// Sends a trigger on every rtnetlink link or IPv4 address message (RTMGRP_LINK,
+/// RTMGRP_IPV4_IFADDR: NodePorts follow the node's addresses).
 fn spawn_link_monitor(tx: mpsc::UnboundedSender<Trigger>) -> anyhow::Result<()> {
     let (mut connection, _handle, mut messages) =
         rtnetlink::new_connection().context("opening rtnetlink")?;
-    let addr = rtnetlink::sys::SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK);
+    let addr = rtnetlink::sys::SocketAddr::new(
+        0,
+        rtnetlink::constants::RTMGRP_LINK | rtnetlink::constants::RTMGRP_IPV4_IFADDR,
+    );
     connection
         .socket_mut()
         .socket_mut()

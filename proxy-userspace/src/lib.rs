@@ -14,4 +14,5 @@ pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod monitor;
+pub mod node;
 pub mod planner;

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use bpfproxy::{
-    agent::{AgentConfig, ConntrackGc, SourceConfig, run},
+    agent::{AgentConfig, ConntrackGc, NodeConfig, SourceConfig, run},
     conntrack_gc::Timeouts,
     datapath::{KernelMaps, LoadOptions, MapSizes},
     inspect,
@@ -46,9 +46,36 @@ enum Command {
         /// in-cluster service account).
         #[arg(long, conflicts_with = "manifests")]
         kubeconfig: Option<PathBuf>,
-        /// This node's name (default: the hostname).
-        #[arg(long, env = "NODE_NAME", conflicts_with = "manifests")]
+        /// This node's name: endpoints whose `nodeName` is this one are local (traffic
+        /// policies Local, health-check node ports, no SNAT). Default with the API: the
+        /// hostname; with --manifests: none (no endpoint is local).
+        #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
+        /// The node's external interfaces, by name or glob, comma separated: `xdp_nodeport`
+        /// (NodePorts, external and LoadBalancer IPs) is attached there in native XDP mode,
+        /// and `tc_ingress` too (it reverse-translates replies of pods on other nodes to
+        /// ClusterIP connections made here). None: no external view.
+        #[arg(long, value_delimiter = ',')]
+        node_interfaces: Vec<String>,
+        /// IPv4 CIDRs of the node addresses NodePorts are served on, comma separated
+        /// (kube-proxy's flag). Default: every IPv4 address of the --node-interfaces.
+        /// Addresses are read again when they change.
+        #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
+        nodeport_addresses: Vec<bpfproxy::model::Ipv4Range>,
+        /// Source address of connections SNAT-ed to a backend on another node
+        /// (externalTrafficPolicy Cluster); must be an address of this node. Default: the
+        /// first IPv4 address of the --node-interfaces.
+        #[arg(long)]
+        snat_address: Option<std::net::Ipv4Addr>,
+        /// Source ports of SNAT-ed connections, MIN-MAX. The default is above the kernel's
+        /// ephemeral range (32768-60999), so no process on the node holds them.
+        #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+        snat_ports: std::ops::RangeInclusive<u16>,
+        /// Forward translated packets from XDP (bpf_fib_lookup + XDP_TX/XDP_REDIRECT) when
+        /// the route allows it, instead of handing them to the kernel stack. `false` keeps
+        /// them going through the stack (and its netfilter rules).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        xdp_fib_forward: bool,
         /// Interfaces to attach to, by name or glob (e.g. `veth*`), comma separated.
         /// Interfaces that appear later and match are attached too.
         #[arg(long, value_delimiter = ',', required = true)]
@@ -182,6 +209,11 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             manifests,
             kubeconfig,
             node_name,
+            node_interfaces,
+            nodeport_addresses,
+            snat_address,
+            snat_ports,
+            xdp_fib_forward,
             interfaces,
             bpffs,
             max_services,
@@ -200,15 +232,27 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             ct_udp_timeout,
             ct_gc_interval,
         } => {
-            let source = match manifests {
-                Some(dir) => SourceConfig::Manifests(dir),
-                None => SourceConfig::Kube(KubeOptions {
-                    kubeconfig,
-                    node_name: node_name_or_hostname(node_name),
-                }),
+            let (source, node_name) = match manifests {
+                Some(dir) => (SourceConfig::Manifests(dir), node_name),
+                None => {
+                    let node_name = node_name_or_hostname(node_name);
+                    let source = SourceConfig::Kube(KubeOptions {
+                        kubeconfig,
+                        node_name: node_name.clone(),
+                    });
+                    (source, Some(node_name))
+                }
             };
             let config = AgentConfig {
                 source,
+                node: NodeConfig {
+                    name: node_name,
+                    interfaces: node_interfaces,
+                    nodeport_addresses,
+                    snat_address,
+                    snat_ports,
+                    xdp_fib_forward,
+                },
                 interfaces,
                 load: LoadOptions {
                     object,
@@ -339,4 +383,12 @@ fn parse_scheduler(name: &str) -> Result<Scheduler, String> {
             proxy_common::service::SCHED_NAMES.join(", ")
         )
     })
+}
+
+fn parse_cidr(s: &str) -> Result<bpfproxy::model::Ipv4Range, String> {
+    bpfproxy::node::parse_cidr(s)
+}
+
+fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    bpfproxy::node::parse_port_range(s)
 }

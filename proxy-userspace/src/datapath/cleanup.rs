@@ -3,7 +3,7 @@
 //! Running it again finds nothing and says so.
 //!
 //! It removes only what bpfproxy pins (`layout`, the maps of the loader's list, the link
-//! pins in `links/` and the socket hooks' in `links/cgroup/`), never follows a symlink, refuses a folder that is not on bpffs or holds
+//! pins in `links/`, the socket hooks' in `links/cgroup/` and the XDP links' in `links/xdp/`), never follows a symlink, refuses a folder that is not on bpffs or holds
 //! none of bpfproxy's pins, and reports anything else it finds instead of deleting it.
 
 use std::{
@@ -18,7 +18,9 @@ use aya::programs::{
 };
 use proxy_common::maps;
 
-use super::{DatapathError, attach::unpin_name, bpffs, layout, link_sys, loader, sock_lb};
+use super::{
+    DatapathError, attach::unpin_name, bpffs, layout, link_sys, loader, sock_lb, xdp_attach,
+};
 
 /// What [`cleanup`] did.
 #[derive(Debug, Default)]
@@ -129,6 +131,16 @@ fn cleanup_links(links: &Path, report: &mut CleanupReport) -> Result<(), String>
             }
             continue;
         }
+        if kind.is_dir()
+            && pin
+                .file_name()
+                .is_some_and(|n| n == xdp_attach::LINKS_SUBDIR)
+        {
+            if !cleanup_xdp_links(&pin, report)? {
+                kept = true;
+            }
+            continue;
+        }
         if !kind.is_file() {
             // A folder or symlink: bpfproxy makes neither here.
             report.left.push(pin);
@@ -172,6 +184,42 @@ fn cleanup_cgroup_links(dir: &Path, report: &mut CleanupReport) -> Result<bool, 
                 report.detached.push((format!("cgroup {hook}"), link, prog));
             }
             // Not a cgroup link (or gone): the pin is all there is to remove.
+            Err(_) => report.removed.push(pin.clone()),
+        }
+        fs::remove_file(&pin)
+            .or_else(not_found_ok)
+            .map_err(|e| format!("removing {}: {e}", pin.display()))?;
+    }
+    if !kept {
+        fs::remove_dir(dir)
+            .or_else(not_found_ok)
+            .map_err(|e| format!("removing {}: {e}", dir.display()))?;
+    }
+    Ok(!kept)
+}
+
+/// Detaches and removes the XDP links pinned in `dir` (`links/xdp`), then the folder;
+/// false if something not ours stays in it.
+fn cleanup_xdp_links(dir: &Path, report: &mut CleanupReport) -> Result<bool, String> {
+    let entries = list(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    let mut kept = false;
+    for (pin, kind) in entries {
+        if !kind.is_file() {
+            report.left.push(pin);
+            kept = true;
+            continue;
+        }
+        match xdp_attach::detach_pinned(&pin) {
+            Ok(info) => {
+                let interface = pin
+                    .file_name()
+                    .map(|n| unpin_name(&n.to_string_lossy()))
+                    .unwrap_or_default();
+                report
+                    .detached
+                    .push((format!("{interface} (xdp)"), info.link_id, info.prog_id));
+            }
+            // Not an XDP link (or gone): the pin is all there is to remove.
             Err(_) => report.removed.push(pin.clone()),
         }
         fs::remove_file(&pin)

@@ -196,3 +196,58 @@ pub fn obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
     // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
 }
+
+/// What the kernel says of an XDP link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// 0 once the interface is gone.
+    pub ifindex: u32,
+}
+
+/// The XDP link behind `fd`; an error if it is another kind of link.
+pub fn xdp_link_info(fd: BorrowedFd<'_>) -> io::Result<XdpLinkInfo> {
+    // SAFETY: both are plain C structs for which all-zero bytes are valid.
+    let mut info: bpf_link_info = unsafe { zeroed() };
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.info.bpf_fd = fd.as_raw_fd() as u32;
+    attr.info.info_len = size_of::<bpf_link_info>() as u32;
+    attr.info.info = &mut info as *mut bpf_link_info as u64;
+    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    if info.type_ != bpf_link_type::BPF_LINK_TYPE_XDP as u32 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("link {} is not an XDP link (type {})", info.id, info.type_),
+        ));
+    }
+    Ok(XdpLinkInfo {
+        link_id: info.id,
+        prog_id: info.prog_id,
+        // SAFETY: the kernel filled the xdp member, the type says so.
+        ifindex: unsafe { info.__bindgen_anon_1.xdp.ifindex },
+    })
+}
+
+/// A new fd of the link with id `id` (`BPF_LINK_GET_FD_BY_ID`): aya 0.14 keeps the fd of
+/// an XDP link to itself.
+pub fn link_fd_by_id(id: u32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: a plain C struct for which all-zero bytes are valid.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.__bindgen_anon_6.__bindgen_anon_1.link_id = id;
+    // SAFETY: as in `sys_bpf`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_LINK_GET_FD_BY_ID as libc::c_int,
+            &mut attr as *mut bpf_attr,
+            size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the call returned a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
+}

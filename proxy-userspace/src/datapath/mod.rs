@@ -11,6 +11,7 @@ pub mod layout;
 mod link_sys;
 pub mod loader;
 pub mod sock_lb;
+pub mod xdp_attach;
 
 pub use kernel_maps::{ApplyReport, KernelMaps};
 pub use loader::{Datapath, LoadOptions, MapSizes};
