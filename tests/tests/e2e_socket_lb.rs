@@ -393,3 +393,63 @@ fn source_ranges_refuse_node_processes_outside_them() {
         panic!("{e:?}");
     }
 }
+
+/// LoadBalancer ingress IPs and external IPs are in the in-cluster view too: a node process
+/// reaches them through the socket hooks, with all endpoints (kube-proxy short-circuits
+/// such traffic from inside the cluster).
+#[test]
+fn node_processes_reach_load_balancer_and_external_ips() {
+    const LB_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(203, 0, 113, 10);
+    const EXTERNAL_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 51, 100, 7);
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cluster = Cluster::new(1, 2).expect("building the testbed");
+    let cgroup = TestCgroup::create(&cluster.topo.run).expect("creating the test cgroup");
+    let body = |cluster: &mut Cluster| -> Result<()> {
+        let service = testbed::cluster::myapp_service(true)
+            .kind("LoadBalancer")
+            .lb_ingress(LB_IP)
+            .external_ip(EXTERNAL_IP);
+        cluster
+            .manifests
+            .write(testbed::cluster::SERVICE_FILE, &service.to_yaml())?;
+        cluster.write_myapp_endpoints(&["b1", "b2"], true)?;
+        let glob = cluster.topo.node_interfaces_glob();
+        let path = cgroup.path().display().to_string();
+        cluster.start_agent_with(&glob, &["--socket-lb-cgroup", &path])?;
+        cluster.wait_for_myapp_backends(&["b1", "b2"])?;
+        for addr in [LB_IP, EXTERNAL_IP] {
+            testbed::wait_until(
+                &format!("{addr}:{HTTP_PORT} in the services map"),
+                std::time::Duration::from_secs(20),
+                || {
+                    Ok(cluster
+                        .agent()
+                        .services()?
+                        .iter()
+                        .any(|s| s.ip == addr.to_string() && s.port == HTTP_PORT)
+                        .then_some(()))
+                },
+            )?;
+            let call = |mode: &str, port: u16| {
+                sock_client(
+                    Path::new(CLIENT),
+                    Some(&cgroup),
+                    &cluster.topo.node.path(),
+                    mode,
+                    addr,
+                    port,
+                )
+            };
+            let v = call("tcp", HTTP_PORT)?;
+            ensure!(["b1", "b2"].contains(&field(&v, "body")?), "{addr}: {v}");
+            ensure!(field(&v, "peer")? == format!("{addr}:{HTTP_PORT}"), "{v}");
+            let v = call("udp", DNS_PORT)?;
+            ensure!(["b1", "b2"].contains(&field(&v, "body")?), "{addr}: {v}");
+            ensure!(field(&v, "from")? == format!("{addr}:{DNS_PORT}"), "{v}");
+        }
+        Ok(())
+    };
+    if let Err(e) = body(&mut cluster) {
+        panic!("{e:?}");
+    }
+}
