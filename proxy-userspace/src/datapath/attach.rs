@@ -152,6 +152,9 @@ impl Attachments {
             match attach_ingress(prog, &name).and_then(|id| self.own(prog, id, &name)) {
                 Ok((link, pin)) => {
                     tracing::info!(interface = %name, pinned = pin.is_some(), "attached tc ingress");
+                    if let Err(e) = accept_local(&name) {
+                        tracing::warn!(interface = %name, error = %e, "setting accept_local");
+                    }
                     self.links.insert(name, Attached { index, link, pin });
                 }
                 Err(e) => errors.push(e),
@@ -415,6 +418,15 @@ fn attach_ingress(
             interface: name.to_string(),
             reason: format!("attaching tc ingress: {e}"),
         })
+}
+
+/// Turns on `accept_local` for interface `name` of this namespace. Packets the datapath
+/// translates to come from one of the node's own addresses reach the kernel's routing with
+/// that local source, which it drops as martian otherwise: a NodePort reply reverse-
+/// translated on a pod's interface, and an SNAT-ed packet that XDP hands to the stack on a
+/// node interface when it cannot forward it itself (e.g. no neighbour entry yet).
+fn accept_local(name: &str) -> io::Result<()> {
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/accept_local"), "1")
 }
 
 #[cfg(test)]
