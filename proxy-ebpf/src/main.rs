@@ -32,11 +32,12 @@ use proxy_common::{
     conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, Ct4Value},
     monitor::{
         REASON_BACKEND_MISSING, REASON_CT_FULL, REASON_MALFORMED, REASON_MIDSTREAM,
-        REASON_NO_BACKEND, REASON_NO_LOCAL_BACKEND, REASON_REWRITE,
+        REASON_NO_BACKEND, REASON_NO_LOCAL_BACKEND, REASON_REWRITE, REASON_SOURCE_RANGE,
     },
     reply_filter,
     service::{
-        BackendConnsKey, SCOPE_CLUSTER_IP, SVC_F_DROP_EMPTY, Svc4Key, sched_counts_connections,
+        BackendConnsKey, SCOPE_CLUSTER_IP, SVC_F_DROP_EMPTY, SVC_F_SOURCE_RANGES, Svc4Key,
+        sched_counts_connections,
     },
     stats,
 };
@@ -149,6 +150,12 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, i32> {
 /// A packet to a service frontend: DNAT to the connection's backend, or pick one.
 #[inline(always)]
 fn to_service(ctx: &TcContext, pkt: &Packet, svc: &Service, flags: u8) -> Result<i32, i32> {
+    // A LoadBalancer IP with loadBalancerSourceRanges: pods outside them are dropped, as by
+    // kube-proxy (the flag is only on such frontends, so others pay one bit test).
+    if flags & SVC_F_SOURCE_RANGES != 0 && !xdp::source_allowed(svc.svc_id, pkt.saddr) {
+        monitor::dropped(pkt, svc.svc_id, REASON_SOURCE_RANGE);
+        return fail(stats::DROP_SOURCE_RANGE);
+    }
     if let Some(ct) = CONNTRACK4.get_ptr_mut(conntrack::tuple_key(pkt)) {
         // SAFETY: a lookup result, read and written only through this pointer.
         let (dir, ct_flags) = unsafe { ((*ct).dir, (*ct).flags) };

@@ -105,9 +105,10 @@ pub fn nodeport(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// The client is inside one of the frontend's loadBalancerSourceRanges.
+/// The client is inside one of the frontend's loadBalancerSourceRanges (also asked by
+/// `tc_ingress`: kube-proxy holds pods to the ranges too).
 #[inline(always)]
-fn source_allowed(svc_id: u32, client: [u8; 4]) -> bool {
+pub(crate) fn source_allowed(svc_id: u32, client: [u8; 4]) -> bool {
     // The trie matches svc_id's 32 bits whole, then the longest range prefix.
     let key = Key::new(
         64,

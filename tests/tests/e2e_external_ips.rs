@@ -20,6 +20,7 @@ const EXTERNAL: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 #[test]
 fn lb_ingress_ips_external_ips_and_source_ranges_from_an_external_client() {
     let mut tb = TwoNode::new(2).expect("building the two-node testbed");
+    let node_a_pods = tb.a.pod_cidr();
     let lb_open = peer_service(
         "lb-open",
         "LoadBalancer",
@@ -29,7 +30,9 @@ fn lb_ingress_ips_external_ips_and_source_ranges_from_an_external_client() {
     .lb_ingress(LB_OPEN)
     .source_range(&format!("{CLIENT_IP}/32"))
     // Whitespace is trimmed, as kube-proxy does.
-    .source_range(" 10.77.0.0/16 ");
+    .source_range(" 10.77.0.0/16 ")
+    // Node A's pods, which reach the LB IP from inside the cluster.
+    .source_range(&node_a_pods);
     let lb_closed = peer_service(
         "lb-closed",
         "LoadBalancer",
@@ -80,6 +83,23 @@ fn lb_ingress_ips_external_ips_and_source_ranges_from_an_external_client() {
     assert_eq!(asked, Asked::TimedOut, "{LB_CLOSED}\n{}", tb.agent_logs());
     // ...and counted as such by node A's datapath.
     assert!(tb.a.stat("drop_source_range").unwrap() >= 1);
+    // Pods are held to the ranges too, as by kube-proxy (tc_ingress at the pod's veth): a1,
+    // inside lb-open's ranges, reaches it without SNAT; lb-closed drops it.
+    let a1 = tb.pod("a1");
+    let asked = tb
+        .wait_for_answer(&a1.ns, "tcp", LB_OPEN, SERVICE_PORT, "b1")
+        .unwrap();
+    assert_eq!(*asked.answer().unwrap().1.ip(), a1.ip);
+    let dropped = tb.a.stat("drop_source_range").unwrap();
+    let asked = ask_tcp(&a1.ns, LB_CLOSED, SERVICE_PORT, SILENCE).unwrap();
+    assert_eq!(
+        asked,
+        Asked::TimedOut,
+        "a1 -> {LB_CLOSED}\n{}",
+        tb.agent_logs()
+    );
+    assert!(tb.a.stat("drop_source_range").unwrap() > dropped);
+
     // And the open LB IP still answers afterwards.
     let asked = ask_tcp(&tb.client, LB_OPEN, SERVICE_PORT, Duration::from_secs(2)).unwrap();
     assert_eq!(
