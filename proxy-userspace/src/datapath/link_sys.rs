@@ -49,8 +49,9 @@ fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
     }
 }
 
-/// The tcx link behind `fd`; an error if it is another kind of link.
-pub fn tcx_link_info(fd: BorrowedFd<'_>) -> io::Result<TcxLinkInfo> {
+/// What the kernel says of the link behind `fd` (`BPF_OBJ_GET_INFO_BY_FD`); an error naming
+/// `kind` if it is not a link of type `want`.
+fn link_info(fd: BorrowedFd<'_>, want: bpf_link_type, kind: &str) -> io::Result<bpf_link_info> {
     // SAFETY: both are plain C structs for which all-zero bytes are valid.
     let mut info: bpf_link_info = unsafe { zeroed() };
     let mut attr: bpf_attr = unsafe { zeroed() };
@@ -58,12 +59,18 @@ pub fn tcx_link_info(fd: BorrowedFd<'_>) -> io::Result<TcxLinkInfo> {
     attr.info.info_len = size_of::<bpf_link_info>() as u32;
     attr.info.info = &mut info as *mut bpf_link_info as u64;
     sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    if info.type_ != bpf_link_type::BPF_LINK_TYPE_TCX as u32 {
+    if info.type_ != want as u32 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("link {} is not a tcx link (type {})", info.id, info.type_),
+            format!("link {} is not {kind} link (type {})", info.id, info.type_),
         ));
     }
+    Ok(info)
+}
+
+/// The tcx link behind `fd`; an error if it is another kind of link.
+pub fn tcx_link_info(fd: BorrowedFd<'_>) -> io::Result<TcxLinkInfo> {
+    let info = link_info(fd, bpf_link_type::BPF_LINK_TYPE_TCX, "a tcx")?;
     Ok(TcxLinkInfo {
         link_id: info.id,
         prog_id: info.prog_id,
@@ -135,22 +142,7 @@ pub struct CgroupLinkInfo {
 
 /// The cgroup link behind `fd`; an error if it is another kind of link.
 pub fn cgroup_link_info(fd: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
-    // SAFETY: both are plain C structs for which all-zero bytes are valid.
-    let mut info: bpf_link_info = unsafe { zeroed() };
-    let mut attr: bpf_attr = unsafe { zeroed() };
-    attr.info.bpf_fd = fd.as_raw_fd() as u32;
-    attr.info.info_len = size_of::<bpf_link_info>() as u32;
-    attr.info.info = &mut info as *mut bpf_link_info as u64;
-    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    if info.type_ != bpf_link_type::BPF_LINK_TYPE_CGROUP as u32 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "link {} is not a cgroup link (type {})",
-                info.id, info.type_
-            ),
-        ));
-    }
+    let info = link_info(fd, bpf_link_type::BPF_LINK_TYPE_CGROUP, "a cgroup")?;
     // SAFETY: the kernel filled the cgroup member, the type says so.
     let cgroup = unsafe { info.__bindgen_anon_1.cgroup };
     Ok(CgroupLinkInfo {
@@ -208,19 +200,7 @@ pub struct XdpLinkInfo {
 
 /// The XDP link behind `fd`; an error if it is another kind of link.
 pub fn xdp_link_info(fd: BorrowedFd<'_>) -> io::Result<XdpLinkInfo> {
-    // SAFETY: both are plain C structs for which all-zero bytes are valid.
-    let mut info: bpf_link_info = unsafe { zeroed() };
-    let mut attr: bpf_attr = unsafe { zeroed() };
-    attr.info.bpf_fd = fd.as_raw_fd() as u32;
-    attr.info.info_len = size_of::<bpf_link_info>() as u32;
-    attr.info.info = &mut info as *mut bpf_link_info as u64;
-    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    if info.type_ != bpf_link_type::BPF_LINK_TYPE_XDP as u32 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("link {} is not an XDP link (type {})", info.id, info.type_),
-        ));
-    }
+    let info = link_info(fd, bpf_link_type::BPF_LINK_TYPE_XDP, "an XDP")?;
     Ok(XdpLinkInfo {
         link_id: info.id,
         prog_id: info.prog_id,
