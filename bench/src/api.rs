@@ -28,7 +28,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{
     PROTO_TCP, maps as map_names,
-    service::{Backend4, BackendSlotKey, SCOPE_CLUSTER_IP, Svc4Key, Svc4Value},
+    service::{Backend4, BackendSlotKey, SCOPE_CLUSTER_IP, Svc4Key, SvcValue},
 };
 use serde_json::{Value, json};
 use testbed::{
@@ -176,12 +176,12 @@ impl Setup {
 
 /// The agent's maps the bench reads.
 struct Maps {
-    services: HashMap<MapData, Svc4Key, Svc4Value>,
+    services: HashMap<MapData, Svc4Key, SvcValue>,
     backend_slots: HashMap<MapData, BackendSlotKey, Backend4>,
 }
 
 /// Polls `services4` until `done` says the entry of `key` is as expected.
-fn wait_for(maps: &Maps, key: &Svc4Key, done: impl Fn(Option<Svc4Value>) -> bool) -> Result<()> {
+fn wait_for(maps: &Maps, key: &Svc4Key, done: impl Fn(Option<SvcValue>) -> bool) -> Result<()> {
     let start = Instant::now();
     loop {
         if done(maps.services.get(key, 0).ok()) {

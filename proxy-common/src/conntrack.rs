@@ -60,7 +60,39 @@ pub struct Ct4Value {
     pub _pad: u16,
 }
 
+/// Key of `conntrack6` (and of `counted6`): an IPv6 5-tuple, as [`Ct4Key`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ct6Key {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `conntrack6`: the fields of [`Ct4Value`] with IPv6 addresses (reordered so
+/// that no implicit padding is needed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ct6Value {
+    pub nat_addr: [u8; 16],
+    /// With [`CT_FLAG_SNAT`]: the second address to rewrite; else zero.
+    pub nat2_addr: [u8; 16],
+    pub nat_port: u16,
+    pub nat2_port: u16,
+    pub dir: u8,
+    pub flags: u8,
+    pub _pad: u16,
+    pub svc_id: u32,
+    pub counted: u32,
+    pub last_seen_ns: u64,
+}
+
 const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
+const _: () = assert!(core::mem::size_of::<Ct6Key>() == 40);
+const _: () = assert!(core::mem::size_of::<Ct6Value>() == 56);
 const _: () = assert!(core::mem::size_of::<Ct4Value>() == 32);
 
 #[cfg(feature = "user")]
@@ -68,4 +100,6 @@ mod pod {
     // SAFETY: repr(C), Copy, no implicit padding (asserted above).
     unsafe impl aya::Pod for super::Ct4Key {}
     unsafe impl aya::Pod for super::Ct4Value {}
+    unsafe impl aya::Pod for super::Ct6Key {}
+    unsafe impl aya::Pod for super::Ct6Value {}
 }

@@ -5,9 +5,10 @@
 //! dump` shows every field by name. No `bool`, `Option` or enum: the layout is the ABI.
 //!
 //! Addresses are kept as the bytes on the wire (`[u8; 4]`), so dumps read as `[10,96,0,10]`;
-//! ports are in host byte order, so dumps read as `80`. IPv4 types carry a `4` suffix; the
-//! IPv6 maps will have the same shape with `[u8; 16]` addresses, as Cilium keeps one map per
-//! family.
+//! ports are in host byte order, so dumps read as `80`. IPv4 types and maps carry a `4`
+//! suffix, their IPv6 twins a `6` with `[u8; 16]` addresses (one map per family, as Cilium
+//! keeps them); types and maps keyed by svc_id or backend table have no suffix and serve
+//! both.
 #![no_std]
 
 pub mod conntrack;

@@ -6,16 +6,30 @@ pub const SERVICES4: &str = "services4";
 pub const BACKEND_SLOTS4: &str = "backend_slots4";
 pub const CONNTRACK4: &str = "conntrack4";
 pub const SVC_META: &str = "svc_meta";
-pub const REPLY_FILTER4: &str = "reply_filter4";
+pub const REPLY_FILTER: &str = "reply_filter";
 pub const STATS: &str = "stats";
+
+/// The IPv6 maps: the same shapes with `[u8; 16]` addresses, and the same sizes as their
+/// IPv4 counterparts. `svc_meta`, `svc_counters`, `reply_filter`, `maglev`, `sched_rr`
+/// and `stats` serve both families.
+pub const SERVICES6: &str = "services6";
+pub const BACKEND_SLOTS6: &str = "backend_slots6";
+pub const CONNTRACK6: &str = "conntrack6";
+pub const BACKEND_CONNS6: &str = "backend_conns6";
+pub const AFFINITY6: &str = "affinity6";
+pub const COUNTED6: &str = "counted6";
+/// One-entry array of `service::NodeConfig6`.
+pub const NODE_CFG6: &str = "node_cfg6";
+/// LPM trie of the IPv6 loadBalancerSourceRanges (`service::SourceRange6Key`).
+pub const SRC_RANGES6: &str = "src_ranges6";
 
 pub const DEFAULT_SERVICES: u32 = 65_536;
 pub const DEFAULT_BACKEND_SLOTS: u32 = 262_144;
 pub const DEFAULT_CONNTRACK: u32 = 262_144;
-pub const MAGLEV4: &str = "maglev4";
+pub const MAGLEV: &str = "maglev";
 pub const BACKEND_CONNS4: &str = "backend_conns4";
 pub const AFFINITY4: &str = "affinity4";
-pub const SCHED_RR4: &str = "sched_rr4";
+pub const SCHED_RR_POS: &str = "sched_rr";
 pub const COUNTED4: &str = "counted4";
 pub const MONITOR_CFG: &str = "monitor_cfg";
 pub const MONITOR_EVENTS: &str = "monitor_events";
@@ -40,7 +54,7 @@ pub const DEFAULT_SOCK_REV: u32 = 65_536;
 /// Capacity of `src_ranges4`: source ranges over all LoadBalancer frontends.
 pub const DEFAULT_SOURCE_RANGES: u32 = 16_384;
 
-/// Maglev tables `maglev4` can hold (entries = this * `service::MAGLEV_SIZE`; the map is
+/// Maglev tables `maglev` can hold (entries = this * `service::MAGLEV_SIZE`; the map is
 /// not preallocated, so only tables in use take memory). A service being changed holds
 /// two tables for a moment, so about half this many Maglev services fit.
 pub const MAGLEV_TABLES: u32 = 64;
@@ -80,7 +94,10 @@ pub const LINKS_DIR: &str = "links";
 /// 4: the external view (NodePort, external and LoadBalancer IPs at XDP): `Ct4Value` grew
 /// `nat2_*` for SNAT (32 bytes), service scopes and flags, `BACKEND_LOCAL`, `node_cfg4`,
 /// `src_ranges4`, `stats` grew to 21 counters, `sock_rev4` (socket-level load balancing).
-pub const LAYOUT_VERSION: u32 = 4;
+///
+/// 5: IPv6 and dual stack: the `*6` maps; `reply_filter`, `maglev` and `sched_rr` lost their
+/// `4` suffix (they serve both families).
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Older layout versions whose pins this version takes over in place: only when the change
 /// since was purely additive (new maps, every existing map unchanged), list the old version

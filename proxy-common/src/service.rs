@@ -14,7 +14,7 @@ pub const SCOPE_CLUSTER_IP: u8 = 0;
 /// externalTrafficPolicy applied.
 pub const SCOPE_EXTERNAL: u8 = 1;
 
-/// `flags` of a [`Svc4Value`].
+/// `flags` of a [`SvcValue`].
 ///
 /// The frontend is a NodePort (on one of this node's addresses).
 pub const SVC_F_NODE_PORT: u8 = 1;
@@ -42,12 +42,24 @@ pub struct Svc4Key {
     pub scope: u8,
 }
 
-/// `scheduler` of a [`Svc4Value`]: how a new connection picks its backend. Established
+/// Key of `services6`: one IPv6 frontend, as [`Svc4Key`]. Its value is the same
+/// [`SvcValue`]: svc_ids are shared by both families (a dual-stack Service port has one
+/// svc_id per family), so `svc_meta`, `svc_counters`, `sched_rr` and `maglev` serve both.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Svc6Key {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// `scheduler` of a [`SvcValue`]: how a new connection picks its backend. Established
 /// connections never run a scheduler (conntrack has their backend).
 ///
 /// Uniform random over the live table.
 pub const SCHED_RANDOM: u8 = 0;
-/// Round robin over the live table (one shared counter per service in `sched_rr4`).
+/// Round robin over the live table (one shared counter per service in `sched_rr`).
 pub const SCHED_RR: u8 = 1;
 /// Least connections, weighted: the smallest `active / weight` (IPVS `wlc`).
 pub const SCHED_LC: u8 = 2;
@@ -59,7 +71,7 @@ pub const SCHED_NQ: u8 = 4;
 pub const SCHED_SH: u8 = 5;
 /// Destination hashing: the frontend address and port pick the slot.
 pub const SCHED_DH: u8 = 6;
-/// Maglev consistent hashing of the 5-tuple through the service's `maglev4` table.
+/// Maglev consistent hashing of the 5-tuple through the service's `maglev` table.
 pub const SCHED_MAGLEV: u8 = 7;
 
 /// Names of the schedulers, indexed by value (the annotation and CLI spelling).
@@ -74,10 +86,10 @@ pub const fn sched_counts_connections(scheduler: u8) -> bool {
 /// Size of every Maglev lookup table: a prime, so each backend's permutation
 /// (`offset + j * skip mod M`) visits every entry. 16381 keeps the spread within about 1%
 /// of even up to a few hundred backends (M should be much larger than N; Maglev's paper
-/// uses M >= 100 N), and a table's `maglev4` entries cost about 0.8 MB.
+/// uses M >= 100 N), and a table's `maglev` entries cost about 0.8 MB.
 pub const MAGLEV_SIZE: u32 = 16_381;
 
-/// Key of `maglev4`: entry `index` (0..MAGLEV_SIZE) of the Maglev table of backend table
+/// Key of `maglev`: entry `index` (0..MAGLEV_SIZE) of the Maglev table of backend table
 /// `table` (the same double-buffered id as `backend_slots4`, published with the service).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -121,6 +133,16 @@ impl BackendConns {
     }
 }
 
+/// Key of `backend_conns6`: as [`BackendConnsKey`], for an IPv6 backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendConns6Key {
+    pub svc_id: u32,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+}
+
 /// Key of `affinity4`: ClientIP session affinity of one client to one service port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -145,14 +167,34 @@ pub struct AffinityValue {
     pub last_ns: u64,
 }
 
-/// Value of `services4`.
+/// Key of `affinity6`: as [`AffinityKey`], for an IPv6 client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Affinity6Key {
+    pub svc_id: u32,
+    pub client: [u8; 16],
+}
+
+/// Value of `affinity6`: as [`AffinityValue`], for an IPv6 backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Affinity6Value {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+    pub slot: u32,
+    /// bpf_ktime_get_ns() of the last new connection that used this entry.
+    pub last_ns: u64,
+}
+
+/// Value of `services4` and `services6`.
 ///
 /// Backends live in `backend_slots4` under `(table, 0..backend_count)`. A change of backends
 /// is written to a fresh table first and then published by replacing this value in one map
 /// update, so no packet sees a half-written backend set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Svc4Value {
+pub struct SvcValue {
     /// Stable id of the service port; keys `svc_meta`.
     pub svc_id: u32,
     /// Which backend table is live: `svc_id * 2` or `svc_id * 2 + 1`.
@@ -184,6 +226,18 @@ pub struct Backend4 {
     pub weight: u8,
 }
 
+/// Value of `backend_slots6`: one IPv6 backend, as [`Backend4`]. A table (keyed by
+/// [`BackendSlotKey`]) belongs to one svc_id, so to one family: a table's slots are all in
+/// `backend_slots4` or all in `backend_slots6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend6 {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub flags: u8,
+    pub weight: u8,
+}
+
 /// The backend is terminating (used only when no ready backend is left).
 pub const BACKEND_TERMINATING: u8 = 1;
 /// The backend runs on this node (its endpoint's `nodeName` is `--node-name`): reached
@@ -199,6 +253,15 @@ pub struct SourceRange4Key {
     /// Big-endian, so the trie compares it byte by byte like the address.
     pub svc_id_be: [u8; 4],
     pub addr: [u8; 4],
+}
+
+/// Key of `src_ranges6`: as [`SourceRange4Key`], for IPv6 ranges (prefix length 32 + the
+/// range's prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange6Key {
+    pub svc_id_be: [u8; 4],
+    pub addr: [u8; 16],
 }
 
 /// Value of `node_cfg4` (a one-entry array): what the external view needs to know about
@@ -217,7 +280,19 @@ pub struct NodeConfig4 {
     pub flags: u32,
 }
 
-/// `flags` of [`NodeConfig4`]: forward translated packets with bpf_fib_lookup and a
+/// Value of `node_cfg6` (a one-entry array): as [`NodeConfig4`], for IPv6 (`snat_addr`
+/// `::` means no SNAT address known). The port range and flags are written the same in
+/// both.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig6 {
+    pub snat_addr: [u8; 16],
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub flags: u32,
+}
+
+/// `flags` of [`NodeConfig4`] and [`NodeConfig6`]: forward translated packets with bpf_fib_lookup and a
 /// redirect (XDP_TX/XDP_REDIRECT) instead of handing them to the kernel stack.
 pub const NODE_F_FIB_FORWARD: u32 = 1;
 
@@ -237,7 +312,7 @@ pub struct SvcMeta {
 }
 
 const _: () = assert!(core::mem::size_of::<Svc4Key>() == 8);
-const _: () = assert!(core::mem::size_of::<Svc4Value>() == 20);
+const _: () = assert!(core::mem::size_of::<SvcValue>() == 20);
 const _: () = assert!(core::mem::size_of::<BackendSlotKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend4>() == 8);
 const _: () = assert!(core::mem::size_of::<SvcMeta>() == 144);
@@ -248,12 +323,19 @@ const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 24);
 const _: () = assert!(core::mem::size_of::<SourceRange4Key>() == 8);
 const _: () = assert!(core::mem::size_of::<NodeConfig4>() == 12);
+const _: () = assert!(core::mem::size_of::<Svc6Key>() == 20);
+const _: () = assert!(core::mem::size_of::<Backend6>() == 20);
+const _: () = assert!(core::mem::size_of::<BackendConns6Key>() == 24);
+const _: () = assert!(core::mem::size_of::<Affinity6Key>() == 20);
+const _: () = assert!(core::mem::size_of::<Affinity6Value>() == 32);
+const _: () = assert!(core::mem::size_of::<SourceRange6Key>() == 20);
+const _: () = assert!(core::mem::size_of::<NodeConfig6>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are repr(C), Copy, with every byte covered by a field (asserted above).
     unsafe impl aya::Pod for super::Svc4Key {}
-    unsafe impl aya::Pod for super::Svc4Value {}
+    unsafe impl aya::Pod for super::SvcValue {}
     unsafe impl aya::Pod for super::BackendSlotKey {}
     unsafe impl aya::Pod for super::Backend4 {}
     unsafe impl aya::Pod for super::SvcMeta {}
@@ -264,4 +346,11 @@ mod pod {
     unsafe impl aya::Pod for super::NodeConfig4 {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::Svc6Key {}
+    unsafe impl aya::Pod for super::Backend6 {}
+    unsafe impl aya::Pod for super::BackendConns6Key {}
+    unsafe impl aya::Pod for super::Affinity6Key {}
+    unsafe impl aya::Pod for super::Affinity6Value {}
+    unsafe impl aya::Pod for super::SourceRange6Key {}
+    unsafe impl aya::Pod for super::NodeConfig6 {}
 }

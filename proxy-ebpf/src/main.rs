@@ -44,7 +44,7 @@ use proxy_common::{
 
 use crate::{
     conntrack::{Created, Snat, Translation},
-    maps::{CONNTRACK4, REPLY_FILTER4, SERVICES4, count, count_new_connection, count_service},
+    maps::{CONNTRACK4, REPLY_FILTER, SERVICES4, count, count_new_connection, count_service},
     parse::{ETH_LEN, Packet, Skip, TCP_SYN, ptr_at},
     sched::Service,
 };
@@ -276,7 +276,7 @@ fn translate(ctx: &TcContext, pkt: &Packet, t: &Translation) -> Result<(), nat::
 fn maybe_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, i32> {
     let (word, mask) =
         reply_filter::word_and_mask(reply_filter::bit(pkt.saddr, pkt.sport, pkt.proto));
-    let maybe = match REPLY_FILTER4.get(word) {
+    let maybe = match REPLY_FILTER.get(word) {
         Some(bits) => *bits & mask != 0,
         None => false,
     };

@@ -8,22 +8,23 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    conntrack::{Ct4Key, Ct4Value},
+    conntrack::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
     maps::{
         DEFAULT_AFFINITY, DEFAULT_BACKEND_SLOTS, DEFAULT_CONNTRACK, DEFAULT_SERVICES,
         DEFAULT_SOURCE_RANGES, MAGLEV_TABLES,
     },
     reply_filter::WORDS,
     service::{
-        AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
-        MAGLEV_SIZE, MaglevKey, NodeConfig4, SourceRange4Key, Svc4Key, Svc4Value, SvcMeta,
+        Affinity6Key, Affinity6Value, AffinityKey, AffinityValue, Backend4, Backend6, BackendConns,
+        BackendConns6Key, BackendConnsKey, BackendSlotKey, MAGLEV_SIZE, MaglevKey, NodeConfig4,
+        NodeConfig6, SourceRange4Key, SourceRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
     },
     stats::{COUNT, SvcCounters},
 };
 
 /// Service frontends (VIP, port, proto, scope) -> live backend table and backend count.
 #[btf_map(name = "services4")]
-pub static SERVICES4: HashMap<Svc4Key, Svc4Value, { DEFAULT_SERVICES as usize }> = HashMap::new();
+pub static SERVICES4: HashMap<Svc4Key, SvcValue, { DEFAULT_SERVICES as usize }> = HashMap::new();
 
 /// Backend tables: (table, slot 0..backend_count) -> backend address and port.
 #[btf_map(name = "backend_slots4")]
@@ -37,8 +38,8 @@ pub static CONNTRACK4: LruHashMap<Ct4Key, Ct4Value, { DEFAULT_CONNTRACK as usize
 
 /// Maglev lookup tables: (backend table, 0..MAGLEV_SIZE) -> slot in that backend table.
 /// Built by the agent; not preallocated, so only the tables in use take memory.
-#[btf_map(name = "maglev4")]
-pub static MAGLEV4: HashMap<
+#[btf_map(name = "maglev")]
+pub static MAGLEV: HashMap<
     MaglevKey,
     u32,
     { (MAGLEV_TABLES * MAGLEV_SIZE) as usize },
@@ -74,8 +75,8 @@ pub static COUNTED4: HashMap<
 /// Round-robin position of each service on each CPU, indexed by svc_id (sized services + 1
 /// at load). Per CPU: the default BPF ISA has no atomic fetch-and-add, and per-CPU
 /// counters keep new connections from bouncing one cache line between CPUs.
-#[btf_map(name = "sched_rr4")]
-pub static SCHED_RR4: PerCpuArray<u32, { DEFAULT_SERVICES as usize + 1 }> = PerCpuArray::new();
+#[btf_map(name = "sched_rr")]
+pub static SCHED_RR_POS: PerCpuArray<u32, { DEFAULT_SERVICES as usize + 1 }> = PerCpuArray::new();
 
 /// Traffic of each service frontend on each CPU, indexed by svc_id (sized services + 1 at
 /// load). An array rather than a per-CPU hash: the index is the svc_id the service lookup
@@ -92,8 +93,8 @@ pub static SVC_COUNTERS: PerCpuArray<SvcCounters, { DEFAULT_SERVICES as usize + 
 pub static SVC_META: HashMap<u32, SvcMeta, { DEFAULT_SERVICES as usize }> = HashMap::new();
 
 /// Bitmap over backend (addr, port, proto): a clear bit means "certainly not a reply".
-#[btf_map(name = "reply_filter4")]
-pub static REPLY_FILTER4: Array<u64, { WORDS as usize }> = Array::new();
+#[btf_map(name = "reply_filter")]
+pub static REPLY_FILTER: Array<u64, { WORDS as usize }> = Array::new();
 
 /// What the external view needs to know about this node (one entry, written by the agent).
 #[btf_map(name = "node_cfg4")]
@@ -102,6 +103,56 @@ pub static NODE_CFG4: Array<NodeConfig4, 1> = Array::new();
 /// loadBalancerSourceRanges: (svc_id, client prefix) -> 1 for each allowed range.
 #[btf_map(name = "src_ranges4")]
 pub static SRC_RANGES4: LpmTrie<SourceRange4Key, u8, { DEFAULT_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+
+// The IPv6 twins of the maps above: same shapes and sizes, `[u8; 16]` addresses. Tables
+// and svc_ids are shared between the families, so `maglev`, `sched_rr`, `svc_counters`,
+// `svc_meta` and `reply_filter` have no twin.
+
+/// IPv6 service frontends -> live backend table (in `backend_slots6`) and backend count.
+#[btf_map(name = "services6")]
+pub static SERVICES6: HashMap<Svc6Key, SvcValue, { DEFAULT_SERVICES as usize }> = HashMap::new();
+
+/// IPv6 backend tables: (table, slot) -> backend address and port.
+#[btf_map(name = "backend_slots6")]
+pub static BACKEND_SLOTS6: HashMap<BackendSlotKey, Backend6, { DEFAULT_BACKEND_SLOTS as usize }> =
+    HashMap::new();
+
+/// IPv6 connection tracking, as `conntrack4`.
+#[btf_map(name = "conntrack6")]
+pub static CONNTRACK6: LruHashMap<Ct6Key, Ct6Value, { DEFAULT_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Per-backend connection counters of IPv6 services, as `backend_conns4`.
+#[btf_map(name = "backend_conns6")]
+pub static BACKEND_CONNS6: HashMap<
+    BackendConns6Key,
+    BackendConns,
+    { DEFAULT_BACKEND_SLOTS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// ClientIP session affinity of IPv6 clients, as `affinity4`.
+#[btf_map(name = "affinity6")]
+pub static AFFINITY6: LruHashMap<Affinity6Key, Affinity6Value, { DEFAULT_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// Tokens of counted IPv6 connections, as `counted4`.
+#[btf_map(name = "counted6")]
+pub static COUNTED6: HashMap<
+    Ct6Key,
+    BackendConns6Key,
+    { DEFAULT_CONNTRACK as usize / 2 },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// What the external view needs to know about this node for IPv6 (one entry).
+#[btf_map(name = "node_cfg6")]
+pub static NODE_CFG6: Array<NodeConfig6, 1> = Array::new();
+
+/// IPv6 loadBalancerSourceRanges: (svc_id, client prefix) -> 1.
+#[btf_map(name = "src_ranges6")]
+pub static SRC_RANGES6: LpmTrie<SourceRange6Key, u8, { DEFAULT_SOURCE_RANGES as usize }> =
     LpmTrie::new();
 
 /// Per-CPU packet counters, one per `proxy_common::stats` index.

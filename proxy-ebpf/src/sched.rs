@@ -2,7 +2,7 @@
 //! it), then the service's scheduler. Established connections never come here.
 //!
 //! Every scheduler ends in one `backend_slots4` lookup of the chosen slot; before it,
-//! random/sh/dh do no lookup, rr one per-CPU array read and write, maglev one `maglev4`
+//! random/sh/dh do no lookup, rr one per-CPU array read and write, maglev one `maglev`
 //! lookup, and lc/sed/nq two lookups per backend compared (at most `SCHED_SCAN_MAX`).
 
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
@@ -18,12 +18,12 @@ use proxy_common::{
     service::{
         AffinityKey, AffinityValue, BackendConns, BackendConnsKey, BackendSlotKey, MAGLEV_SIZE,
         MaglevKey, SCHED_DH, SCHED_LC, SCHED_MAGLEV, SCHED_NQ, SCHED_RR, SCHED_SED, SCHED_SH,
-        Svc4Value,
+        SvcValue,
     },
 };
 
 use crate::{
-    maps::{AFFINITY4, BACKEND_CONNS4, BACKEND_SLOTS4, COUNTED4, MAGLEV4, SCHED_RR4},
+    maps::{AFFINITY4, BACKEND_CONNS4, BACKEND_SLOTS4, COUNTED4, MAGLEV, SCHED_RR_POS},
     parse::Packet,
 };
 
@@ -46,7 +46,7 @@ impl Service {
     /// element; reading the fields at once, right after the lookup, keeps that window to a
     /// few instructions (the usual BPF trade-off).
     #[inline(always)]
-    pub unsafe fn read(svc: *const Svc4Value) -> (Service, u8) {
+    pub unsafe fn read(svc: *const SvcValue) -> (Service, u8) {
         unsafe {
             (
                 Service {
@@ -124,7 +124,7 @@ fn schedule(pkt: &Packet, svc: &Service) -> Result<Chosen, Missing> {
 /// The service's next round-robin position on this CPU.
 #[inline(always)]
 fn rr_next(svc_id: u32) -> u32 {
-    match SCHED_RR4.get_ptr_mut(svc_id) {
+    match SCHED_RR_POS.get_ptr_mut(svc_id) {
         // SAFETY: this CPU's own slot (programs do not migrate while they run).
         Some(p) => unsafe {
             let next = *p;
@@ -142,7 +142,7 @@ fn maglev_slot(pkt: &Packet, svc: &Service) -> u32 {
         table: svc.table,
         index: h % MAGLEV_SIZE,
     };
-    match MAGLEV4.get_ptr(key) {
+    match MAGLEV.get_ptr(key) {
         // SAFETY: a lookup result.
         Some(slot) => unsafe { *slot },
         // No table (written before the service value, so only in a broken state): hash.

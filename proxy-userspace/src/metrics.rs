@@ -406,7 +406,7 @@ impl DatapathCollector {
             match map {
                 maps::SERVICES4 | maps::SVC_META => services,
                 maps::BACKEND_SLOTS4 => slots,
-                maps::MAGLEV4 => maglev_tables * u64::from(MAGLEV_SIZE),
+                maps::MAGLEV => maglev_tables * u64::from(MAGLEV_SIZE),
                 other => counted
                     .iter()
                     .find(|(m, _)| *m == other)

@@ -10,7 +10,7 @@ use proxy_common::{
     PROTO_UDP, maps, reply_filter,
     service::{
         BACKEND_LOCAL, BACKEND_TERMINATING, Backend4, BackendSlotKey, NAME_LEN, NODE_F_FIB_FORWARD,
-        NodeConfig4, PORT_NAME_LEN, SCHED_MAGLEV, Svc4Key, Svc4Value, SvcMeta,
+        NodeConfig4, PORT_NAME_LEN, SCHED_MAGLEV, Svc4Key, SvcMeta, SvcValue,
     },
 };
 
@@ -25,7 +25,7 @@ use crate::{
 /// One service as programmed in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgrammedService {
-    pub value: Svc4Value,
+    pub value: SvcValue,
     /// Backends in slot order of the live table (`value.table`).
     pub backends: Vec<Backend4>,
     pub meta: SvcMeta,
@@ -39,7 +39,7 @@ pub struct ProgrammedService {
 #[derive(Clone, Debug, Default)]
 pub struct MapState {
     pub services: BTreeMap<Svc4Key, ProgrammedService>,
-    /// Words of `reply_filter4` (length `reply_filter::WORDS`, or empty before the first read).
+    /// Words of `reply_filter` (length `reply_filter::WORDS`, or empty before the first read).
     pub reply_filter: Vec<u64>,
     /// `backend_slots4` entries outside every live table: a table being filled before the
     /// `PutService` that publishes it, or an old table until its slots are deleted. Empty
@@ -106,7 +106,7 @@ pub enum MapOp {
     },
     PutService {
         key: Svc4Key,
-        value: Svc4Value,
+        value: SvcValue,
     },
     DeleteService {
         key: Svc4Key,
@@ -116,7 +116,7 @@ pub enum MapOp {
         word: u64,
     },
     /// Write the Maglev table of backend table `table`: entry `i` -> slot `slots[i]`
-    /// (`maglev4`). Written before the `PutService` that publishes `table`.
+    /// (`maglev`). Written before the `PutService` that publishes `table`.
     PutMaglevTable {
         table: u32,
         slots: Vec<u32>,
@@ -917,7 +917,7 @@ impl<'a> Planner<'a> {
         let meta = meta_from_name(&svc.name);
         let scheduler = scheduling.scheduler.value();
         let maglev = scheduler == SCHED_MAGLEV;
-        let value = |svc_id: u32, table: u32| Svc4Value {
+        let value = |svc_id: u32, table: u32| SvcValue {
             svc_id,
             table,
             backend_count: count,
@@ -1126,7 +1126,7 @@ impl<'a> Planner<'a> {
             return Err(PlanError::Full {
                 name: svc.name.clone(),
                 frontend: svc.frontend,
-                map: maps::MAGLEV4,
+                map: maps::MAGLEV,
                 size: maps::MAGLEV_TABLES * proxy_common::service::MAGLEV_SIZE,
             });
         }
@@ -1337,8 +1337,8 @@ mod tests {
         }
     }
 
-    fn svc_value(svc_id: u32, table: u32, count: u32) -> Svc4Value {
-        Svc4Value {
+    fn svc_value(svc_id: u32, table: u32, count: u32) -> SvcValue {
+        SvcValue {
             svc_id,
             table,
             backend_count: count,
@@ -1708,7 +1708,7 @@ mod tests {
             plan.steps[0].ops,
             [MapOp::PutService {
                 key: f.key(),
-                value: Svc4Value {
+                value: SvcValue {
                     affinity_timeout_s: 10_800,
                     ..svc_value(1, 2, 1)
                 }

@@ -12,7 +12,7 @@
 //!    every run schedules, creates the connection and rewrites the packet. `tc_floor` (an
 //!    empty program) is shown for the floor of the measurement.
 //! 2. The Maglev table for 1,000 backends: build time in userspace, and the kernel memory
-//!    of one table in `maglev4` (the map's `memlock` before and after writing it).
+//!    of one table in `maglev` (the map's `memlock` before and after writing it).
 //!
 //! Prints a Markdown table. The thread is pinned to one CPU; run it on an idle machine.
 
@@ -285,12 +285,12 @@ fn main() {
         MAGLEV_SIZE as usize * 4 / 1024
     );
     println!(
-        "- writing it to maglev4 and deleting it again: {:.1} ms ({} map updates + deletes)",
+        "- writing it to maglev and deleting it again: {:.1} ms ({} map updates + deletes)",
         write.as_secs_f64() * 1e3,
         MAGLEV_SIZE
     );
     println!(
-        "- kernel memory (maglev4 memlock): {} KiB before, {} KiB with one table ({} KiB per table; {} KiB after the delete)",
+        "- kernel memory (maglev memlock): {} KiB before, {} KiB with one table ({} KiB per table; {} KiB after the delete)",
         before / 1024,
         after / 1024,
         after.saturating_sub(before) / 1024,

@@ -27,7 +27,7 @@ use proxy_common::{
     reply_filter,
     service::{
         Backend4, BackendSlotKey, NodeConfig4, SCHED_RANDOM, SCOPE_CLUSTER_IP, SourceRange4Key,
-        Svc4Key, Svc4Value,
+        Svc4Key, SvcValue,
     },
     stats,
 };
@@ -303,7 +303,7 @@ impl DatapathHarness {
             .collect();
         ops.push(MapOp::PutService {
             key,
-            value: Svc4Value {
+            value: SvcValue {
                 svc_id,
                 table: svc_id * 2,
                 backend_count: backends.len() as u32,
@@ -366,7 +366,7 @@ pub fn service_op(svc_id: u32, (addr, port): ([u8; 4], u16), proto: u8, count: u
             proto,
             scope: SCOPE_CLUSTER_IP,
         },
-        value: Svc4Value {
+        value: SvcValue {
             svc_id,
             table: svc_id * 2,
             backend_count: count,

@@ -615,7 +615,7 @@ fn attach_xdp_floor(ns: &NetNs, ifnames: &[String]) -> Result<aya::Ebpf> {
             maps::SVC_META,
             maps::BACKEND_SLOTS4,
             maps::CONNTRACK4,
-            maps::SCHED_RR4,
+            maps::SCHED_RR_POS,
             maps::SVC_COUNTERS,
             maps::BACKEND_CONNS4,
             maps::COUNTED4,

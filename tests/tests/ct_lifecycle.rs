@@ -21,7 +21,7 @@ use proxy_common::{
     conntrack::{CT_FLAG_CLOSING, CT_FLAG_REPLIED, Ct4Key, Ct4Value, LAST_SEEN_REFRESH_NS},
     reply_filter,
     service::{
-        Backend4, BackendSlotKey, SCHED_LC, SCHED_RANDOM, SCOPE_CLUSTER_IP, Svc4Key, Svc4Value,
+        Backend4, BackendSlotKey, SCHED_LC, SCHED_RANDOM, SCOPE_CLUSTER_IP, Svc4Key, SvcValue,
     },
     stats,
 };
@@ -104,7 +104,7 @@ impl Harness {
                     proto,
                     scope: SCOPE_CLUSTER_IP,
                 },
-                value: Svc4Value {
+                value: SvcValue {
                     svc_id,
                     table: svc_id * 2,
                     backend_count: 1,

@@ -367,7 +367,7 @@ fn source_ranges_refuse_node_processes_outside_them() {
             .with_context(|| format!("no services4 entry: {dump}"))?;
         let key = bytes(&entry["key"])?;
         let mut value = bytes(&entry["value"])?;
-        // Svc4Value: svc_id, table, backend_count (u32 each), scheduler, flags.
+        // SvcValue: svc_id, table, backend_count (u32 each), scheduler, flags.
         let svc_id = u32::from_ne_bytes(value[0..4].try_into()?);
         value[13] |= proxy_common::service::SVC_F_SOURCE_RANGES;
         bpftool_update(&bpffs, "services4", &key, &value)?;

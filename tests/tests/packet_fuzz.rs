@@ -37,7 +37,7 @@ use proxy_common::{
     conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, Ct4Key},
     service::{
         BACKEND_LOCAL, Backend4, BackendSlotKey, SCOPE_EXTERNAL, SVC_F_NODE_PORT, SVC_F_SNAT,
-        Svc4Key, Svc4Value,
+        Svc4Key, SvcValue,
     },
     stats,
 };
@@ -102,7 +102,7 @@ fn services() -> Vec<Svc> {
 }
 
 /// services4 and backend_slots4, sorted.
-type Programmed = (Vec<(Svc4Key, Svc4Value)>, Vec<(BackendSlotKey, Backend4)>);
+type Programmed = (Vec<(Svc4Key, SvcValue)>, Vec<(BackendSlotKey, Backend4)>);
 
 /// Services by (frontend, protocol): its backends.
 type Frontends = HashMap<(Addr, u8), Vec<Addr>>;

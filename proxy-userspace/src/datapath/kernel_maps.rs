@@ -15,8 +15,8 @@ use proxy_common::{
     maps, reply_filter,
     service::{
         AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
-        MAGLEV_SIZE, MaglevKey, NodeConfig4, SCHED_MAGLEV, SourceRange4Key, Svc4Key, Svc4Value,
-        SvcMeta,
+        MAGLEV_SIZE, MaglevKey, NodeConfig4, SCHED_MAGLEV, SourceRange4Key, Svc4Key, SvcMeta,
+        SvcValue,
     },
     stats::{self, SvcCounters},
 };
@@ -48,7 +48,7 @@ pub fn range_of_key(key: &TrieKey<SourceRange4Key>) -> Option<(u32, Ipv4Range)> 
 }
 
 pub struct KernelMaps {
-    pub services: HashMap<MapData, Svc4Key, Svc4Value>,
+    pub services: HashMap<MapData, Svc4Key, SvcValue>,
     pub backend_slots: HashMap<MapData, BackendSlotKey, Backend4>,
     pub conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
     pub meta: HashMap<MapData, u32, SvcMeta>,
@@ -92,9 +92,9 @@ impl KernelMaps {
             backend_slots: typed(get(maps::BACKEND_SLOTS4)?, maps::BACKEND_SLOTS4)?,
             conntrack: typed(get(maps::CONNTRACK4)?, maps::CONNTRACK4)?,
             meta: typed(get(maps::SVC_META)?, maps::SVC_META)?,
-            reply_filter: typed(get(maps::REPLY_FILTER4)?, maps::REPLY_FILTER4)?,
+            reply_filter: typed(get(maps::REPLY_FILTER)?, maps::REPLY_FILTER)?,
             stats: typed(get(maps::STATS)?, maps::STATS)?,
-            maglev: typed(get(maps::MAGLEV4)?, maps::MAGLEV4)?,
+            maglev: typed(get(maps::MAGLEV)?, maps::MAGLEV)?,
             backend_conns: typed(get(maps::BACKEND_CONNS4)?, maps::BACKEND_CONNS4)?,
             affinity: typed(get(maps::AFFINITY4)?, maps::AFFINITY4)?,
             counted: typed(get(maps::COUNTED4)?, maps::COUNTED4)?,
@@ -214,7 +214,7 @@ impl KernelMaps {
             .filter(|k| !live_maglev.contains(&k.table))
             .collect();
         for key in &stale_maglev {
-            ignore_missing(self.maglev.remove(key)).map_err(map_err(maps::MAGLEV4))?;
+            ignore_missing(self.maglev.remove(key)).map_err(map_err(maps::MAGLEV))?;
         }
         let stale_ranges: Vec<TrieKey<SourceRange4Key>> = self
             .src_ranges
@@ -390,7 +390,7 @@ impl KernelMaps {
             MapOp::SetReplyFilterWord { index, word } => self
                 .reply_filter
                 .set(*index, word, 0)
-                .map_err(map_err(maps::REPLY_FILTER4)),
+                .map_err(map_err(maps::REPLY_FILTER)),
             MapOp::PurgeUdpConntrack { frontend, backends } => {
                 self.purge_udp_conntrack(frontend, backends);
                 Ok(())
@@ -411,7 +411,7 @@ impl KernelMaps {
                     };
                     self.maglev
                         .insert(key, slot, 0)
-                        .map_err(map_err(maps::MAGLEV4))?;
+                        .map_err(map_err(maps::MAGLEV))?;
                 }
                 Ok(())
             }
@@ -433,7 +433,7 @@ impl KernelMaps {
                         table: *table,
                         index,
                     };
-                    ignore_missing(self.maglev.remove(&key)).map_err(map_err(maps::MAGLEV4))?;
+                    ignore_missing(self.maglev.remove(&key)).map_err(map_err(maps::MAGLEV))?;
                 }
                 Ok(())
             }

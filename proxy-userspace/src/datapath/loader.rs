@@ -17,12 +17,13 @@ use aya::{
     programs::{CgroupSockAddr, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use proxy_common::{
-    conntrack::{Ct4Key, Ct4Value},
+    conntrack::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
     maps,
     monitor::MonitorConfig,
     service::{
-        AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
-        MaglevKey, NodeConfig4, SourceRange4Key, Svc4Key, Svc4Value, SvcMeta,
+        Affinity6Key, Affinity6Value, AffinityKey, AffinityValue, Backend4, Backend6, BackendConns,
+        BackendConns6Key, BackendConnsKey, BackendSlotKey, MaglevKey, NodeConfig4, NodeConfig6,
+        SourceRange4Key, SourceRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
     },
     sock::{SockRev4Key, SockRev4Value},
     stats::SvcCounters,
@@ -78,14 +79,14 @@ pub struct LoadOptions {
 }
 
 /// Expected shape of each pinned map: (name, type, key size, value size).
-fn map_shapes() -> [(&'static str, MapType, usize, usize); 17] {
+fn map_shapes() -> [(&'static str, MapType, usize, usize); 25] {
     use std::mem::size_of;
     [
         (
             maps::SERVICES4,
             MapType::Hash,
             size_of::<Svc4Key>(),
-            size_of::<Svc4Value>(),
+            size_of::<SvcValue>(),
         ),
         (
             maps::BACKEND_SLOTS4,
@@ -106,7 +107,7 @@ fn map_shapes() -> [(&'static str, MapType, usize, usize); 17] {
             size_of::<SvcMeta>(),
         ),
         (
-            maps::REPLY_FILTER4,
+            maps::REPLY_FILTER,
             MapType::Array,
             size_of::<u32>(),
             size_of::<u64>(),
@@ -118,7 +119,7 @@ fn map_shapes() -> [(&'static str, MapType, usize, usize); 17] {
             size_of::<u64>(),
         ),
         (
-            maps::MAGLEV4,
+            maps::MAGLEV,
             MapType::Hash,
             size_of::<MaglevKey>(),
             size_of::<u32>(),
@@ -136,7 +137,7 @@ fn map_shapes() -> [(&'static str, MapType, usize, usize); 17] {
             size_of::<AffinityValue>(),
         ),
         (
-            maps::SCHED_RR4,
+            maps::SCHED_RR_POS,
             MapType::PerCpuArray,
             size_of::<u32>(),
             size_of::<u32>(),
@@ -180,6 +181,54 @@ fn map_shapes() -> [(&'static str, MapType, usize, usize); 17] {
             size_of::<SockRev4Key>(),
             size_of::<SockRev4Value>(),
         ),
+        (
+            maps::SERVICES6,
+            MapType::Hash,
+            size_of::<Svc6Key>(),
+            size_of::<SvcValue>(),
+        ),
+        (
+            maps::BACKEND_SLOTS6,
+            MapType::Hash,
+            size_of::<BackendSlotKey>(),
+            size_of::<Backend6>(),
+        ),
+        (
+            maps::CONNTRACK6,
+            MapType::LruHash,
+            size_of::<Ct6Key>(),
+            size_of::<Ct6Value>(),
+        ),
+        (
+            maps::BACKEND_CONNS6,
+            MapType::Hash,
+            size_of::<BackendConns6Key>(),
+            size_of::<BackendConns>(),
+        ),
+        (
+            maps::AFFINITY6,
+            MapType::LruHash,
+            size_of::<Affinity6Key>(),
+            size_of::<Affinity6Value>(),
+        ),
+        (
+            maps::COUNTED6,
+            MapType::Hash,
+            size_of::<Ct6Key>(),
+            size_of::<BackendConns6Key>(),
+        ),
+        (
+            maps::NODE_CFG6,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<NodeConfig6>(),
+        ),
+        (
+            maps::SRC_RANGES6,
+            MapType::LpmTrie,
+            4 + size_of::<SourceRange6Key>(),
+            size_of::<u8>(),
+        ),
     ]
 }
 
@@ -215,12 +264,18 @@ impl Datapath {
             .map_max_entries(maps::BACKEND_SLOTS4, opts.sizes.backend_slots)
             .map_max_entries(maps::CONNTRACK4, opts.sizes.conntrack)
             // Indexed by svc_id, which the planner keeps within 1..=services.
-            .map_max_entries(maps::SCHED_RR4, opts.sizes.services.saturating_add(1))
+            .map_max_entries(maps::SCHED_RR_POS, opts.sizes.services.saturating_add(1))
             .map_max_entries(maps::SVC_COUNTERS, opts.sizes.services.saturating_add(1))
             // Counters exist only for backends of counting services: at most one per slot.
             .map_max_entries(maps::BACKEND_CONNS4, opts.sizes.backend_slots)
             // One token per counted connection, which has two conntrack entries.
-            .map_max_entries(maps::COUNTED4, (opts.sizes.conntrack / 2).max(1));
+            .map_max_entries(maps::COUNTED4, (opts.sizes.conntrack / 2).max(1))
+            // The IPv6 twins are sized as their IPv4 maps.
+            .map_max_entries(maps::SERVICES6, opts.sizes.services)
+            .map_max_entries(maps::BACKEND_SLOTS6, opts.sizes.backend_slots)
+            .map_max_entries(maps::CONNTRACK6, opts.sizes.conntrack)
+            .map_max_entries(maps::BACKEND_CONNS6, opts.sizes.backend_slots)
+            .map_max_entries(maps::COUNTED6, (opts.sizes.conntrack / 2).max(1));
         let mut adopting = false;
         let mut lock = None;
         let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
