@@ -5,7 +5,7 @@
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -43,11 +43,24 @@ impl ConnectOutcome {
     }
 }
 
-/// Connects from `ns` to `addr:port`, waiting at most `timeout`.
+/// The unspecified address of `addr`'s family, to bind a client socket to.
+fn unspecified_like(addr: &SocketAddr) -> IpAddr {
+    match addr {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+/// Connects from `ns` to `addr:port` (either family), waiting at most `timeout`.
 /// Only harness problems (e.g. the namespace is gone) are errors; how the attempt ended is
 /// in the outcome.
-pub fn connect(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<ConnectOutcome> {
-    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+pub fn connect(
+    ns: &NetNs,
+    addr: impl Into<IpAddr>,
+    port: u16,
+    timeout: Duration,
+) -> Result<ConnectOutcome> {
+    let target = SocketAddr::new(addr.into(), port);
     ns.run(move || {
         let start = Instant::now();
         let res = TcpStream::connect_timeout(&target, timeout);
@@ -77,7 +90,7 @@ fn classify_connect_error(e: std::io::Error, elapsed: Duration) -> ConnectOutcom
 
 /// One `GET /` from `ns` to `addr:port` on a new connection; returns the body (a backend
 /// answers with its name). Closes the connection.
-pub fn http_get(ns: &NetNs, addr: Ipv4Addr, port: u16) -> Result<String> {
+pub fn http_get(ns: &NetNs, addr: impl Into<IpAddr>, port: u16) -> Result<String> {
     let mut conn = HttpConnection::open(ns, addr, port)?;
     conn.get()
 }
@@ -91,8 +104,9 @@ pub struct HttpConnection {
 }
 
 impl HttpConnection {
-    pub fn open(ns: &NetNs, addr: Ipv4Addr, port: u16) -> Result<Self> {
-        let peer = SocketAddr::V4(SocketAddrV4::new(addr, port));
+    pub fn open(ns: &NetNs, addr: impl Into<IpAddr>, port: u16) -> Result<Self> {
+        let addr: IpAddr = addr.into();
+        let peer = SocketAddr::new(addr, port);
         let stream = match connect(ns, addr, port, IO_TIMEOUT)? {
             ConnectOutcome::Connected(s, _) => s,
             other => bail!("connecting from {} to {peer}: {other:?}", ns.name()),
@@ -180,7 +194,7 @@ pub enum UdpOutcome {
         body: String,
         from: SocketAddr,
     },
-    /// ICMP port unreachable came back (ECONNREFUSED on the connected socket).
+    /// ICMP (or ICMPv6) port unreachable came back (ECONNREFUSED on the connected socket).
     Refused(Duration),
     TimedOut(Duration),
     Failed(std::io::Error, Duration),
@@ -191,14 +205,14 @@ pub enum UdpOutcome {
 /// and only accepts answers from `addr:port` itself.
 pub fn udp_exchange(
     ns: &NetNs,
-    addr: Ipv4Addr,
+    addr: impl Into<IpAddr>,
     port: u16,
     timeout: Duration,
 ) -> Result<UdpOutcome> {
-    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+    let target = SocketAddr::new(addr.into(), port);
     let socket = ns
         .run(move || -> std::io::Result<UdpSocket> {
-            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            let s = UdpSocket::bind((unspecified_like(&target), 0))?;
             s.connect(target)?;
             Ok(s)
         })?
@@ -231,10 +245,10 @@ pub fn udp_exchange(
 /// One UDP request from `ns` to `addr:port` on an *unconnected* socket: returns the answer,
 /// and fails if it came from any address other than `addr:port` (so a reply that was not
 /// translated back to the service address is caught).
-pub fn udp_request(ns: &NetNs, addr: Ipv4Addr, port: u16) -> Result<String> {
-    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+pub fn udp_request(ns: &NetNs, addr: impl Into<IpAddr>, port: u16) -> Result<String> {
+    let target = SocketAddr::new(addr.into(), port);
     let socket = ns
-        .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+        .run(|| UdpSocket::bind((unspecified_like(&target), 0)))?
         .context("making a UDP socket")?;
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
     socket.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -251,7 +265,8 @@ pub fn udp_request(ns: &NetNs, addr: Ipv4Addr, port: u16) -> Result<String> {
 }
 
 /// How a question to a [`crate::servers::PeerServer`] ended: its answer (`<name>
-/// <peer ip>:<peer port>`) and the address it came from, or why there was none.
+/// <peer ip>:<peer port>`, `<name> [<peer ip6>]:<peer port>` for IPv6) and the address it
+/// came from, or why there was none.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Asked {
     Answer {
@@ -268,13 +283,31 @@ pub enum Asked {
 }
 
 impl Asked {
-    /// The answer, split into the backend's name and the peer address it saw.
+    /// The answer, split into the backend's name and the IPv4 peer address it saw (`None`
+    /// for an IPv6 peer: see [`Asked::reply`]).
     pub fn answer(&self) -> Option<(String, SocketAddrV4)> {
+        match self.reply()? {
+            (name, SocketAddr::V4(peer)) => Some((name, peer)),
+            (_, SocketAddr::V6(_)) => None,
+        }
+    }
+
+    /// The answer, split into the backend's name and the peer address it saw, of either
+    /// family.
+    pub fn reply(&self) -> Option<(String, SocketAddr)> {
         let Asked::Answer { text, .. } = self else {
             return None;
         };
         let (name, peer) = text.trim().split_once(' ')?;
         Some((name.to_owned(), peer.parse().ok()?))
+    }
+
+    /// Where the answer came from (the address the client's socket saw), if any.
+    pub fn from(&self) -> Option<SocketAddr> {
+        match self {
+            Asked::Answer { from, .. } => Some(*from),
+            _ => None,
+        }
     }
 
     /// One line, as the `testbed-probe` binary prints it and [`Asked::parse`] reads it.
@@ -313,19 +346,21 @@ impl Asked {
 
 /// Asks over TCP from `ns`: connects to `addr:port` (at most `timeout`), sends a line and
 /// reads the answer until the server closes.
-pub fn ask_tcp(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<Asked> {
+pub fn ask_tcp(ns: &NetNs, addr: impl Into<IpAddr>, port: u16, timeout: Duration) -> Result<Asked> {
+    let addr = addr.into();
     ns.run(move || ask_tcp_here(addr, port, timeout))
 }
 
 /// Asks over UDP from `ns` (one datagram on an unconnected socket, waiting at most
 /// `timeout`); the answer carries the address it came from.
-pub fn ask_udp(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<Asked> {
+pub fn ask_udp(ns: &NetNs, addr: impl Into<IpAddr>, port: u16, timeout: Duration) -> Result<Asked> {
+    let addr = addr.into();
     ns.run(move || ask_udp_here(addr, port, timeout))
 }
 
 /// [`ask_tcp`] from the calling thread's own namespace.
-pub fn ask_tcp_here(addr: Ipv4Addr, port: u16, timeout: Duration) -> Asked {
-    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+pub fn ask_tcp_here(addr: impl Into<IpAddr>, port: u16, timeout: Duration) -> Asked {
+    let target = SocketAddr::new(addr.into(), port);
     let mut stream = match TcpStream::connect_timeout(&target, timeout) {
         Ok(s) => s,
         Err(e) => {
@@ -369,10 +404,10 @@ pub fn ask_tcp_here(addr: Ipv4Addr, port: u16, timeout: Duration) -> Asked {
 }
 
 /// [`ask_udp`] from the calling thread's own namespace.
-pub fn ask_udp_here(addr: Ipv4Addr, port: u16, timeout: Duration) -> Asked {
-    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+pub fn ask_udp_here(addr: impl Into<IpAddr>, port: u16, timeout: Duration) -> Asked {
+    let target = SocketAddr::new(addr.into(), port);
     let exchange = || -> std::io::Result<(String, SocketAddr)> {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let socket = UdpSocket::bind((unspecified_like(&target), 0))?;
         socket.set_read_timeout(Some(timeout))?;
         socket.set_write_timeout(Some(IO_TIMEOUT))?;
         socket.send_to(b"who are you?\n", target)?;
@@ -412,8 +447,14 @@ impl HttpAnswer {
 
 /// `GET path` from `ns` to `addr:port` with `Connection: close`, reading the answer to
 /// its end (at most a few seconds), whatever its status.
-pub fn http_get_any(ns: &NetNs, addr: Ipv4Addr, port: u16, path: &str) -> Result<HttpAnswer> {
-    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+pub fn http_get_any(
+    ns: &NetNs,
+    addr: impl Into<IpAddr>,
+    port: u16,
+    path: &str,
+) -> Result<HttpAnswer> {
+    let addr: IpAddr = addr.into();
+    let target = SocketAddr::new(addr, port);
     let mut stream = match connect(ns, addr, port, IO_TIMEOUT)? {
         ConnectOutcome::Connected(s, _) => s,
         other => bail!("connecting from {} to {target}: {other:?}", ns.name()),

@@ -5,19 +5,26 @@
 
 use std::{
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
 
 /// A Service: ClusterIP by default; [`Service::kind`] and the other builders make it a
-/// NodePort or LoadBalancer with its external settings.
+/// NodePort or LoadBalancer with its external settings. Its ClusterIP may be of either
+/// family; [`Service::dual_stack`] adds a second of the other family (`clusterIPs`,
+/// `ipFamilies` in that order, `ipFamilyPolicy`).
 #[derive(Clone, Debug)]
 pub struct Service {
     pub namespace: String,
     pub name: String,
-    pub cluster_ip: Ipv4Addr,
+    /// `spec.clusterIPs`; the first is `spec.clusterIP`, and their families in order are
+    /// `spec.ipFamilies`.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `spec.ipFamilyPolicy` (`SingleStack`, `PreferDualStack`, `RequireDualStack`), when
+    /// set.
+    pub ip_family_policy: Option<String>,
     pub ports: Vec<ServicePort>,
     /// `spec.type`: `ClusterIP`, `NodePort` or `LoadBalancer`.
     pub kind: String,
@@ -26,9 +33,9 @@ pub struct Service {
     /// `spec.internalTrafficPolicy` (`Cluster`/`Local`), when set.
     pub internal_traffic_policy: Option<String>,
     pub health_check_node_port: Option<u16>,
-    pub external_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip`.
-    pub lb_ingress: Vec<Ipv4Addr>,
+    pub lb_ingress: Vec<IpAddr>,
     /// `spec.loadBalancerSourceRanges`.
     pub source_ranges: Vec<String>,
 }
@@ -46,11 +53,12 @@ pub struct ServicePort {
 
 impl Service {
     /// A ClusterIP service with no ports yet.
-    pub fn cluster_ip(namespace: &str, name: &str, cluster_ip: Ipv4Addr) -> Self {
+    pub fn cluster_ip(namespace: &str, name: &str, cluster_ip: impl Into<IpAddr>) -> Self {
         Service {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
-            cluster_ip,
+            cluster_ips: vec![cluster_ip.into()],
+            ip_family_policy: None,
             ports: Vec::new(),
             kind: "ClusterIP".to_owned(),
             external_traffic_policy: None,
@@ -88,6 +96,21 @@ impl Service {
         self
     }
 
+    /// Makes the service dual stack: `second` (of the other family than the first
+    /// ClusterIP) joins `clusterIPs`, and `ipFamilyPolicy` becomes `policy`
+    /// (`RequireDualStack` or `PreferDualStack`).
+    pub fn dual_stack(mut self, second: impl Into<IpAddr>, policy: &str) -> Self {
+        self.cluster_ips.push(second.into());
+        self.ip_family_policy = Some(policy.to_owned());
+        self
+    }
+
+    /// Sets `spec.ipFamilyPolicy`.
+    pub fn ip_family_policy(mut self, policy: &str) -> Self {
+        self.ip_family_policy = Some(policy.to_owned());
+        self
+    }
+
     /// Sets `spec.type` (`ClusterIP`, `NodePort`, `LoadBalancer`).
     pub fn kind(mut self, kind: &str) -> Self {
         self.kind = kind.to_owned();
@@ -113,14 +136,14 @@ impl Service {
     }
 
     /// Adds an address to `spec.externalIPs`.
-    pub fn external_ip(mut self, ip: Ipv4Addr) -> Self {
-        self.external_ips.push(ip);
+    pub fn external_ip(mut self, ip: impl Into<IpAddr>) -> Self {
+        self.external_ips.push(ip.into());
         self
     }
 
     /// Adds an `ip` entry to `status.loadBalancer.ingress`.
-    pub fn lb_ingress(mut self, ip: Ipv4Addr) -> Self {
-        self.lb_ingress.push(ip);
+    pub fn lb_ingress(mut self, ip: impl Into<IpAddr>) -> Self {
+        self.lb_ingress.push(ip.into());
         self
     }
 
@@ -135,13 +158,25 @@ impl Service {
         let _ = write!(
             y,
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\n\
-             spec:\n  type: {kind}\n  selector:\n    app: {name}\n  clusterIP: {ip}\n  \
-             clusterIPs:\n  - {ip}\n  ipFamilies:\n  - IPv4\n",
+             spec:\n  type: {kind}\n  selector:\n    app: {name}\n",
             name = self.name,
             ns = self.namespace,
-            ip = self.cluster_ip,
             kind = self.kind,
         );
+        if let Some(first) = self.cluster_ips.first() {
+            let _ = writeln!(y, "  clusterIP: {first}");
+        }
+        y.push_str("  clusterIPs:\n");
+        for ip in &self.cluster_ips {
+            let _ = writeln!(y, "  - {ip}");
+        }
+        y.push_str("  ipFamilies:\n");
+        for ip in &self.cluster_ips {
+            let _ = writeln!(y, "  - {}", ip_family(ip));
+        }
+        if let Some(p) = &self.ip_family_policy {
+            let _ = writeln!(y, "  ipFamilyPolicy: {p}");
+        }
         if let Some(p) = &self.external_traffic_policy {
             let _ = writeln!(y, "  externalTrafficPolicy: {p}");
         }
@@ -184,13 +219,24 @@ impl Service {
     }
 }
 
-/// An IPv4 EndpointSlice of a service.
+/// `IPv4` or `IPv6`, as `ipFamilies` and `addressType` spell them.
+pub fn ip_family(ip: &IpAddr) -> &'static str {
+    match ip {
+        IpAddr::V4(_) => "IPv4",
+        IpAddr::V6(_) => "IPv6",
+    }
+}
+
+/// An EndpointSlice of a service (`addressType` IPv4 unless set with
+/// [`EndpointSlice::address_type`]).
 #[derive(Clone, Debug)]
 pub struct EndpointSlice {
     pub namespace: String,
     pub name: String,
     /// Value of the `kubernetes.io/service-name` label.
     pub service_name: String,
+    /// `addressType`: `IPv4` or `IPv6`.
+    pub address_type: String,
     pub endpoints: Vec<Endpoint>,
     pub ports: Vec<EndpointPort>,
 }
@@ -198,7 +244,7 @@ pub struct EndpointSlice {
 /// One endpoint (a pod) of an [`EndpointSlice`].
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// The pod's name, written as `targetRef`.
     pub pod: String,
     pub ready: bool,
@@ -222,9 +268,16 @@ impl EndpointSlice {
             namespace: namespace.to_owned(),
             name: format!("{service}-{suffix}"),
             service_name: service.to_owned(),
+            address_type: "IPv4".to_owned(),
             endpoints: Vec::new(),
             ports: Vec::new(),
         }
+    }
+
+    /// Sets `addressType` (`IPv4`, `IPv6`).
+    pub fn address_type(mut self, address_type: &str) -> Self {
+        self.address_type = address_type.to_owned();
+        self
     }
 
     pub fn port(mut self, name: &str, protocol: &str, port: u16) -> Self {
@@ -237,9 +290,9 @@ impl EndpointSlice {
     }
 
     /// Adds a ready, serving endpoint.
-    pub fn ready(mut self, pod: &str, ip: Ipv4Addr) -> Self {
+    pub fn ready(mut self, pod: &str, ip: impl Into<IpAddr>) -> Self {
         self.endpoints.push(Endpoint {
-            ip,
+            ip: ip.into(),
             pod: pod.to_owned(),
             ready: true,
             terminating: false,
@@ -249,7 +302,7 @@ impl EndpointSlice {
     }
 
     /// Adds a ready, serving endpoint on node `node`.
-    pub fn ready_on(mut self, pod: &str, ip: Ipv4Addr, node: &str) -> Self {
+    pub fn ready_on(mut self, pod: &str, ip: impl Into<IpAddr>, node: &str) -> Self {
         self = self.ready(pod, ip);
         self.endpoints.last_mut().expect("just pushed").node_name = Some(node.to_owned());
         self
@@ -262,8 +315,8 @@ impl EndpointSlice {
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}\n  \
              namespace: {}\n  labels:\n    kubernetes.io/service-name: {}\n    \
              endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io\n\
-             addressType: IPv4\n",
-            self.name, self.namespace, self.service_name
+             addressType: {}\n",
+            self.name, self.namespace, self.service_name, self.address_type
         );
         if self.endpoints.is_empty() {
             y.push_str("endpoints: []\n");

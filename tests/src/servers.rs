@@ -237,79 +237,79 @@ impl Drop for UdpServer {
 }
 
 /// A server that tells each client who answered and whom it saw: on TCP and UDP on the
-/// same port, every request (a line on a TCP connection, or a datagram) is answered with
-/// `<name> <peer ip>:<peer port>`, the peer address as the backend's socket reports it
-/// (so a test sees whether the client's address was kept or source-NAT-ed). A TCP
-/// connection is closed after its answer. Stops on drop.
+/// same port, over IPv4 and IPv6, every request (a line on a TCP connection, or a
+/// datagram) is answered with `<name> <peer ip>:<peer port>` (`<name> [<peer ip6>]:<peer
+/// port>` over IPv6), the peer address as the backend's socket reports it (so a test sees
+/// whether the client's address was kept or source-NAT-ed). The IPv6 sockets are IPv6-only,
+/// so an IPv4 peer is never reported as `::ffff:a.b.c.d`. A TCP connection is closed after
+/// its answer. Stops on drop.
 pub struct PeerServer {
     pub name: String,
     pub port: u16,
-    /// Requests answered so far (TCP and UDP).
+    /// Requests answered so far (TCP and UDP, both families).
     answered: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl PeerServer {
-    /// Listens on 0.0.0.0:`port`, TCP and UDP, inside `ns`.
+    /// Listens on 0.0.0.0:`port` and [::]:`port`, TCP and UDP, inside `ns`. Where the
+    /// kernel has no IPv6 at all, IPv4 only.
     pub fn start(ns: &NetNs, name: &str, port: u16) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let answered = Arc::new(AtomicU64::new(0));
-        let (listener, socket) = ns
-            .run(move || -> std::io::Result<(TcpListener, UdpSocket)> {
+        type Sockets = (Vec<TcpListener>, Vec<UdpSocket>);
+        let (listeners, sockets) = ns
+            .run(move || -> std::io::Result<Sockets> {
                 let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
-                l.set_nonblocking(true)?;
                 let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
-                s.set_read_timeout(Some(POLL * 5))?;
-                s.set_write_timeout(Some(Duration::from_secs(1)))?;
-                Ok((l, s))
+                let (mut listeners, mut sockets) = (vec![l], vec![s]);
+                match ipv6_only_sockets(port) {
+                    Ok((l6, s6)) => {
+                        listeners.push(l6);
+                        sockets.push(s6);
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+                    Err(e) => return Err(e),
+                }
+                for l in &listeners {
+                    l.set_nonblocking(true)?;
+                }
+                for s in &sockets {
+                    s.set_read_timeout(Some(POLL * 5))?;
+                    s.set_write_timeout(Some(Duration::from_secs(1)))?;
+                }
+                Ok((listeners, sockets))
             })?
             .with_context(|| format!("binding TCP and UDP port {port} in {}", ns.name()))?;
-        let tcp = {
+        let mut threads = Vec::new();
+        for listener in listeners {
             let (stop, answered, name) = (stop.clone(), answered.clone(), name.to_owned());
-            std::thread::Builder::new()
-                .name(format!("peer-tcp-{name}"))
-                .spawn(move || {
-                    let what = format!("peer server {name}");
-                    accept_loop(listener, &what, &stop, move |c| {
-                        answer_peer(c, &name, &answered)
-                    })
-                })?
-        };
-        let udp = {
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("peer-tcp-{name}"))
+                    .spawn(move || {
+                        let what = format!("peer server {name}");
+                        accept_loop(listener, &what, &stop, move |c| {
+                            answer_peer(c, &name, &answered)
+                        })
+                    })?,
+            );
+        }
+        for socket in sockets {
             let (stop, answered, name) = (stop.clone(), answered.clone(), name.to_owned());
-            std::thread::Builder::new()
-                .name(format!("peer-udp-{name}"))
-                .spawn(move || {
-                    let mut buf = [0u8; 1500];
-                    while !stop.load(Ordering::SeqCst) {
-                        match socket.recv_from(&mut buf) {
-                            Ok((_, peer)) => {
-                                answered.fetch_add(1, Ordering::Relaxed);
-                                let answer = format!("{name} {peer}");
-                                if let Err(e) = socket.send_to(answer.as_bytes(), peer) {
-                                    eprintln!("testbed: peer server {name}: send: {e}");
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    ErrorKind::WouldBlock | ErrorKind::TimedOut
-                                ) => {}
-                            Err(e) => {
-                                eprintln!("testbed: peer server {name}: recv: {e}");
-                                std::thread::sleep(POLL);
-                            }
-                        }
-                    }
-                })?
-        };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("peer-udp-{name}"))
+                    .spawn(move || answer_datagrams(&socket, &name, &stop, &answered))?,
+            );
+        }
         Ok(PeerServer {
             name: name.to_owned(),
             port,
             answered,
             stop,
-            threads: vec![tcp, udp],
+            threads,
         })
     }
 
@@ -324,6 +324,43 @@ impl Drop for PeerServer {
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+/// A TCP listener and a UDP socket on [::]:`port` with IPV6_V6ONLY set, so that they share
+/// the port with the IPv4 sockets instead of taking IPv4 too (v4-mapped).
+fn ipv6_only_sockets(port: u16) -> std::io::Result<(TcpListener, UdpSocket)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let addr: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
+    let tcp = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    tcp.set_only_v6(true)?;
+    tcp.set_reuse_address(true)?;
+    tcp.bind(&addr.into())?;
+    tcp.listen(128)?;
+    let udp = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    udp.set_only_v6(true)?;
+    udp.bind(&addr.into())?;
+    Ok((tcp.into(), udp.into()))
+}
+
+/// Answers every datagram on `socket` with `<name> <peer>` until `stop`.
+fn answer_datagrams(socket: &UdpSocket, name: &str, stop: &AtomicBool, answered: &AtomicU64) {
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::SeqCst) {
+        match socket.recv_from(&mut buf) {
+            Ok((_, peer)) => {
+                answered.fetch_add(1, Ordering::Relaxed);
+                let answer = format!("{name} {peer}");
+                if let Err(e) = socket.send_to(answer.as_bytes(), peer) {
+                    eprintln!("testbed: peer server {name}: send: {e}");
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => {
+                eprintln!("testbed: peer server {name}: recv: {e}");
+                std::thread::sleep(POLL);
+            }
         }
     }
 }

@@ -12,8 +12,16 @@
 //!                                                            (external IPs) via node A
 //! ```
 //!
+//! IPv6 runs alongside (dual stack everywhere): the LAN is fd00:251::/64 (node A ::1, node B
+//! ::2, client ::100), pods on A are fd00:244:1::1x/128 and on B fd00:244:2::1x/128 (the
+//! same digits as their IPv4 last byte: a1 is 10.244.1.11 and fd00:244:1::11), each node
+//! routes the other's pod range fd00:244:<n>::/64 via its LAN address, and the client
+//! routes the IPv6 LoadBalancer range fd00:203::/64 via node A. Duplicate address
+//! detection is off in every namespace, so addresses work at once.
+//!
 //! Pods are wired as in [`crate::topology`] (/32 address, default route via 169.254.1.1 on
-//! the node side of the veth). Each node forwards (`ip_forward=1`) and runs its own agent
+//! the node side of the veth; /128 and default route via fe80::1 for IPv6). Each node
+//! forwards (`ip_forward=1`, IPv6 `forwarding=1`) and runs its own agent
 //! ([`TwoNode::start_agent`]) with its own bpffs folder, `--node-name node-a|node-b`,
 //! `--interfaces` = its pod veths and `--node-interfaces eth0`; both read the same
 //! manifests folder, as two nodes read one API server.
@@ -26,13 +34,13 @@
 //! the switch, takes every frame.
 //!
 //! Every pod runs a [`PeerServer`] on [`PEER_PORT`] (TCP and UDP) answering
-//! `<pod> <peer ip>:<peer port>`. All of it lives in namespaces made here, named from
+//! `<pod> <peer ip>:<peer port>` (`<pod> [<peer ip6>]:<peer port>` for IPv6). All of it lives in namespaces made here, named from
 //! [`crate::unique_run_id`]; guards delete namespaces, pins and cgroups on drop, also when
 //! a test panics.
 
 use std::{
     io::Read,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -49,7 +57,7 @@ use crate::{
     manifests::{EndpointSlice, ManifestDir, Service, documents},
     netns::NetNs,
     servers::PeerServer,
-    topology::{Pod, wire_pod},
+    topology::{Pod, enable_ipv6_forwarding, no_dad, wire_pod},
 };
 
 /// The LAN between the nodes and the external client.
@@ -57,8 +65,18 @@ pub const LAN_SUBNET: [u8; 3] = [192, 168, 251];
 pub const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 251, 1);
 pub const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 251, 2);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 251, 100);
+/// The LAN's IPv6 prefix and the nodes' and client's IPv6 addresses on it.
+pub const LAN_PREFIX6: &str = "fd00:251::/64";
+pub const NODE_A_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x251, 0, 0, 0, 0, 0, 1);
+pub const NODE_B_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x251, 0, 0, 0, 0, 0, 2);
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x251, 0, 0, 0, 0, 0, 0x100);
 /// LoadBalancer ingress IPs are taken from here; the client routes it via node A.
 pub const LB_CIDR: &str = "203.0.113.0/24";
+/// IPv6 LoadBalancer ingress IPs are taken from here; the client routes it via node A.
+pub const LB_CIDR6: &str = "fd00:203::/64";
+/// Services' IPv6 ClusterIPs are taken from here (nothing routes it: only the agents
+/// serve it).
+pub const SERVICE_CIDR6: &str = "fd00:96::/112";
 /// External IPs are taken from here; the client routes it via node A.
 pub const EXTERNAL_CIDR: &str = "198.51.100.0/24";
 /// Every pod's [`PeerServer`] listens here, TCP and UDP.
@@ -90,6 +108,8 @@ pub struct Node {
     pub name: String,
     /// The uplink's address on the LAN.
     pub addr: Ipv4Addr,
+    /// The uplink's IPv6 address on the LAN.
+    pub addr6: Ipv6Addr,
     /// First three bytes of this node's pod CIDR (`10.244.1` for A).
     pub pod_subnet: [u8; 3],
     pub pods: Vec<Pod>,
@@ -107,6 +127,11 @@ impl Node {
             .iter()
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no pod {name} on {}", self.name))
+    }
+
+    /// This node's IPv6 pod range, e.g. `fd00:244:1::/64`.
+    pub fn pod_cidr6(&self) -> String {
+        format!("fd00:244:{}::/64", self.pod_subnet[2])
     }
 
     /// Glob of this node's pod veths, for `--interfaces`.
@@ -176,19 +201,68 @@ impl TwoNode {
         }
         let run = crate::unique_run_id();
         let lan = NetNs::create(&format!("bp{run}-lan"))?;
-        lan.ip(&["link", "add", "br0", "type", "bridge"])?;
+        // No multicast snooping: neighbour solicitations go to every port, as on a plain
+        // switch, whatever MLD reports the bridge saw or missed.
+        lan.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         lan.ip(&["link", "set", "br0", "up"])?;
 
-        let mut a = Self::build_node(&run, &lan, 'a', NODE_A_IP, [10, 244, 1], pods_per_node)?;
-        let mut b = Self::build_node(&run, &lan, 'b', NODE_B_IP, [10, 244, 2], pods_per_node)?;
+        let mut a = Self::build_node(
+            &run,
+            &lan,
+            'a',
+            (NODE_A_IP, NODE_A_IP6),
+            [10, 244, 1],
+            pods_per_node,
+        )?;
+        let mut b = Self::build_node(
+            &run,
+            &lan,
+            'b',
+            (NODE_B_IP, NODE_B_IP6),
+            [10, 244, 2],
+            pods_per_node,
+        )?;
         a.ns.ip(&["route", "add", &b.pod_cidr(), "via", &NODE_B_IP.to_string()])?;
         b.ns.ip(&["route", "add", &a.pod_cidr(), "via", &NODE_A_IP.to_string()])?;
+        a.ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &b.pod_cidr6(),
+            "via",
+            &NODE_B_IP6.to_string(),
+        ])?;
+        b.ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &a.pod_cidr6(),
+            "via",
+            &NODE_A_IP6.to_string(),
+        ])?;
 
         let client = NetNs::create(&format!("bp{run}-cl"))?;
-        let client_lan_if = uplink(&run, &lan, &client, 'c', CLIENT_IP)?;
+        no_dad(&client)?;
+        let client_lan_if = uplink(&run, &lan, &client, 'c', (CLIENT_IP, CLIENT_IP6))?;
         for cidr in [LB_CIDR, EXTERNAL_CIDR] {
             client.ip(&["route", "add", cidr, "via", &NODE_A_IP.to_string()])?;
         }
+        client.ip(&[
+            "-6",
+            "route",
+            "add",
+            LB_CIDR6,
+            "via",
+            &NODE_A_IP6.to_string(),
+        ])?;
 
         let lan_ifs = [format!("bpl{run}-a"), format!("bpl{run}-b"), client_lan_if];
         for ifname in &lan_ifs {
@@ -223,7 +297,7 @@ impl TwoNode {
         run: &str,
         lan: &NetNs,
         letter: char,
-        addr: Ipv4Addr,
+        (addr, addr6): (Ipv4Addr, Ipv6Addr),
         pod_subnet: [u8; 3],
         pods: usize,
     ) -> Result<Node> {
@@ -231,12 +305,15 @@ impl TwoNode {
         ns.sysctl("ipv4/ip_forward", "1")?;
         ns.sysctl("ipv4/conf/all/rp_filter", "0")?;
         ns.sysctl("ipv4/conf/default/rp_filter", "0")?;
-        uplink(run, lan, &ns, letter, addr)?;
+        no_dad(&ns)?;
+        enable_ipv6_forwarding(&ns)?;
+        uplink(run, lan, &ns, letter, (addr, addr6))?;
         let if_prefix = format!("bp{letter}{run}-");
         let mut node = Node {
             agent: None,
             name: format!("node-{letter}"),
             addr,
+            addr6,
             pod_subnet,
             pods: Vec::new(),
             if_prefix,
@@ -247,8 +324,16 @@ impl TwoNode {
             let name = format!("{letter}{i}");
             let [x, y, z] = pod_subnet;
             let ip = Ipv4Addr::new(x, y, z, 10 + i as u8);
+            let ip6 = pod_ip6(z, 10 + i as u8);
             let node_if = format!("{}{i}", node.if_prefix);
-            let pod = wire_pod(&node.ns, &node_if, &format!("bp{run}-{name}"), &name, ip)?;
+            let pod = wire_pod(
+                &node.ns,
+                &node_if,
+                &format!("bp{run}-{name}"),
+                &name,
+                ip,
+                Some(ip6),
+            )?;
             node.pods.push(pod);
         }
         Ok(node)
@@ -331,10 +416,11 @@ impl TwoNode {
         which: Which,
         probe: &NodeProbe,
         proto: &str,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> Result<Asked> {
+        let addr: IpAddr = addr.into();
         let (cgroup, probe) = (probe.cgroup, probe.bin);
         let node = self.node(which);
         let netns = std::fs::File::open(node.ns.path())
@@ -418,13 +504,28 @@ impl TwoNode {
 }
 
 /// A Service `name` of type `kind` with ClusterIP `cluster_ip` and ports `tcp` 80/TCP and
-/// `udp` 80/UDP to the pods' [`PEER_PORT`], both with nodePort `node_port` if given.
+/// `udp` 80/UDP to the pods' [`PEER_PORT`], both with nodePort `node_port` if given. Add an
+/// IPv6 ClusterIP with [`Service::dual_stack`].
 pub fn peer_service(
     name: &str,
     kind: &str,
     cluster_ip: Ipv4Addr,
     node_port: Option<u16>,
 ) -> Service {
+    peer_service_at(name, kind, cluster_ip.into(), node_port)
+}
+
+/// [`peer_service`] with an IPv6 ClusterIP only (`ipFamilies: [IPv6]`, `SingleStack`).
+pub fn peer_service6(
+    name: &str,
+    kind: &str,
+    cluster_ip: Ipv6Addr,
+    node_port: Option<u16>,
+) -> Service {
+    peer_service_at(name, kind, cluster_ip.into(), node_port).ip_family_policy("SingleStack")
+}
+
+fn peer_service_at(name: &str, kind: &str, cluster_ip: IpAddr, node_port: Option<u16>) -> Service {
     let svc = Service::cluster_ip(SERVICE_NAMESPACE, name, cluster_ip).kind(kind);
     match node_port {
         Some(np) => svc
@@ -453,12 +554,42 @@ impl TwoNode {
         slice
     }
 
+    /// The IPv6 EndpointSlice (`addressType: IPv6`, named `<service>-s6`) of
+    /// [`peer_service`] `service` with the IPv6 addresses of the pods `pods`.
+    pub fn peer_slice6(&self, service: &str, pods: &[&str]) -> EndpointSlice {
+        let mut slice = EndpointSlice::for_service(SERVICE_NAMESPACE, service, "s6")
+            .address_type("IPv6")
+            .port("tcp", "TCP", PEER_PORT)
+            .port("udp", "UDP", PEER_PORT);
+        for pod in pods {
+            let p = self.pod(pod);
+            slice = slice.ready_on(&p.name, p.ip6(), &self.node_of(pod).name);
+        }
+        slice
+    }
+
     /// Writes the services and their slices as one manifest file `file`, read by both
     /// agents.
     pub fn write_services(&self, file: &str, services: &[(Service, EndpointSlice)]) -> Result<()> {
         let docs: Vec<String> = services
             .iter()
             .flat_map(|(svc, slice)| [svc.to_yaml(), slice.to_yaml()])
+            .collect();
+        self.manifests.write(file, &documents(&docs))
+    }
+
+    /// Like [`TwoNode::write_services`] with any number of slices per service (a dual-stack
+    /// service has one per family).
+    pub fn write_services_slices(
+        &self,
+        file: &str,
+        services: &[(Service, Vec<EndpointSlice>)],
+    ) -> Result<()> {
+        let docs: Vec<String> = services
+            .iter()
+            .flat_map(|(svc, slices)| {
+                std::iter::once(svc.to_yaml()).chain(slices.iter().map(EndpointSlice::to_yaml))
+            })
             .collect();
         self.manifests.write(file, &documents(&docs))
     }
@@ -470,12 +601,14 @@ impl TwoNode {
         &self,
         from: &NetNs,
         proto: &str,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
         want: &str,
     ) -> Result<Asked> {
+        let addr: IpAddr = addr.into();
         let what = format!(
-            "{want} to answer {proto} {addr}:{port} from {}",
+            "{want} to answer {proto} {} from {}",
+            std::net::SocketAddr::new(addr, port),
             from.name()
         );
         crate::wait_until(&what, crate::agent::READY_TIMEOUT, || {
@@ -483,7 +616,7 @@ impl TwoNode {
                 "tcp" => ask_tcp(from, addr, port, Duration::from_secs(1))?,
                 _ => ask_udp(from, addr, port, Duration::from_secs(1))?,
             };
-            match asked.answer() {
+            match asked.reply() {
                 Some((name, _)) if name == want => Ok(Some(asked)),
                 _ => bail!("last outcome: {asked:?}"),
             }
@@ -514,9 +647,23 @@ pub struct NodeProbe<'a> {
     pub cgroup: &'a Path,
 }
 
+/// Pod `i`'s IPv6 address on the node whose IPv4 pod range is `10.244.<node>.0/24`, for
+/// IPv4 last byte `last`: `fd00:244:<node>::<last>`, the decimal digits read as hex (so
+/// 10.244.1.11 pairs with fd00:244:1::11).
+pub fn pod_ip6(node: u8, last: u8) -> Ipv6Addr {
+    let hex = |n: u8| u16::from_str_radix(&n.to_string(), 16).expect("decimal digits are hex");
+    Ipv6Addr::new(0xfd00, 0x244, hex(node), 0, 0, 0, 0, hex(last))
+}
+
 /// A veth `bpl<run>-<letter>` in `lan`, enslaved to `br0`, whose peer is `eth0` in `ns` with
-/// `addr`/24. Returns the LAN-side name.
-fn uplink(run: &str, lan: &NetNs, ns: &NetNs, letter: char, addr: Ipv4Addr) -> Result<String> {
+/// `addr`/24 and `addr6`/64 (no duplicate address detection). Returns the LAN-side name.
+fn uplink(
+    run: &str,
+    lan: &NetNs,
+    ns: &NetNs,
+    letter: char,
+    (addr, addr6): (Ipv4Addr, Ipv6Addr),
+) -> Result<String> {
     let lan_if = format!("bpl{run}-{letter}");
     let setup = || -> Result<()> {
         lan.ip(&[
@@ -534,6 +681,15 @@ fn uplink(run: &str, lan: &NetNs, ns: &NetNs, letter: char, addr: Ipv4Addr) -> R
         lan.ip(&["link", "set", &lan_if, "master", "br0"])?;
         lan.ip(&["link", "set", &lan_if, "up"])?;
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", UPLINK])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr6}/64"),
+            "dev",
+            UPLINK,
+            "nodad",
+        ])?;
         ns.ip(&["link", "set", UPLINK, "up"])?;
         Ok(())
     };
@@ -621,6 +777,13 @@ fn attach_xdp_floor(ns: &NetNs, ifnames: &[String]) -> Result<aya::Ebpf> {
             maps::COUNTED4,
             maps::AFFINITY4,
             maps::SRC_RANGES4,
+            maps::SERVICES6,
+            maps::BACKEND_SLOTS6,
+            maps::CONNTRACK6,
+            maps::BACKEND_CONNS6,
+            maps::COUNTED6,
+            maps::AFFINITY6,
+            maps::SRC_RANGES6,
         ] {
             loader.map_max_entries(map, 16);
         }
