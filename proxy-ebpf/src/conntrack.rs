@@ -1,19 +1,22 @@
-//! Connection tracking: one forward and one reply entry per NAT-ed connection.
+//! Connection tracking: one forward and one reply entry per NAT-ed connection, in
+//! `conntrack4` or `conntrack6` (generic over the [`Family`]).
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     cty::c_void,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
 };
-use proxy_common::{
-    conntrack::{
-        CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REPLIED, CT_FLAG_SNAT, Ct4Key,
-        Ct4Value, LAST_SEEN_REFRESH_NS,
-    },
-    service::BackendConnsKey,
+use proxy_common::conntrack::{
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REPLIED, CT_FLAG_SNAT,
+    LAST_SEEN_REFRESH_NS,
 };
 
-use crate::{maps::CONNTRACK4, nat::Tuple, parse::Packet, sched};
+use crate::{
+    family::{CtEntry, CtScratch, Family},
+    nat::Tuple,
+    parse::Packet,
+    sched,
+};
 
 /// Ports tried for a new SNAT-ed connection before giving up (ERR_SNAT_PORTS). Starting
 /// at a random port of the range, with a range mostly free each try is a hit; the bound
@@ -23,34 +26,35 @@ pub const SNAT_PORT_TRIES: u32 = 16;
 /// What a forward entry says to do with a client's packet: the backend, and with
 /// `snat` the new source (`addr2:port2`) too.
 #[derive(Clone, Copy)]
-pub struct Translation {
-    pub addr: [u8; 4],
+pub struct Translation<A> {
+    pub addr: A,
     pub port: u16,
     pub snat: bool,
-    pub addr2: [u8; 4],
+    pub addr2: A,
     pub port2: u16,
 }
 
-impl Translation {
+impl<A: Copy> Translation<A> {
     /// Read out of a conntrack entry (forward: backend and SNAT source; reply: frontend
     /// and client).
     #[inline(always)]
-    pub fn of(entry: *const Ct4Value) -> Translation {
+    pub fn of<V: CtEntry<A>>(entry: *mut V) -> Translation<A> {
+        let (addr, port) = V::nat(entry);
+        let (addr2, port2) = V::nat2(entry);
         // SAFETY: a lookup result, read at once.
-        unsafe {
-            Translation {
-                addr: (*entry).nat_addr,
-                port: (*entry).nat_port,
-                snat: (*entry).flags & CT_FLAG_SNAT != 0,
-                addr2: (*entry).nat2_addr,
-                port2: (*entry).nat2_port,
-            }
+        let flags = unsafe { *V::flags(entry) };
+        Translation {
+            addr,
+            port,
+            snat: flags & CT_FLAG_SNAT != 0,
+            addr2,
+            port2,
         }
     }
 
     /// A client's packet after a forward translation.
     #[inline(always)]
-    pub fn forward(&self, pkt: &Packet) -> Tuple {
+    pub fn forward(&self, pkt: &Packet<A>) -> Tuple<A> {
         let (saddr, sport) = if self.snat {
             (self.addr2, self.port2)
         } else {
@@ -66,7 +70,7 @@ impl Translation {
 
     /// A backend's packet after a reply translation.
     #[inline(always)]
-    pub fn reply(&self, pkt: &Packet) -> Tuple {
+    pub fn reply(&self, pkt: &Packet<A>) -> Tuple<A> {
         let (daddr, dport) = if self.snat {
             (self.addr2, self.port2)
         } else {
@@ -83,7 +87,7 @@ impl Translation {
     /// The client of a reply entry on `pkt` (a backend's packet): the packet's
     /// destination, or `nat2` when source-NAT-ed.
     #[inline(always)]
-    pub fn client_of_reply(&self, pkt: &Packet) -> ([u8; 4], u16) {
+    pub fn client_of_reply(&self, pkt: &Packet<A>) -> (A, u16) {
         if self.snat {
             (self.addr2, self.port2)
         } else {
@@ -94,43 +98,29 @@ impl Translation {
 
 /// How a new connection's source is translated.
 #[derive(Clone, Copy)]
-pub enum Snat {
+pub enum Snat<A> {
     /// Kept (DNAT only).
     None,
     /// Becomes this address and port (hairpin: the frontend and the client's own port,
     /// whose reply key is unique to the client's socket).
-    Fixed([u8; 4], u16),
+    Fixed(A, u16),
     /// Becomes `addr` and a port of `min..=max` that no other connection to the same
     /// backend uses (NodePort SNAT).
-    Alloc { addr: [u8; 4], min: u16, max: u16 },
+    Alloc { addr: A, min: u16, max: u16 },
 }
 
 /// The packet's own 5-tuple: the forward key of a client packet, the reply key of a backend's.
 #[inline(always)]
-pub fn tuple_key(pkt: &Packet) -> Ct4Key {
-    Ct4Key {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    }
+pub fn tuple_key<F: Family>(pkt: &Packet<F::Addr>) -> F::CtKey {
+    F::ct_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto)
 }
 
 /// The reply key of the connection of the packet's client translated by `t`: backend ->
 /// client, or backend -> SNAT source.
 #[inline(always)]
-fn reply_key(pkt: &Packet, t: &Translation) -> Ct4Key {
+fn reply_key<F: Family>(pkt: &Packet<F::Addr>, t: &Translation<F::Addr>) -> F::CtKey {
     let fwd = t.forward(pkt);
-    Ct4Key {
-        saddr: fwd.daddr,
-        daddr: fwd.saddr,
-        sport: fwd.dport,
-        dport: fwd.sport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    }
+    F::ct_key(fwd.daddr, fwd.saddr, fwd.dport, fwd.sport, pkt.proto)
 }
 
 /// The clock of `last_seen_ns`: CLOCK_MONOTONIC_COARSE, the tick-granular clock (no
@@ -145,39 +135,42 @@ pub fn now() -> u64 {
 /// over [`LAST_SEEN_REFRESH_NS`] old: most packets of a busy flow read the field and go on,
 /// without dirtying the entry's cache line.
 #[inline(always)]
-pub fn touch(entry: *mut Ct4Value) {
+pub fn touch<F: Family>(entry: *mut F::Ct) {
     let now = now();
+    let last = F::Ct::last_seen(entry);
     // SAFETY: `entry` comes from a lookup in this program run; a racing writer stores a
     // time just as recent.
     unsafe {
-        if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_REFRESH_NS {
-            (*entry).last_seen_ns = now;
+        if now.wrapping_sub(*last) > LAST_SEEN_REFRESH_NS {
+            *last = now;
         }
     }
 }
 
 /// Marks a reply entry as answered; true the first time (the connection's first reply).
 #[inline(always)]
-pub fn note_replied(entry: *mut Ct4Value) -> bool {
+pub fn note_replied<F: Family>(entry: *mut F::Ct) -> bool {
+    let flags = F::Ct::flags(entry);
     // SAFETY: as in `touch`; a racing first reply at worst reports the event twice.
     unsafe {
-        if (*entry).flags & CT_FLAG_REPLIED != 0 {
+        if *flags & CT_FLAG_REPLIED != 0 {
             return false;
         }
-        (*entry).flags |= CT_FLAG_REPLIED;
+        *flags |= CT_FLAG_REPLIED;
     }
     true
 }
 
 /// Marks an entry as closing on a FIN or RST, writing only when the flag changes.
 #[inline(always)]
-pub fn note_closing(pkt: &Packet, entry: *mut Ct4Value) {
+pub fn note_closing<F: Family>(pkt: &Packet<F::Addr>, entry: *mut F::Ct) {
     if pkt.is_closing() {
+        let flags = F::Ct::flags(entry);
         // SAFETY: `entry` comes from a lookup in this program run; a racing update of the
         // same entry at worst loses this flag, which the next FIN/RST sets again.
         unsafe {
-            if (*entry).flags & CT_FLAG_CLOSING == 0 {
-                (*entry).flags |= CT_FLAG_CLOSING;
+            if *flags & CT_FLAG_CLOSING == 0 {
+                *flags |= CT_FLAG_CLOSING;
             }
         }
     }
@@ -187,53 +180,47 @@ pub fn note_closing(pkt: &Packet, entry: *mut Ct4Value) {
 /// the tuple picks a backend anew even when the backend ended the connection. `t` is the
 /// reply entry's translation.
 #[inline(always)]
-pub fn note_closing_forward(pkt: &Packet, t: &Translation) {
+pub fn note_closing_forward<F: Family>(pkt: &Packet<F::Addr>, t: &Translation<F::Addr>) {
     if !pkt.is_closing() {
         return;
     }
     let (client, client_port) = t.client_of_reply(pkt);
-    let fwd = Ct4Key {
-        saddr: client,
-        daddr: t.addr,
-        sport: client_port,
-        dport: t.port,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
-    if let Some(entry) = CONNTRACK4.get_ptr_mut(fwd) {
-        note_closing(pkt, entry);
-        release(&fwd, entry);
+    let fwd = F::ct_key(client, t.addr, client_port, t.port, pkt.proto);
+    if let Some(entry) = F::conntrack().get_ptr_mut(&fwd) {
+        note_closing::<F>(pkt, entry);
+        release::<F>(&fwd, entry);
     }
 }
 
 /// Gives back the connection's count in `backend_conns4`, once (see `sched::release_token`).
 /// `fkey` and `entry` are the forward tuple and entry.
 #[inline(always)]
-pub fn release(fkey: &Ct4Key, entry: *mut Ct4Value) {
+pub fn release<F: Family>(fkey: &F::CtKey, entry: *mut F::Ct) {
+    let counted = F::Ct::counted(entry);
     // SAFETY: `entry` comes from a lookup in this program run. A racing writer of the
     // hint at worst costs another closing packet one token lookup.
     unsafe {
-        if (*entry).counted == 0 {
+        if *counted == 0 {
             return;
         }
-        (*entry).counted = 0;
+        *counted = 0;
     }
-    sched::release_token(fkey);
+    sched::release_token::<F>(fkey);
 }
 
 /// Drops the forward entry of a closed connection whose tuple a new SYN reuses (after
 /// releasing its count, in case a racing FIN lost its update).
 #[inline(always)]
-pub fn forget_forward(pkt: &Packet, entry: *mut Ct4Value) {
-    let fkey = tuple_key(pkt);
-    release(&fkey, entry);
-    let _ = CONNTRACK4.remove(fkey);
+pub fn forget_forward<F: Family>(pkt: &Packet<F::Addr>, entry: *mut F::Ct) {
+    let fkey = tuple_key::<F>(pkt);
+    release::<F>(&fkey, entry);
+    let _ = F::conntrack().remove(&fkey);
 }
 
 /// Drops the reply entry of a forward entry (translation `t`) that is being replaced.
 #[inline(always)]
-pub fn forget_reply(pkt: &Packet, t: &Translation) {
-    let _ = CONNTRACK4.remove(reply_key(pkt, t));
+pub fn forget_reply<F: Family>(pkt: &Packet<F::Addr>, t: &Translation<F::Addr>) {
+    let _ = F::conntrack().remove(&reply_key::<F>(pkt, t));
 }
 
 /// Why [`create`] made no connection.
@@ -245,16 +232,27 @@ pub enum CreateError {
 }
 
 /// How [`create`] went; both carry the translation the packet gets.
-pub enum Created {
+pub enum Created<A> {
     /// Both entries are in; the connection goes to the chosen backend.
-    New(Translation),
+    New(Translation<A>),
     /// Another CPU created the same tuple first (a retransmitted SYN racing the first):
     /// the connection goes that one's way.
-    Raced(Translation),
+    Raced(Translation<A>),
+}
+
+/// A connection [`create`] is asked to record: to backend `addr:port` of service `svc_id`,
+/// counted in `backend_conns` if `count`, its source translated as `snat` says.
+pub struct NewConn<A> {
+    pub svc_id: u32,
+    pub addr: A,
+    pub port: u16,
+    pub count: bool,
+    pub snat: Snat<A>,
 }
 
 /// Records a new connection from the packet's client to a backend, both directions, with
-/// its source translated as `snat` says. With `count` (a TCP connection of a counting
+/// its source translated as `snat` says. Out of line: only new connections come here, and
+/// its keys and values (large for IPv6) get their own stack frame. With `count` (a TCP connection of a counting
 /// scheduler, not already closing), the backend's `opened` counter gets one, the
 /// connection a token in `counted4`, and the forward entry the `counted` hint.
 ///
@@ -263,159 +261,141 @@ pub enum Created {
 /// An SNAT port is taken by inserting the reply entry with `BPF_NOEXIST`: the insert that
 /// succeeds owns the port, so two connections never share a reply key.
 #[inline(always)]
-pub fn create(
-    pkt: &Packet,
-    svc_id: u32,
-    backend_addr: [u8; 4],
-    backend_port: u16,
-    count: bool,
-    snat: Snat,
-) -> Result<Created, CreateError> {
+pub fn create<F: Family>(
+    pkt: &Packet<F::Addr>,
+    new: &NewConn<F::Addr>,
+) -> Result<Created<F::Addr>, CreateError> {
+    let (svc_id, backend_addr, backend_port) = (new.svc_id, new.addr, new.port);
     let last_seen_ns = now();
     let closing = pkt.is_closing();
-    let flags = if closing { CT_FLAG_CLOSING } else { 0 };
-    let mut reply = Ct4Value {
-        nat_addr: pkt.daddr,
-        nat_port: pkt.dport,
-        dir: CT_DIR_REPLY,
-        flags,
-        svc_id,
-        counted: 0,
-        last_seen_ns,
-        nat2_addr: [0; 4],
-        nat2_port: 0,
-        _pad: 0,
+    let mut flags = if closing { CT_FLAG_CLOSING } else { 0 };
+    let (snat, addr2, port2) = match new.snat {
+        Snat::None => (false, F::ZERO, 0),
+        Snat::Fixed(addr, port) => (true, addr, port),
+        Snat::Alloc { addr, .. } => (true, addr, 0),
     };
     let mut t = Translation {
         addr: backend_addr,
         port: backend_port,
-        snat: false,
-        addr2: [0; 4],
-        port2: 0,
+        snat,
+        addr2,
+        port2,
     };
-    let rkey = match snat {
-        Snat::None => {
-            let rkey = reply_key(pkt, &t);
-            CONNTRACK4
-                .insert(rkey, reply, BPF_ANY as u64)
+    // The reply entry remembers the client as `nat2` when its source is translated.
+    let client = if snat {
+        flags |= CT_FLAG_SNAT;
+        (pkt.saddr, pkt.sport)
+    } else {
+        (F::ZERO, 0)
+    };
+    // Keys and values are built in this CPU's scratch entry, not on the stack: the
+    // verifier's 512 bytes must hold a whole call chain, and IPv6 ones are large.
+    let Some(sc) = F::ct_scratch() else {
+        return Err(CreateError::Full);
+    };
+    // SAFETY: this CPU's own slot, used by one program run at a time.
+    let sc = unsafe { &mut *sc };
+    sc.reply = F::Ct::new(
+        (pkt.daddr, pkt.dport),
+        client,
+        CT_DIR_REPLY,
+        flags,
+        svc_id,
+        0,
+        last_seen_ns,
+    );
+    let ct = F::conntrack();
+    match new.snat {
+        Snat::Alloc { min, max, .. } => alloc_port::<F>(pkt, &mut t, sc, min, max)?,
+        _ => {
+            sc.rkey = reply_key::<F>(pkt, &t);
+            ct.insert(&sc.rkey, &sc.reply, BPF_ANY as u64)
                 .map_err(|_| CreateError::Full)?;
-            rkey
         }
-        Snat::Fixed(addr, port) => {
-            reply.flags |= CT_FLAG_SNAT;
-            reply.nat2_addr = pkt.saddr;
-            reply.nat2_port = pkt.sport;
-            t.snat = true;
-            t.addr2 = addr;
-            t.port2 = port;
-            let rkey = reply_key(pkt, &t);
-            CONNTRACK4
-                .insert(rkey, reply, BPF_ANY as u64)
-                .map_err(|_| CreateError::Full)?;
-            rkey
-        }
-        Snat::Alloc { addr, min, max } => {
-            reply.flags |= CT_FLAG_SNAT;
-            reply.nat2_addr = pkt.saddr;
-            reply.nat2_port = pkt.sport;
-            t.snat = true;
-            t.addr2 = addr;
-            alloc_port(pkt, &mut t, &reply, min, max)?
-        }
-    };
-    let forward = Ct4Value {
-        nat_addr: backend_addr,
-        nat_port: backend_port,
-        dir: CT_DIR_FORWARD,
-        counted: 0,
-        nat2_addr: t.addr2,
-        nat2_port: t.port2,
-        ..reply
-    };
-    let counters = if count && !closing {
-        sched::conns_entry(BackendConnsKey {
-            svc_id,
-            addr: backend_addr,
-            port: backend_port,
-            _pad: 0,
-        })
+    }
+    sc.conns = F::conns_key(svc_id, backend_addr, backend_port);
+    let counters = if new.count && !closing {
+        sched::conns_entry::<F>(&sc.conns)
     } else {
         None
     };
-    let forward = Ct4Value {
-        counted: counters.is_some() as u32,
-        ..forward
-    };
-    let fkey = tuple_key(pkt);
-    if CONNTRACK4
-        .insert(fkey, forward, BPF_NOEXIST as u64)
+    sc.forward = F::Ct::new(
+        (backend_addr, backend_port),
+        (t.addr2, t.port2),
+        CT_DIR_FORWARD,
+        flags,
+        svc_id,
+        counters.is_some() as u32,
+        last_seen_ns,
+    );
+    sc.fkey = tuple_key::<F>(pkt);
+    if ct
+        .insert(&sc.fkey, &sc.forward, BPF_NOEXIST as u64)
         .is_err()
     {
-        let winner = CONNTRACK4
-            .get_ptr(fkey)
-            // SAFETY: a lookup result.
-            .map(|e| (Translation::of(e), unsafe { (*e).dir }));
+        let winner = ct
+            .get_ptr_mut(&sc.fkey)
+            .map(|e| (Translation::of(e), F::Ct::dir(e)));
         return match winner {
             Some((w, CT_DIR_FORWARD)) => {
-                if reply_key(pkt, &w) != rkey {
-                    let _ = CONNTRACK4.remove(rkey);
+                // The winner's reply key, in the forward key's place (no longer needed).
+                sc.fkey = reply_key::<F>(pkt, &w);
+                if !F::same_key(&sc.fkey, &sc.rkey) {
+                    let _ = ct.remove(&sc.rkey);
                 }
                 Ok(Created::Raced(w))
             }
             _ => {
-                let _ = CONNTRACK4.remove(rkey);
+                let _ = ct.remove(&sc.rkey);
                 Err(CreateError::Full)
             }
         };
     }
-    if let Some(c) = counters {
-        let key = BackendConnsKey {
-            svc_id,
-            addr: backend_addr,
-            port: backend_port,
-            _pad: 0,
-        };
-        if !sched::count_open(&fkey, key, c)
-            && let Some(e) = CONNTRACK4.get_ptr_mut(fkey)
-        {
-            // SAFETY: a lookup result.
-            unsafe { (*e).counted = 0 };
-        }
+    if let Some(c) = counters
+        && !sched::count_open::<F>(&sc.fkey, &sc.conns, c)
+        && let Some(e) = ct.get_ptr_mut(&sc.fkey)
+    {
+        // SAFETY: a lookup result.
+        unsafe { *F::Ct::counted(e) = 0 };
     }
     Ok(Created::New(t))
 }
 
 /// State of an SNAT port search, passed to the `bpf_loop` callback (an unrolled loop of
 /// map inserts multiplies the paths the verifier walks by the paths that lead to it;
-/// `bpf_loop` has it check one iteration once).
+/// `bpf_loop` has it check one iteration once). The reply key and value are in this
+/// CPU's conntrack scratch entry (`rkey`, `reply`).
 #[repr(C)]
 struct PortSearch {
-    /// The reply key with the port to try in `dport`.
-    key: Ct4Key,
-    reply: Ct4Value,
     min: u32,
     range: u32,
     start: u32,
-    /// 1 once `key.dport` is taken for this connection.
+    /// 1 once the scratch `rkey.dport` is taken for this connection.
     found: u32,
 }
 
-/// Tries port number `i` of a search; returns 1 (stop) when the insert succeeded.
+/// Tries port number `i` of a search; returns 1 (stop) when the insert succeeded. One
+/// plain function per family (monomorphised), as bpf_loop wants.
 #[inline(never)]
-extern "C" fn try_port(i: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn try_port<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `PortSearch` on the caller's stack that bpf_loop passes back.
     let s = unsafe { &mut *(ctx as *mut PortSearch) };
     let i = i as u32;
     if i >= s.range {
         return 1;
     }
+    let Some(sc) = F::ct_scratch() else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch entry, filled by the caller in this program run.
+    let sc = unsafe { &mut *sc };
     let mut off = s.start + i;
     if off >= s.range {
         off -= s.range;
     }
-    s.key.dport = (s.min + off) as u16;
-    if CONNTRACK4
-        .insert(&s.key, &s.reply, BPF_NOEXIST as u64)
+    *F::ct_key_dport(&mut sc.rkey) = (s.min + off) as u16;
+    if F::conntrack()
+        .insert(&sc.rkey, &sc.reply, BPF_NOEXIST as u64)
         .is_ok()
     {
         s.found = 1;
@@ -425,23 +405,22 @@ extern "C" fn try_port(i: u64, ctx: *mut c_void) -> i64 {
 }
 
 /// Takes a free SNAT port of `min..=max` for the connection: inserts its reply entry
-/// (backend -> `t.addr2`:port) with `BPF_NOEXIST` at up to [`SNAT_PORT_TRIES`] ports from
-/// a random start; sets `t.port2` and returns the reply key on success.
+/// (`sc.reply`, key backend -> `t.addr2`:port in `sc.rkey`) with `BPF_NOEXIST` at up to
+/// [`SNAT_PORT_TRIES`] ports from a random start; sets `t.port2` on success.
 #[inline(always)]
-fn alloc_port(
-    pkt: &Packet,
-    t: &mut Translation,
-    reply: &Ct4Value,
+fn alloc_port<F: Family>(
+    pkt: &Packet<F::Addr>,
+    t: &mut Translation<F::Addr>,
+    sc: &mut CtScratch<F::CtKey, F::Ct, F::ConnsKey>,
     min: u16,
     max: u16,
-) -> Result<Ct4Key, CreateError> {
-    if max < min || t.addr2 == [0; 4] {
+) -> Result<(), CreateError> {
+    if max < min || F::same(&t.addr2, &F::ZERO) {
         return Err(CreateError::NoSnatPort);
     }
     let range = (max - min) as u32 + 1;
+    sc.rkey = reply_key::<F>(pkt, t);
     let mut search = PortSearch {
-        key: reply_key(pkt, t),
-        reply: *reply,
         min: min as u32,
         range,
         // SAFETY: a helper without arguments.
@@ -452,7 +431,7 @@ fn alloc_port(
     unsafe {
         bpf_loop(
             SNAT_PORT_TRIES,
-            try_port as *mut c_void,
+            try_port::<F> as *mut c_void,
             &raw mut search as *mut c_void,
             0,
         )
@@ -460,6 +439,6 @@ fn alloc_port(
     if search.found == 0 {
         return Err(CreateError::NoSnatPort);
     }
-    t.port2 = search.key.dport;
-    Ok(search.key)
+    t.port2 = *F::ct_key_dport(&mut sc.rkey);
+    Ok(())
 }

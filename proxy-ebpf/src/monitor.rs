@@ -15,7 +15,7 @@ use proxy_common::{
     monitor::{EV_DROP, EV_NEW, EV_REPLY, MonitorConfig, MonitorEvent},
 };
 
-use crate::parse::Packet;
+use crate::parse::Packet4 as Packet;
 
 /// Whether a monitor runs (written by `bpfproxy monitor`; the datapath only reads it).
 #[btf_map(name = "monitor_cfg")]

@@ -1,5 +1,6 @@
 //! Address and port rewrites with incremental checksum updates, at tc (through helpers)
-//! and at XDP (direct writes, checksums by hand; see [`rewrite_xdp`]).
+//! and at XDP (direct writes, checksums by hand; see [`rewrite_xdp`]), for IPv4 and
+//! (at the end of the file) IPv6.
 //!
 //! The IPv4 header checksum is updated here (RFC 1624) and written together with the
 //! addresses, and with the ports too when the header has no options: one
@@ -22,20 +23,24 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_diff,
     programs::{TcContext, XdpContext},
 };
 
 use crate::{
     csum,
-    parse::{ETH_LEN, IP_CSUM, IPV4_MIN_LEN, Packet, ptr_at_mut},
+    family::eq16,
+    parse::{
+        A6, ETH_LEN, IP_CSUM, IP6_SADDR, IPV4_MIN_LEN, IPV6_LEN, Packet4, Packet6, ptr_at_mut,
+    },
 };
 
 /// The addresses and ports a packet gets (wire-order addresses, host-order ports).
 #[derive(Clone, Copy)]
-pub struct Tuple {
-    pub saddr: [u8; 4],
+pub struct Tuple<A> {
+    pub saddr: A,
     pub sport: u16,
-    pub daddr: [u8; 4],
+    pub daddr: A,
     pub dport: u16,
 }
 
@@ -63,7 +68,7 @@ const _: () = assert!(SPAN_OFF + core::mem::size_of::<Span>() == ETH_LEN + IPV4_
 #[inline(always)]
 pub fn rewrite_dst(
     ctx: &TcContext,
-    pkt: &Packet,
+    pkt: &Packet4,
     addr: [u8; 4],
     port: u16,
 ) -> Result<(), RewriteError> {
@@ -90,7 +95,7 @@ pub fn rewrite_dst(
 #[inline(always)]
 pub fn rewrite_src(
     ctx: &TcContext,
-    pkt: &Packet,
+    pkt: &Packet4,
     addr: [u8; 4],
     port: u16,
 ) -> Result<(), RewriteError> {
@@ -110,7 +115,11 @@ pub fn rewrite_src(
 /// becomes `new`. Out of line: used by source-NAT-ed connections only, it keeps its
 /// spans off the stack frame of the common paths.
 #[inline(never)]
-pub fn rewrite_both(ctx: &TcContext, pkt: &Packet, new: &Tuple) -> Result<(), RewriteError> {
+pub fn rewrite_both(
+    ctx: &TcContext,
+    pkt: &Packet4,
+    new: &Tuple<[u8; 4]>,
+) -> Result<(), RewriteError> {
     let mut old_addrs = [0u8; 8];
     old_addrs[..4].copy_from_slice(&pkt.saddr);
     old_addrs[4..].copy_from_slice(&pkt.daddr);
@@ -170,7 +179,11 @@ pub fn rewrite_both(ctx: &TcContext, pkt: &Packet, new: &Tuple) -> Result<(), Re
 /// checksum. Interfaces that feed a node from a veth (the tests' "wire") must have TX
 /// checksum offload off (`ethtool -K <if> tx off`) so their frames arrive complete.
 #[inline(always)]
-pub fn rewrite_xdp(ctx: &XdpContext, pkt: &Packet, new: &Tuple) -> Result<(), RewriteError> {
+pub fn rewrite_xdp(
+    ctx: &XdpContext,
+    pkt: &Packet4,
+    new: &Tuple<[u8; 4]>,
+) -> Result<(), RewriteError> {
     let addrs: *mut [u8; 8] = ptr_at_mut(ctx, ETH_LEN + IP_CSUM + 2).ok_or(RewriteError)?;
     let ip_csum: *mut [u8; 2] = ptr_at_mut(ctx, ETH_LEN + IP_CSUM).ok_or(RewriteError)?;
     let ports: *mut [u8; 4] = ptr_at_mut(ctx, pkt.l4_off).ok_or(RewriteError)?;
@@ -202,7 +215,7 @@ pub fn rewrite_xdp(ctx: &XdpContext, pkt: &Packet, new: &Tuple) -> Result<(), Re
 #[allow(clippy::too_many_arguments)]
 fn rewrite(
     ctx: &TcContext,
-    pkt: &Packet,
+    pkt: &Packet4,
     span: &Span,
     old_addr: [u8; 4],
     new_addr: [u8; 4],
@@ -246,6 +259,117 @@ fn rewrite(
     if port_changes {
         ctx.store(port_off, &new_port.to_be_bytes(), 0)
             .map_err(|_| RewriteError)?;
+    }
+    Ok(())
+}
+
+// IPv6. The header has no checksum; the TCP/UDP checksum covers a pseudo header with both
+// 16-byte addresses. At tc the address change goes to `bpf_l4_csum_replace` as one
+// `bpf_csum_diff` of the old and new addresses (size 0: `to` is a checksum diff) with
+// `BPF_F_PSEUDO_HDR`, so a CHECKSUM_PARTIAL skb (locally sent, on a veth) keeps its
+// pseudo-header-only field right, as for IPv4; the port changes are plain replaces.
+// `BPF_F_IPV6` (Linux 6.16) tells the helper not to fold the diff into a
+// CHECKSUM_COMPLETE skb's `csum`: unlike IPv4, no header checksum compensates the address
+// change inside the packet's own sum. Older kernels refuse the flag; the update is then
+// redone without it (their CHECKSUM_COMPLETE skbs get a stale `csum`, which only costs
+// the stack a software checksum).
+
+/// `BPF_F_IPV6` of `bpf_l4_csum_replace` (not in aya's bindings yet).
+const BPF_F_IPV6: u64 = 1 << 7;
+
+/// Source and destination addresses and ports of an IPv6 header followed by its L4
+/// header: one contiguous span, written in one store.
+#[repr(C)]
+struct Span6 {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: [u8; 2],
+    dport: [u8; 2],
+}
+
+const SPAN6_OFF: usize = ETH_LEN + IP6_SADDR;
+const _: () = assert!(SPAN6_OFF + core::mem::size_of::<Span6>() == ETH_LEN + IPV6_LEN + 4);
+
+/// tc, IPv6: the packet becomes `new` (either end or both).
+#[inline(always)]
+pub fn rewrite6(ctx: &TcContext, pkt: &Packet6, new: &Tuple<A6>) -> Result<(), RewriteError> {
+    let csum_off = pkt.l4_csum_off();
+    let l4_flags = if pkt.is_tcp() {
+        0
+    } else {
+        BPF_F_MARK_MANGLED_0 as u64
+    };
+    let mut span = Span6 {
+        saddr: pkt.saddr.bytes(),
+        daddr: pkt.daddr.bytes(),
+        sport: pkt.sport.to_be_bytes(),
+        dport: pkt.dport.to_be_bytes(),
+    };
+    if !eq16(&pkt.saddr, &new.saddr) || !eq16(&pkt.daddr, &new.daddr) {
+        let mut old = [pkt.saddr, pkt.daddr];
+        let mut to = [new.saddr, new.daddr];
+        // SAFETY: both buffers are 32 bytes on this stack frame.
+        let diff = unsafe {
+            bpf_csum_diff(
+                old.as_mut_ptr() as *mut u32,
+                32,
+                to.as_mut_ptr() as *mut u32,
+                32,
+                0,
+            )
+        };
+        if diff < 0 {
+            return Err(RewriteError);
+        }
+        let flags = l4_flags | BPF_F_PSEUDO_HDR as u64;
+        if ctx
+            .l4_csum_replace(csum_off, 0, diff as u64, flags | BPF_F_IPV6)
+            .is_err()
+        {
+            ctx.l4_csum_replace(csum_off, 0, diff as u64, flags)
+                .map_err(|_| RewriteError)?;
+        }
+        span.saddr = new.saddr.bytes();
+        span.daddr = new.daddr.bytes();
+    }
+    for (old, new) in [(pkt.sport, new.sport), (pkt.dport, new.dport)] {
+        if old != new {
+            let from = u16::from_ne_bytes(old.to_be_bytes()) as u64;
+            let to = u16::from_ne_bytes(new.to_be_bytes()) as u64;
+            ctx.l4_csum_replace(csum_off, from, to, l4_flags | 2)
+                .map_err(|_| RewriteError)?;
+        }
+    }
+    span.sport = new.sport.to_be_bytes();
+    span.dport = new.dport.to_be_bytes();
+    ctx.store(SPAN6_OFF, &span, 0).map_err(|_| RewriteError)
+}
+
+/// XDP, IPv6: the packet becomes `new`, written in place, the L4 checksum updated by hand
+/// (RFC 1624) over the addresses and ports; a UDP checksum that comes out zero is sent as
+/// 0xffff (zero would mean none, which IPv6 forbids). Same assumption of complete
+/// checksums as [`rewrite_xdp`].
+#[inline(always)]
+pub fn rewrite_xdp6(ctx: &XdpContext, pkt: &Packet6, new: &Tuple<A6>) -> Result<(), RewriteError> {
+    let addrs: *mut [u8; 32] = ptr_at_mut(ctx, SPAN6_OFF).ok_or(RewriteError)?;
+    let ports: *mut [u8; 4] = ptr_at_mut(ctx, pkt.l4_off).ok_or(RewriteError)?;
+    let l4_csum: *mut [u8; 2] = ptr_at_mut(ctx, pkt.l4_csum_off()).ok_or(RewriteError)?;
+    let mut new_addrs = [0u8; 32];
+    new_addrs[..16].copy_from_slice(&new.saddr.bytes());
+    new_addrs[16..].copy_from_slice(&new.daddr.bytes());
+    let s = new.sport.to_be_bytes();
+    let d = new.dport.to_be_bytes();
+    let new_ports = [s[0], s[1], d[0], d[1]];
+    // SAFETY: every pointer was checked against data_end by ptr_at_mut.
+    unsafe {
+        let delta = csum::delta(csum::delta(0, &*addrs, &new_addrs), &*ports, &new_ports);
+        let mut c = csum::apply(*l4_csum, delta);
+        if !pkt.is_tcp() && c == [0, 0] {
+            c = [0xff, 0xff];
+        }
+        *l4_csum = c;
+        *addrs = new_addrs;
+        *ports = new_ports;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! ICMP destination unreachable / port unreachable for a service without backends, as
 //! kube-proxy's iptables REJECT sends it: the client's stack turns it into ECONNREFUSED.
+//! IPv6 gets the ICMPv6 twin (type 1, code 4), built the same way ([`reject6`]).
 //!
 //! The packet itself becomes the reply: cut (or grown) to Ethernet + IPv4 + ICMP + the
 //! quoted original IPv4 header (first 20 bytes, IHL set to 5) + 8 bytes of its L4 header,
@@ -22,7 +23,7 @@ use aya_ebpf::{
 
 use crate::{
     csum,
-    parse::{ETH_LEN, IPV4_MIN_LEN, Packet, PacketCtx, ptr_at, ptr_at_mut},
+    parse::{ETH_LEN, IPV4_MIN_LEN, IPV6_LEN, Packet4, Packet6, PacketCtx, ptr_at, ptr_at_mut},
 };
 
 const ICMP_LEN: usize = 8;
@@ -54,7 +55,7 @@ pub struct RejectError;
 
 /// The ICMP error answering the packet, built on the stack from its headers.
 #[inline(always)]
-fn build<C: PacketCtx>(ctx: &C, pkt: &Packet, r: &mut Reply) -> Result<(), RejectError> {
+fn build<C: PacketCtx>(ctx: &C, pkt: &Packet4, r: &mut Reply) -> Result<(), RejectError> {
     let eth: *const [u8; ETH_LEN] = ptr_at(ctx, 0).ok_or(RejectError)?;
     let ip: *const [u8; IPV4_MIN_LEN] = ptr_at(ctx, ETH_LEN).ok_or(RejectError)?;
     let l4: *const [u8; QUOTE_L4] = ptr_at(ctx, pkt.l4_off).ok_or(RejectError)?;
@@ -119,7 +120,7 @@ fn scratch() -> Result<&'static mut Reply, RejectError> {
 /// Turns the packet into the ICMP error and returns TC_ACT_REDIRECT. Kept out of line: it
 /// is the rare path, and its frame buffer should not weigh on the hot path's stack.
 #[inline(never)]
-pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, RejectError> {
+pub fn reject(ctx: &TcContext, pkt: &Packet4) -> Result<i32, RejectError> {
     let r = scratch()?;
     build(ctx, pkt, r)?;
     // SAFETY: the context pointer is the program's own skb.
@@ -141,7 +142,7 @@ pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, RejectError> {
 /// `bpf_xdp_adjust_tail`) and returns XDP_TX, back out of the interface it came in on.
 /// Out of line for the same reason as [`reject`].
 #[inline(never)]
-pub fn reject_xdp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, RejectError> {
+pub fn reject_xdp(ctx: &XdpContext, pkt: &Packet4) -> Result<u32, RejectError> {
     let r = scratch()?;
     build(ctx, pkt, r)?;
     let len = (ctx.data_end() - ctx.data()) as i32;
@@ -153,5 +154,107 @@ pub fn reject_xdp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, RejectError> {
     let out: *mut Reply = ptr_at_mut(ctx, 0).ok_or(RejectError)?;
     // SAFETY: checked against data_end by ptr_at_mut.
     unsafe { core::ptr::copy_nonoverlapping(r as *const Reply, out, 1) };
+    Ok(xdp_action::XDP_TX)
+}
+
+// IPv6: ICMPv6 destination unreachable, port unreachable (RFC 4443: type 1, code 4),
+// quoting the original IPv6 header and 8 bytes of its L4 header (RFC 4443 asks for as
+// much as fits in 1280 bytes; the quote here is what a client's stack needs to find the
+// socket, as for IPv4). Its checksum covers the IPv6 pseudo header.
+
+const ICMP6_PAYLOAD: usize = ICMP_LEN + IPV6_LEN + QUOTE_L4;
+const FRAME6_LEN: usize = ETH_LEN + IPV6_LEN + ICMP6_PAYLOAD;
+const NEXTHDR_ICMP6: u8 = 58;
+
+/// The whole ICMPv6 reply frame, built in a per-CPU scratch map as [`Reply`].
+#[repr(C)]
+pub struct Reply6 {
+    eth_dst: [u8; 6],
+    eth_src: [u8; 6],
+    eth_type: [u8; 2],
+    ip: [u8; IPV6_LEN],
+    icmp: [u8; ICMP_LEN],
+    quote_ip: [u8; IPV6_LEN],
+    quote_l4: [u8; QUOTE_L4],
+}
+
+const _: () = assert!(core::mem::size_of::<Reply6>() == FRAME6_LEN);
+
+/// Where the IPv6 reply frame is built. Not pinned: scratch space only.
+#[btf_map(name = "reject6_scratch")]
+static REJECT6_SCRATCH: PerCpuArray<Reply6, 1> = PerCpuArray::new();
+
+/// The ICMPv6 error answering the packet.
+#[inline(always)]
+fn build6<C: PacketCtx>(ctx: &C, pkt: &Packet6, r: &mut Reply6) -> Result<(), RejectError> {
+    let eth: *const [u8; ETH_LEN] = ptr_at(ctx, 0).ok_or(RejectError)?;
+    let ip: *const [u8; IPV6_LEN] = ptr_at(ctx, ETH_LEN).ok_or(RejectError)?;
+    let l4: *const [u8; QUOTE_L4] = ptr_at(ctx, pkt.l4_off).ok_or(RejectError)?;
+    let plen = (ICMP6_PAYLOAD as u16).to_be_bytes();
+    // SAFETY: bounds checked by ptr_at; copied out before the packet changes.
+    unsafe {
+        let eth = &*eth;
+        r.eth_dst.copy_from_slice(&eth[6..12]);
+        r.eth_src.copy_from_slice(&eth[0..6]);
+        r.eth_type.copy_from_slice(&eth[12..14]);
+        r.quote_ip = *ip;
+        r.quote_l4 = *l4;
+    }
+    // Version 6, no traffic class or flow label; hop limit 64 as Linux sends errors.
+    r.ip[..8].copy_from_slice(&[0x60, 0, 0, 0, plen[0], plen[1], NEXTHDR_ICMP6, 64]);
+    r.ip[8..24].copy_from_slice(&pkt.daddr.bytes());
+    r.ip[24..40].copy_from_slice(&pkt.saddr.bytes());
+    // Type 1 (destination unreachable), code 4 (port unreachable), checksum, unused.
+    r.icmp = [1, 4, 0, 0, 0, 0, 0, 0];
+    // Pseudo header: both addresses, the upper-layer length and next header.
+    let mut sum = csum::add(0, &pkt.daddr.bytes());
+    sum = csum::add(sum, &pkt.saddr.bytes());
+    sum += ICMP6_PAYLOAD as u32 + NEXTHDR_ICMP6 as u32;
+    sum = csum::add(csum::add(csum::add(sum, &r.icmp), &r.quote_ip), &r.quote_l4);
+    let c = csum::finish(sum).to_be_bytes();
+    r.icmp[2] = c[0];
+    r.icmp[3] = c[1];
+    Ok(())
+}
+
+#[inline(always)]
+fn scratch6() -> Result<&'static mut Reply6, RejectError> {
+    let p = REJECT6_SCRATCH.get_ptr_mut(0).ok_or(RejectError)?;
+    // SAFETY: this CPU's own slot, used by one program run at a time.
+    Ok(unsafe { &mut *p })
+}
+
+/// As [`reject`], for IPv6: the packet becomes the ICMPv6 port unreachable.
+#[inline(never)]
+pub fn reject6(ctx: &TcContext, pkt: &Packet6) -> Result<i32, RejectError> {
+    let r = scratch6()?;
+    build6(ctx, pkt, r)?;
+    // SAFETY: the context pointer is the program's own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, FRAME6_LEN as u32, 0) } != 0 {
+        return Err(RejectError);
+    }
+    ctx.store(0, r, 0).map_err(|_| RejectError)?;
+    // SAFETY: as in `reject`.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let action = unsafe { bpf_redirect(ifindex, 0) };
+    if action != TC_ACT_REDIRECT as i64 {
+        return Err(RejectError);
+    }
+    Ok(TC_ACT_REDIRECT)
+}
+
+/// As [`reject_xdp`], for IPv6.
+#[inline(never)]
+pub fn reject_xdp6(ctx: &XdpContext, pkt: &Packet6) -> Result<u32, RejectError> {
+    let r = scratch6()?;
+    build6(ctx, pkt, r)?;
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: the context pointer is the program's own frame.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, FRAME6_LEN as i32 - len) } != 0 {
+        return Err(RejectError);
+    }
+    let out: *mut Reply6 = ptr_at_mut(ctx, 0).ok_or(RejectError)?;
+    // SAFETY: checked against data_end by ptr_at_mut.
+    unsafe { core::ptr::copy_nonoverlapping(r as *const Reply6, out, 1) };
     Ok(xdp_action::XDP_TX)
 }

@@ -1,7 +1,10 @@
 //! Backend selection for a new connection: ClientIP affinity first (when the service has
 //! it), then the service's scheduler. Established connections never come here.
 //!
-//! Every scheduler ends in one `backend_slots4` lookup of the chosen slot; before it,
+//! Generic over the [`Family`]: the backend tables, counters and affinity entries are
+//! the family's (`*4`, `*6`); `sched_rr` and `maglev` are shared (keyed by svc_id, table).
+//!
+//! Every scheduler ends in one `backend_slots4`/`6` lookup of the chosen slot; before it,
 //! random/sh/dh do no lookup, rr one per-CPU array read and write, maglev one `maglev`
 //! lookup, and lc/sed/nq two lookups per backend compared (at most `SCHED_SCAN_MAX`).
 
@@ -16,18 +19,18 @@ use proxy_common::{
     hash,
     maps::SCHED_SCAN_MAX,
     service::{
-        AffinityKey, AffinityValue, BackendConns, BackendConnsKey, BackendSlotKey, MAGLEV_SIZE,
-        MaglevKey, SCHED_DH, SCHED_LC, SCHED_MAGLEV, SCHED_NQ, SCHED_RR, SCHED_SED, SCHED_SH,
-        SvcValue,
+        BackendConns, BackendSlotKey, MAGLEV_SIZE, MaglevKey, SCHED_DH, SCHED_LC, SCHED_MAGLEV,
+        SCHED_NQ, SCHED_RR, SCHED_SED, SCHED_SH, SvcValue,
     },
 };
 
 use crate::{
-    maps::{AFFINITY4, BACKEND_CONNS4, BACKEND_SLOTS4, COUNTED4, MAGLEV, SCHED_RR_POS},
+    family::{BackendEntry, Family},
+    maps::{MAGLEV, SCHED_RR_POS},
     parse::Packet,
 };
 
-/// What a new connection needs to know of its service (copied out of `services4`).
+/// What a new connection needs to know of its service (copied out of `services4`/`6`).
 #[derive(Clone, Copy)]
 pub struct Service {
     pub svc_id: u32,
@@ -64,8 +67,8 @@ impl Service {
 
 /// The backend a new connection goes to.
 #[derive(Clone, Copy)]
-pub struct Chosen {
-    pub addr: [u8; 4],
+pub struct Chosen<A> {
+    pub addr: A,
     pub port: u16,
     /// `BACKEND_*` flags (the external view SNATs only backends without `BACKEND_LOCAL`).
     pub flags: u8,
@@ -82,10 +85,9 @@ fn random() -> u32 {
 }
 
 #[inline(always)]
-fn backend_at(table: u32, slot: u32) -> Option<(Chosen, u8)> {
-    let b = BACKEND_SLOTS4.get_ptr(BackendSlotKey { table, slot })?;
-    // SAFETY: a lookup result, read at once.
-    let (addr, port, flags, weight) = unsafe { ((*b).addr, (*b).port, (*b).flags, (*b).weight) };
+fn backend_at<F: Family>(table: u32, slot: u32) -> Option<(Chosen<F::Addr>, u8)> {
+    let b = F::backend_slots().get_ptr(BackendSlotKey { table, slot })?;
+    let (addr, port, flags, weight) = F::Backend::read(b);
     Some((
         Chosen {
             addr,
@@ -99,26 +101,28 @@ fn backend_at(table: u32, slot: u32) -> Option<(Chosen, u8)> {
 
 /// Picks the backend of a new connection.
 #[inline(always)]
-pub fn choose(pkt: &Packet, svc: &Service) -> Result<Chosen, Missing> {
+pub fn choose<F: Family>(pkt: &Packet<F::Addr>, svc: &Service) -> Result<Chosen<F::Addr>, Missing> {
     if svc.affinity_timeout_s != 0 {
-        return with_affinity(pkt, svc);
+        return with_affinity::<F>(pkt, svc);
     }
-    schedule(pkt, svc)
+    schedule::<F>(pkt, svc)
 }
 
 /// The service's scheduler alone.
 #[inline(always)]
-fn schedule(pkt: &Packet, svc: &Service) -> Result<Chosen, Missing> {
+fn schedule<F: Family>(pkt: &Packet<F::Addr>, svc: &Service) -> Result<Chosen<F::Addr>, Missing> {
     let n = svc.count;
     let slot = match svc.scheduler {
         SCHED_RR => rr_next(svc.svc_id) % n,
-        SCHED_SH => hash::addr_hash(pkt.saddr, 0) % n,
-        SCHED_DH => hash::addr_hash(pkt.daddr, pkt.dport) % n,
-        SCHED_MAGLEV => maglev_slot(pkt, svc),
-        SCHED_LC | SCHED_SED | SCHED_NQ => return least_loaded(svc),
+        SCHED_SH => hash::addr_hash(F::hash_word(pkt.saddr), 0) % n,
+        SCHED_DH => hash::addr_hash(F::hash_word(pkt.daddr), pkt.dport) % n,
+        SCHED_MAGLEV => maglev_slot::<F>(pkt, svc),
+        SCHED_LC | SCHED_SED | SCHED_NQ => return least_loaded::<F>(svc),
         _ => random() % n,
     };
-    backend_at(svc.table, slot).map(|(c, _)| c).ok_or(Missing)
+    backend_at::<F>(svc.table, slot)
+        .map(|(c, _)| c)
+        .ok_or(Missing)
 }
 
 /// The service's next round-robin position on this CPU.
@@ -136,8 +140,14 @@ fn rr_next(svc_id: u32) -> u32 {
 }
 
 #[inline(always)]
-fn maglev_slot(pkt: &Packet, svc: &Service) -> u32 {
-    let h = hash::tuple_hash(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto);
+fn maglev_slot<F: Family>(pkt: &Packet<F::Addr>, svc: &Service) -> u32 {
+    let h = hash::tuple_hash(
+        F::hash_word(pkt.saddr),
+        F::hash_word(pkt.daddr),
+        pkt.sport,
+        pkt.dport,
+        pkt.proto,
+    );
     let key = MaglevKey {
         table: svc.table,
         index: h % MAGLEV_SIZE,
@@ -152,14 +162,8 @@ fn maglev_slot(pkt: &Packet, svc: &Service) -> u32 {
 
 /// Connections open to a backend of a service.
 #[inline(always)]
-fn active(svc_id: u32, addr: [u8; 4], port: u16) -> u64 {
-    let key = BackendConnsKey {
-        svc_id,
-        addr,
-        port,
-        _pad: 0,
-    };
-    match BACKEND_CONNS4.get_ptr(key) {
+fn active<F: Family>(svc_id: u32, addr: F::Addr, port: u16) -> u64 {
+    match F::backend_conns().get_ptr(F::conns_key(svc_id, addr, port)) {
         // SAFETY: a lookup result; the counters only grow, a torn pair reads as a
         // transient count.
         Some(c) => unsafe { (*c).opened.saturating_sub((*c).closed) },
@@ -171,7 +175,7 @@ fn active(svc_id: u32, addr: [u8; 4], port: u16) -> u64 {
 /// to `SCHED_SCAN_MAX` map lookups is too long for the verifier to walk unrolled;
 /// `bpf_loop` has it check one iteration).
 #[repr(C)]
-struct Scan {
+struct Scan<A> {
     svc_id: u32,
     table: u32,
     count: u32,
@@ -181,7 +185,7 @@ struct Scan {
     found: u32,
     best_slot: u32,
     best_port: u32,
-    best_addr: [u8; 4],
+    best_addr: A,
     best_flags: u32,
     /// The best cost as a fraction: best_num / best_weight.
     best_num: u64,
@@ -190,8 +194,8 @@ struct Scan {
 
 /// One backend of a least-loaded scan; returns 1 to stop the loop.
 #[inline(never)]
-extern "C" fn scan_least_loaded(i: u64, ctx: *mut c_void) -> i64 {
-    let s = ctx as *mut Scan;
+extern "C" fn scan_least_loaded<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
+    let s = ctx as *mut Scan<F::Addr>;
     // SAFETY: `ctx` is the `Scan` on the caller's stack that bpf_loop passes back.
     let s = unsafe { &mut *s };
     let i = i as u32;
@@ -202,11 +206,11 @@ extern "C" fn scan_least_loaded(i: u64, ctx: *mut c_void) -> i64 {
     if slot >= s.count {
         slot -= s.count;
     }
-    let Some((c, weight)) = backend_at(s.table, slot) else {
+    let Some((c, weight)) = backend_at::<F>(s.table, slot) else {
         return 0;
     };
     let weight = if weight == 0 { 1 } else { weight as u64 };
-    let conns = active(s.svc_id, c.addr, c.port);
+    let conns = active::<F>(s.svc_id, c.addr, c.port);
     let idle_wins = s.scheduler == SCHED_NQ as u32 && conns == 0;
     let num = conns + (s.scheduler != SCHED_LC as u32) as u64;
     if idle_wins || s.found == 0 || num * s.best_weight < s.best_num * weight {
@@ -224,7 +228,7 @@ extern "C" fn scan_least_loaded(i: u64, ctx: *mut c_void) -> i64 {
 /// lc, sed and nq: compares the backends' active connections per weight. Scanning starts
 /// at a rotating slot, so equally loaded backends take turns.
 #[inline(always)]
-fn least_loaded(svc: &Service) -> Result<Chosen, Missing> {
+fn least_loaded<F: Family>(svc: &Service) -> Result<Chosen<F::Addr>, Missing> {
     let n = svc.count;
     let mut scan = Scan {
         svc_id: svc.svc_id,
@@ -235,7 +239,7 @@ fn least_loaded(svc: &Service) -> Result<Chosen, Missing> {
         found: 0,
         best_slot: 0,
         best_port: 0,
-        best_addr: [0; 4],
+        best_addr: F::ZERO,
         best_flags: 0,
         best_num: 0,
         best_weight: 1,
@@ -249,7 +253,7 @@ fn least_loaded(svc: &Service) -> Result<Chosen, Missing> {
     unsafe {
         bpf_loop(
             loops,
-            scan_least_loaded as *mut c_void,
+            scan_least_loaded::<F> as *mut c_void,
             &raw mut scan as *mut c_void,
             0,
         )
@@ -267,16 +271,16 @@ fn least_loaded(svc: &Service) -> Result<Chosen, Missing> {
 
 /// One slot of a search for `best_addr:best_port`; returns 1 (stop) when found.
 #[inline(never)]
-extern "C" fn scan_find(i: u64, ctx: *mut c_void) -> i64 {
-    let s = ctx as *mut Scan;
+extern "C" fn scan_find<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
+    let s = ctx as *mut Scan<F::Addr>;
     // SAFETY: as in `scan_least_loaded`.
     let s = unsafe { &mut *s };
     let i = i as u32;
     if i >= s.count {
         return 1;
     }
-    match backend_at(s.table, i) {
-        Some((c, _)) if c.addr == s.best_addr && c.port as u32 == s.best_port => {
+    match backend_at::<F>(s.table, i) {
+        Some((c, _)) if F::same(&c.addr, &s.best_addr) && c.port as u32 == s.best_port => {
             s.found = 1;
             s.best_slot = i;
             s.best_flags = c.flags as u32;
@@ -289,10 +293,15 @@ extern "C" fn scan_find(i: u64, ctx: *mut c_void) -> i64 {
 /// The live backend `addr:port`: at `slot` (one lookup) or, after the table changed, by a
 /// scan of the live table.
 #[inline(always)]
-fn find_backend(svc: &Service, addr: [u8; 4], port: u16, slot: u32) -> Option<Chosen> {
+fn find_backend<F: Family>(
+    svc: &Service,
+    addr: F::Addr,
+    port: u16,
+    slot: u32,
+) -> Option<Chosen<F::Addr>> {
     if slot < svc.count
-        && let Some((c, _)) = backend_at(svc.table, slot)
-        && c.addr == addr
+        && let Some((c, _)) = backend_at::<F>(svc.table, slot)
+        && F::same(&c.addr, &addr)
         && c.port == port
     {
         return Some(c);
@@ -320,7 +329,7 @@ fn find_backend(svc: &Service, addr: [u8; 4], port: u16, slot: u32) -> Option<Ch
     unsafe {
         bpf_loop(
             loops,
-            scan_find as *mut c_void,
+            scan_find::<F> as *mut c_void,
             &raw mut scan as *mut c_void,
             0,
         )
@@ -336,52 +345,39 @@ fn find_backend(svc: &Service, addr: [u8; 4], port: u16, slot: u32) -> Option<Ch
 /// ClientIP affinity: the client's backend while it is live and the client was not idle
 /// longer than the timeout; otherwise the scheduler's choice, remembered.
 #[inline(always)]
-fn with_affinity(pkt: &Packet, svc: &Service) -> Result<Chosen, Missing> {
-    let key = AffinityKey {
-        svc_id: svc.svc_id,
-        client: pkt.saddr,
-    };
+fn with_affinity<F: Family>(
+    pkt: &Packet<F::Addr>,
+    svc: &Service,
+) -> Result<Chosen<F::Addr>, Missing> {
+    let key = F::aff_key(svc.svc_id, pkt.saddr);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(a) = AFFINITY4.get_ptr_mut(key) {
-        // SAFETY: a lookup result, read and written only through this pointer.
-        let (addr, port, slot, last) = unsafe { ((*a).addr, (*a).port, (*a).slot, (*a).last_ns) };
+    if let Some(a) = F::affinity().get_ptr_mut(&key) {
+        let (addr, port, slot, last) = F::aff_read(a);
         let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
         if now.saturating_sub(last) <= timeout_ns
-            && let Some(c) = find_backend(svc, addr, port, slot)
+            && let Some(c) = find_backend::<F>(svc, addr, port, slot)
         {
-            // SAFETY: as above.
-            unsafe {
-                (*a).last_ns = now;
-                if slot != c.slot {
-                    (*a).slot = c.slot;
-                }
-            }
+            F::aff_set(a, c.slot, now);
             return Ok(c);
         }
         // Idle too long, or its backend is gone: replaced below.
     }
-    let c = schedule(pkt, svc)?;
-    let value = AffinityValue {
-        addr: c.addr,
-        port: c.port,
-        _pad: 0,
-        slot: c.slot,
-        _pad2: 0,
-        last_ns: now,
-    };
-    let _ = AFFINITY4.insert(key, value, BPF_ANY as u64);
+    let c = schedule::<F>(pkt, svc)?;
+    let value = F::aff_value(c.addr, c.port, c.slot, now);
+    let _ = F::affinity().insert(&key, &value, BPF_ANY as u64);
     Ok(c)
 }
 
 /// The counters of a backend, created (zero) if missing; `None` if the map is full.
 #[inline(always)]
-pub fn conns_entry(key: BackendConnsKey) -> Option<*mut BackendConns> {
-    if let Some(p) = BACKEND_CONNS4.get_ptr_mut(key) {
+pub fn conns_entry<F: Family>(key: &F::ConnsKey) -> Option<*mut BackendConns> {
+    let map = F::backend_conns();
+    if let Some(p) = map.get_ptr_mut(key) {
         return Some(p);
     }
-    let _ = BACKEND_CONNS4.insert(key, BackendConns::default(), BPF_NOEXIST as u64);
-    BACKEND_CONNS4.get_ptr_mut(key)
+    let _ = map.insert(key, &BackendConns::default(), BPF_NOEXIST as u64);
+    map.get_ptr_mut(key)
 }
 
 /// Adds to a backend's `opened` counter.
@@ -394,14 +390,10 @@ pub fn add_opened(entry: *mut BackendConns) {
 /// Gives the connection on forward tuple `fkey` a token and counts it `opened` (`entry`
 /// is its backend's counters). False if the token map is full: then it is not counted.
 #[inline(always)]
-pub fn count_open(
-    fkey: &proxy_common::conntrack::Ct4Key,
-    key: BackendConnsKey,
-    entry: *mut BackendConns,
-) -> bool {
+pub fn count_open<F: Family>(fkey: &F::CtKey, key: &F::ConnsKey, entry: *mut BackendConns) -> bool {
     // A token left by an earlier connection on this tuple whose entry was evicted.
-    release_token(fkey);
-    if COUNTED4.insert(fkey, key, BPF_NOEXIST as u64).is_err() {
+    release_token::<F>(fkey);
+    if F::counted().insert(fkey, key, BPF_NOEXIST as u64).is_err() {
         return false;
     }
     add_opened(entry);
@@ -411,21 +403,21 @@ pub fn count_open(
 /// Deletes the token of forward tuple `fkey`, if any; whoever deletes it adds the
 /// matching `closed`.
 #[inline(always)]
-pub fn release_token(fkey: &proxy_common::conntrack::Ct4Key) {
-    let Some(held) = COUNTED4.get_ptr(fkey) else {
+pub fn release_token<F: Family>(fkey: &F::CtKey) {
+    let Some(held) = F::counted().get_ptr(fkey) else {
         return;
     };
     // SAFETY: a lookup result, copied at once.
     let key = unsafe { *held };
-    if COUNTED4.remove(fkey).is_ok() {
-        add_closed(key, 1);
+    if F::counted().remove(fkey).is_ok() {
+        add_closed::<F>(&key, 1);
     }
 }
 
 /// Adds `n` to the `closed` counter of a backend, if it has counters.
 #[inline(always)]
-pub fn add_closed(key: BackendConnsKey, n: u64) -> bool {
-    match BACKEND_CONNS4.get_ptr_mut(key) {
+pub fn add_closed<F: Family>(key: &F::ConnsKey, n: u64) -> bool {
+    match F::backend_conns().get_ptr_mut(key) {
         Some(entry) => {
             // SAFETY: as in `add_opened`.
             unsafe { atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*entry).closed, n) };

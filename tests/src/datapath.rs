@@ -350,6 +350,29 @@ impl DatapathHarness {
             .expect("writing conntrack4");
     }
 
+    /// A map of the object by name, found among the maps program `prog` uses (for maps
+    /// `KernelMaps` has no handle of, such as the IPv6 ones).
+    pub fn prog_map(&mut self, prog: &str, name: &str) -> aya::maps::MapData {
+        let ids = self
+            .dp
+            .program_mut(prog)
+            .expect("program")
+            .info()
+            .expect("program info")
+            .map_ids()
+            .expect("map ids")
+            .expect("the kernel reports map ids");
+        ids.into_iter()
+            .filter_map(|id| aya::maps::MapData::from_id(id).ok())
+            .find(|m| {
+                m.info()
+                    .ok()
+                    .and_then(|i| i.name_as_str().map(|n| n == name))
+                    == Some(true)
+            })
+            .unwrap_or_else(|| panic!("{prog} uses no map {name}"))
+    }
+
     /// Runs `tc_ingress` once; returns (return code, output frame).
     pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let r = self.run_prog(PROG_TC_INGRESS, frame, 1);
