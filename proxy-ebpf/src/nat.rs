@@ -31,7 +31,8 @@ use crate::{
     csum,
     family::eq16,
     parse::{
-        A6, ETH_LEN, IP_CSUM, IP6_SADDR, IPV4_MIN_LEN, IPV6_LEN, Packet4, Packet6, ptr_at_mut,
+        A6, ETH_LEN, IP_CSUM, IP6_SADDR, IPV4_MIN_LEN, IPV6_LEN, Packet4, Packet6, TCP_CSUM,
+        UDP_CSUM, ptr_at_mut,
     },
 };
 
@@ -288,12 +289,20 @@ struct Span6 {
 }
 
 const SPAN6_OFF: usize = ETH_LEN + IP6_SADDR;
+/// Offset of an IPv6 packet's L4 header (no extension headers are served).
+pub const L4_6: usize = ETH_LEN + IPV6_LEN;
+
+/// Offset of an IPv6 packet's L4 checksum field.
+#[inline(always)]
+pub fn l4_csum_off6(pkt: &Packet6) -> usize {
+    L4_6 + if pkt.is_tcp() { TCP_CSUM } else { UDP_CSUM }
+}
 const _: () = assert!(SPAN6_OFF + core::mem::size_of::<Span6>() == ETH_LEN + IPV6_LEN + 4);
 
 /// tc, IPv6: the packet becomes `new` (either end or both).
 #[inline(always)]
 pub fn rewrite6(ctx: &TcContext, pkt: &Packet6, new: &Tuple<A6>) -> Result<(), RewriteError> {
-    let csum_off = pkt.l4_csum_off();
+    let csum_off = l4_csum_off6(pkt);
     let l4_flags = if pkt.is_tcp() {
         0
     } else {
@@ -348,28 +357,38 @@ pub fn rewrite6(ctx: &TcContext, pkt: &Packet6, new: &Tuple<A6>) -> Result<(), R
 /// XDP, IPv6: the packet becomes `new`, written in place, the L4 checksum updated by hand
 /// (RFC 1624) over the addresses and ports; a UDP checksum that comes out zero is sent as
 /// 0xffff (zero would mean none, which IPv6 forbids). Same assumption of complete
-/// checksums as [`rewrite_xdp`].
+/// checksums as [`rewrite_xdp`]. The difference of the old and new 36-byte spans is summed
+/// by `bpf_csum_diff`: unrolled, its 36 words would take more registers than BPF has.
 #[inline(always)]
 pub fn rewrite_xdp6(ctx: &XdpContext, pkt: &Packet6, new: &Tuple<A6>) -> Result<(), RewriteError> {
-    let addrs: *mut [u8; 32] = ptr_at_mut(ctx, SPAN6_OFF).ok_or(RewriteError)?;
-    let ports: *mut [u8; 4] = ptr_at_mut(ctx, pkt.l4_off).ok_or(RewriteError)?;
-    let l4_csum: *mut [u8; 2] = ptr_at_mut(ctx, pkt.l4_csum_off()).ok_or(RewriteError)?;
-    let mut new_addrs = [0u8; 32];
-    new_addrs[..16].copy_from_slice(&new.saddr.bytes());
-    new_addrs[16..].copy_from_slice(&new.daddr.bytes());
-    let s = new.sport.to_be_bytes();
-    let d = new.dport.to_be_bytes();
-    let new_ports = [s[0], s[1], d[0], d[1]];
-    // SAFETY: every pointer was checked against data_end by ptr_at_mut.
+    // The IPv6 path keeps its packet in map memory (`Family::stash`), where the verifier
+    // knows no bound of `l4_off`: the offsets are the constants they always are.
+    let span: *mut Span6 = ptr_at_mut(ctx, SPAN6_OFF).ok_or(RewriteError)?;
+    let l4_csum: *mut [u8; 2] = ptr_at_mut(ctx, l4_csum_off6(pkt)).ok_or(RewriteError)?;
+    let mut to = Span6 {
+        saddr: new.saddr.bytes(),
+        daddr: new.daddr.bytes(),
+        sport: new.sport.to_be_bytes(),
+        dport: new.dport.to_be_bytes(),
+    };
+    // SAFETY: `span` was checked against data_end, `to` is on this frame, both 36 bytes.
+    let diff = unsafe { bpf_csum_diff(span as *mut u32, 36, &raw mut to as *mut u32, 36, 0) };
+    if diff < 0 {
+        return Err(RewriteError);
+    }
+    // SAFETY: checked against data_end by ptr_at_mut; csum_diff does not move the packet.
     unsafe {
-        let delta = csum::delta(csum::delta(0, &*addrs, &new_addrs), &*ports, &new_ports);
-        let mut c = csum::apply(*l4_csum, delta);
-        if !pkt.is_tcp() && c == [0, 0] {
-            c = [0xff, 0xff];
+        // The helper sums in memory order: the field is updated as read, natively.
+        let mut sum = !u16::from_ne_bytes(*l4_csum) as u64 + diff as u32 as u64;
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        let mut c = !(sum as u16);
+        if !pkt.is_tcp() && c == 0 {
+            c = 0xffff;
         }
-        *l4_csum = c;
-        *addrs = new_addrs;
-        *ports = new_ports;
+        *l4_csum = c.to_ne_bytes();
+        *span = to;
     }
     Ok(())
 }

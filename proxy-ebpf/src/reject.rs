@@ -16,13 +16,14 @@
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, xdp_action},
     btf_maps::PerCpuArray,
-    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail},
     macros::btf_map,
     programs::{TcContext, XdpContext},
 };
 
 use crate::{
     csum,
+    nat::L4_6,
     parse::{ETH_LEN, IPV4_MIN_LEN, IPV6_LEN, Packet4, Packet6, PacketCtx, ptr_at, ptr_at_mut},
 };
 
@@ -189,7 +190,7 @@ static REJECT6_SCRATCH: PerCpuArray<Reply6, 1> = PerCpuArray::new();
 fn build6<C: PacketCtx>(ctx: &C, pkt: &Packet6, r: &mut Reply6) -> Result<(), RejectError> {
     let eth: *const [u8; ETH_LEN] = ptr_at(ctx, 0).ok_or(RejectError)?;
     let ip: *const [u8; IPV6_LEN] = ptr_at(ctx, ETH_LEN).ok_or(RejectError)?;
-    let l4: *const [u8; QUOTE_L4] = ptr_at(ctx, pkt.l4_off).ok_or(RejectError)?;
+    let l4: *const [u8; QUOTE_L4] = ptr_at(ctx, L4_6).ok_or(RejectError)?;
     let plen = (ICMP6_PAYLOAD as u16).to_be_bytes();
     // SAFETY: bounds checked by ptr_at; copied out before the packet changes.
     unsafe {
@@ -206,12 +207,48 @@ fn build6<C: PacketCtx>(ctx: &C, pkt: &Packet6, r: &mut Reply6) -> Result<(), Re
     r.ip[24..40].copy_from_slice(&pkt.saddr.bytes());
     // Type 1 (destination unreachable), code 4 (port unreachable), checksum, unused.
     r.icmp = [1, 4, 0, 0, 0, 0, 0, 0];
-    // Pseudo header: both addresses, the upper-layer length and next header.
-    let mut sum = csum::add(0, &pkt.daddr.bytes());
-    sum = csum::add(sum, &pkt.saddr.bytes());
-    sum += ICMP6_PAYLOAD as u32 + NEXTHDR_ICMP6 as u32;
-    sum = csum::add(csum::add(csum::add(sum, &r.icmp), &r.quote_ip), &r.quote_l4);
-    let c = csum::finish(sum).to_be_bytes();
+    Ok(())
+}
+
+/// The ICMPv6 checksum of the frame `build6` wrote: the pseudo header (both addresses,
+/// the upper-layer length, next header 58) and the message. Summed by `bpf_csum_diff`
+/// over the scratch frame: unrolled by hand, the 44 words take more registers than BPF
+/// has and spill a stack frame the packet path's chain cannot afford.
+#[inline(always)]
+fn icmp6_csum(r: &mut Reply6) -> Result<(), RejectError> {
+    // The pseudo header's upper-layer length and next header, as two big-endian words.
+    let mut lens = [0u8; 8];
+    lens[2..4].copy_from_slice(&(ICMP6_PAYLOAD as u16).to_be_bytes());
+    lens[7] = NEXTHDR_ICMP6;
+    let addrs = r.ip[8..].as_mut_ptr() as *mut u32;
+    let msg = r.icmp.as_mut_ptr() as *mut u32;
+    // SAFETY: the buffers are in this CPU's scratch entry and on the stack, of the sizes
+    // given (multiples of 4, as the helper wants); `from` is empty.
+    let sum = unsafe {
+        let s = bpf_csum_diff(core::ptr::null_mut(), 0, addrs, 32, 0);
+        let s = bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            lens.as_mut_ptr() as *mut u32,
+            8,
+            s as u32,
+        );
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            msg,
+            ICMP6_PAYLOAD as u32,
+            s as u32,
+        )
+    };
+    if sum < 0 {
+        return Err(RejectError);
+    }
+    // The helper sums in memory order, so the folded value is stored as is.
+    let mut s = sum as u32;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    let c = (!(s as u16)).to_ne_bytes();
     r.icmp[2] = c[0];
     r.icmp[3] = c[1];
     Ok(())
@@ -229,6 +266,7 @@ fn scratch6() -> Result<&'static mut Reply6, RejectError> {
 pub fn reject6(ctx: &TcContext, pkt: &Packet6) -> Result<i32, RejectError> {
     let r = scratch6()?;
     build6(ctx, pkt, r)?;
+    icmp6_csum(r)?;
     // SAFETY: the context pointer is the program's own skb.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, FRAME6_LEN as u32, 0) } != 0 {
         return Err(RejectError);
@@ -248,6 +286,7 @@ pub fn reject6(ctx: &TcContext, pkt: &Packet6) -> Result<i32, RejectError> {
 pub fn reject_xdp6(ctx: &XdpContext, pkt: &Packet6) -> Result<u32, RejectError> {
     let r = scratch6()?;
     build6(ctx, pkt, r)?;
+    icmp6_csum(r)?;
     let len = (ctx.data_end() - ctx.data()) as i32;
     // SAFETY: the context pointer is the program's own frame.
     if unsafe { bpf_xdp_adjust_tail(ctx.ctx, FRAME6_LEN as i32 - len) } != 0 {

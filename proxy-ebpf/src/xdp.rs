@@ -87,19 +87,23 @@ pub fn nodeport(ctx: &XdpContext) -> u32 {
     // business (a fragment of a connection to a frontend is not translated; see README).
     match parse::ethertype(ctx) {
         Ok(L3::Ipv4) => serve::<V4>(ctx),
-        // Not served yet, as at tc (see `try_tc_ingress` in main.rs).
-        Ok(L3::Ipv6) => exit(stats::XDP_PASS, PASS),
+        Ok(L3::Ipv6) => serve::<V6>(ctx),
         Err(_) => exit(stats::XDP_PASS, PASS),
     }
 }
 
-/// One family's external view.
-#[inline(always)]
+/// One family's external view, out of line: each family's path gets its own stack frame
+/// (see `tc_family` in main.rs).
+#[inline(never)]
 fn serve<F: Family>(ctx: &XdpContext) -> u32 {
     let Ok(pkt) = F::parse(ctx) else {
         return exit(stats::XDP_PASS, PASS);
     };
-    let pkt = &pkt;
+    let Some(pkt) = F::stash(&pkt) else {
+        return exit(stats::XDP_PASS, PASS);
+    };
+    // SAFETY: `stash` gives the packet itself or this CPU's scratch copy of it.
+    let pkt = unsafe { &*pkt };
     let len = (ctx.data_end() - ctx.data()) as u64;
     match F::service(pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXTERNAL) {
         Some(svc) => {

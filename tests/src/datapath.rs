@@ -353,11 +353,11 @@ impl DatapathHarness {
     /// A map of the object by name, found among the maps program `prog` uses (for maps
     /// `KernelMaps` has no handle of, such as the IPv6 ones).
     pub fn prog_map(&mut self, prog: &str, name: &str) -> aya::maps::MapData {
-        let ids = self
-            .dp
-            .program_mut(prog)
-            .expect("program")
-            .info()
+        let info = match self.dp.program_mut(prog) {
+            Ok(p) => p.info(),
+            Err(_) => self.dp.xdp_program_mut(prog).expect("program").info(),
+        };
+        let ids = info
             .expect("program info")
             .map_ids()
             .expect("map ids")
