@@ -109,7 +109,7 @@ impl SynthService {
             .endpoints
             .iter()
             .map(|&(addr, port)| Endpoint {
-                addr,
+                addr: addr.into(),
                 port,
                 terminating: false,
                 local: false,

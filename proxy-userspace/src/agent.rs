@@ -88,7 +88,7 @@ pub struct NodeConfig {
     /// `--node-interfaces`: names or globs; empty: no external view.
     pub interfaces: Vec<String>,
     /// `--nodeport-addresses`; empty: the node interfaces' addresses.
-    pub nodeport_addresses: Vec<crate::model::Ipv4Range>,
+    pub nodeport_addresses: Vec<crate::model::IpRange>,
     /// `--snat-address`; `None`: the first address of a node interface.
     pub snat_address: Option<std::net::Ipv4Addr>,
     pub snat_ports: std::ops::RangeInclusive<u16>,
@@ -254,7 +254,7 @@ struct Reconciler {
     health_checks: HealthCheckServers,
     model: Model,
     /// Services refused last time (a full map): planned again with the next change.
-    retry: BTreeSet<proxy_common::service::Svc4Key>,
+    retry: BTreeSet<crate::model::SvcKey>,
     /// The next plan covers every service (at start, and after a write failed).
     plan_all: bool,
 }

@@ -1,14 +1,17 @@
 //! What the CLI prints: the services and connections the kernel actually holds, read from
 //! the pinned maps (no agent needed).
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use proxy_common::conntrack::CT_DIR_FORWARD;
 use serde::Serialize;
 
 use crate::{
     datapath::{DatapathError, KernelMaps},
-    model::{FrontendKind, Protocol, Scheduler, Scope, policy_flag_names},
+    model::{FrontendKind, Protocol, Scheduler, Scope, host_port, policy_flag_names},
     planner::meta_to_name,
 };
 
@@ -17,7 +20,7 @@ pub struct ServiceRow {
     pub namespace: String,
     pub name: String,
     pub port_name: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: String,
     /// Which view the entry is in: `cluster` (pods and node processes) or `external` (the
@@ -39,7 +42,7 @@ pub struct ServiceRow {
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct BackendRow {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub terminating: bool,
     /// On this node (reached without SNAT from the external view).
@@ -70,6 +73,7 @@ fn protocol_name(n: u8) -> String {
 pub fn services(maps: &KernelMaps) -> Result<Vec<ServiceRow>, DatapathError> {
     let state = maps.read_state()?;
     let counts: std::collections::BTreeMap<_, _> = maps.connection_counts().into_iter().collect();
+    let counts6: std::collections::BTreeMap<_, _> = maps.connection_counts6().into_iter().collect();
     let mut rows: Vec<ServiceRow> = state
         .services
         .iter()
@@ -79,7 +83,7 @@ pub fn services(maps: &KernelMaps) -> Result<Vec<ServiceRow>, DatapathError> {
                 namespace,
                 name,
                 port_name,
-                ip: Ipv4Addr::from(key.addr),
+                ip: key.addr,
                 port: key.port,
                 protocol: protocol_name(key.proto),
                 scope: Scope::from_value(key.scope)
@@ -97,19 +101,28 @@ pub fn services(maps: &KernelMaps) -> Result<Vec<ServiceRow>, DatapathError> {
                     .backends
                     .iter()
                     .map(|b| BackendRow {
-                        ip: Ipv4Addr::from(b.addr),
+                        ip: b.addr,
                         port: b.port,
                         terminating: b.flags & proxy_common::service::BACKEND_TERMINATING != 0,
                         local: b.flags & proxy_common::service::BACKEND_LOCAL != 0,
                         weight: b.weight,
-                        active_connections: counts
-                            .get(&proxy_common::service::BackendConnsKey {
+                        active_connections: match b.addr {
+                            IpAddr::V4(a) => counts.get(&proxy_common::service::BackendConnsKey {
                                 svc_id: svc.value.svc_id,
-                                addr: b.addr,
+                                addr: a.octets(),
                                 port: b.port,
                                 _pad: 0,
-                            })
-                            .map_or(0, |c| c.active()),
+                            }),
+                            IpAddr::V6(a) => {
+                                counts6.get(&proxy_common::service::BackendConns6Key {
+                                    svc_id: svc.value.svc_id,
+                                    addr: a.octets(),
+                                    port: b.port,
+                                    _pad: 0,
+                                })
+                            }
+                        }
+                        .map_or(0, |c| c.active()),
                     })
                     .collect(),
             }
@@ -201,7 +214,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
                     } else {
                         String::new()
                     };
-                    format!("{}:{}{w}{c}{l}{t}", b.ip, b.port)
+                    format!("{}{w}{c}{l}{t}", host_port(b.ip, b.port))
                 })
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -220,7 +233,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
         let _ = writeln!(
             out,
             "{name:<32} {:<22} {:<6} {:<9} {:<13} {scheduler:<14} {flags:<20} {backends}",
-            format!("{}:{}", r.ip, r.port),
+            host_port(r.ip, r.port),
             r.protocol,
             r.scope,
             r.kind,
@@ -260,7 +273,7 @@ mod tests {
             namespace: "default".into(),
             name: "web".into(),
             port_name: "http".into(),
-            ip: Ipv4Addr::new(203, 0, 113, 1),
+            ip: Ipv4Addr::new(203, 0, 113, 1).into(),
             port: 80,
             protocol: "TCP".into(),
             scope: "external".into(),
@@ -271,7 +284,7 @@ mod tests {
             scheduler: "random".into(),
             affinity_timeout_s: 0,
             backends: vec![BackendRow {
-                ip: Ipv4Addr::new(10, 244, 1, 5),
+                ip: Ipv4Addr::new(10, 244, 1, 5).into(),
                 port: 8080,
                 terminating: false,
                 local: true,

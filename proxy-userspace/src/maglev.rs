@@ -9,14 +9,15 @@
 //! only on its own address, removing one of N backends frees only its own entries (about
 //! M/N) and leaves almost all the others' where they were.
 
-use proxy_common::{
-    hash::fnv1a64,
-    service::{Backend4, MAGLEV_SIZE},
-};
+use std::net::IpAddr;
+
+use proxy_common::{hash::fnv1a64, service::MAGLEV_SIZE};
+
+use crate::planner::Backend;
 
 /// The Maglev table of `backends` (in slot order) over `size` entries (a prime): for each
 /// entry, the slot of a backend. Empty if there are no backends.
-pub fn build_table(backends: &[Backend4], size: u32) -> Vec<u32> {
+pub fn build_table(backends: &[Backend], size: u32) -> Vec<u32> {
     let m = size as u64;
     if backends.is_empty() || m == 0 {
         return Vec::new();
@@ -25,9 +26,12 @@ pub fn build_table(backends: &[Backend4], size: u32) -> Vec<u32> {
     let mut perm: Vec<(u64, u64, u64)> = backends
         .iter()
         .map(|b| {
-            let mut name = [0u8; 6];
-            name[..4].copy_from_slice(&b.addr);
-            name[4..].copy_from_slice(&b.port.to_be_bytes());
+            // The address's wire bytes then the port (6 bytes for IPv4, 18 for IPv6).
+            let mut name = match b.addr {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            name.extend_from_slice(&b.port.to_be_bytes());
             let offset = fnv1a64(&name, 0x6d61_676c_6576_3031) % m;
             let skip = fnv1a64(&name, 0x7365_636f_6e64_6831) % (m - 1) + 1;
             (offset, skip, 0)
@@ -59,7 +63,7 @@ pub fn build_table(backends: &[Backend4], size: u32) -> Vec<u32> {
 }
 
 /// [`build_table`] with the size the kernel reads ([`MAGLEV_SIZE`]).
-pub fn table_for(backends: &[Backend4]) -> Vec<u32> {
+pub fn table_for(backends: &[Backend]) -> Vec<u32> {
     build_table(backends, MAGLEV_SIZE)
 }
 
@@ -67,10 +71,10 @@ pub fn table_for(backends: &[Backend4]) -> Vec<u32> {
 mod tests {
     use super::*;
 
-    fn backends(n: u32) -> Vec<Backend4> {
+    fn backends(n: u32) -> Vec<Backend> {
         (0..n)
-            .map(|i| Backend4 {
-                addr: [10, 244, (i / 250) as u8, (i % 250) as u8 + 1],
+            .map(|i| Backend {
+                addr: std::net::Ipv4Addr::new(10, 244, (i / 250) as u8, (i % 250) as u8 + 1).into(),
                 port: 8080,
                 flags: 0,
                 weight: 1,

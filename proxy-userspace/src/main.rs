@@ -61,7 +61,7 @@ enum Command {
         /// (kube-proxy's flag). Default: every IPv4 address of the --node-interfaces.
         /// Addresses are read again when they change.
         #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
-        nodeport_addresses: Vec<bpfproxy::model::Ipv4Range>,
+        nodeport_addresses: Vec<bpfproxy::model::IpRange>,
         /// Source address of connections SNAT-ed to a backend on another node
         /// (externalTrafficPolicy Cluster); must be an address of this node. Default: the
         /// first IPv4 address of the --node-interfaces.
@@ -385,7 +385,7 @@ fn parse_scheduler(name: &str) -> Result<Scheduler, String> {
     })
 }
 
-fn parse_cidr(s: &str) -> Result<bpfproxy::model::Ipv4Range, String> {
+fn parse_cidr(s: &str) -> Result<bpfproxy::model::IpRange, String> {
     bpfproxy::node::parse_cidr(s)
 }
 

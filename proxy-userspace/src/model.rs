@@ -1,13 +1,17 @@
 //! What the cluster wants: a pure model of the desired services, built from Service and
 //! EndpointSlice objects with kube-proxy's rules. No kernel, no I/O: easy to unit-test.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use proxy_common::{
     PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     service::{
         SCHED_NAMES, SCOPE_CLUSTER_IP, SCOPE_EXTERNAL, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL_IP,
-        SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SNAT, SVC_F_SOURCE_RANGES, Svc4Key,
+        SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SNAT, SVC_F_SOURCE_RANGES, Svc4Key, Svc6Key,
     },
 };
 
@@ -81,39 +85,157 @@ impl Scope {
     }
 }
 
+/// An address family: which of the `*4` or `*6` maps an entry goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(addr: &IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// 0 for IPv4, 1 for IPv6 (to index per-family counters).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Bits in an address of the family.
+    pub fn bits(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+/// The wire bytes of an address (4 or 16).
+pub fn addr_bytes(addr: &IpAddr) -> Vec<u8> {
+    match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// `addr:port` as Rust's socket addresses print it (`10.0.0.1:80`, `[fd00::1]:80`).
+pub fn host_port(addr: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(addr, port).to_string()
+}
+
 /// One address a service answers on, in one view: address:port/protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub scope: Scope,
 }
 
+/// The identity of a service entry in `services4` or `services6` (the family is the
+/// address's): a [`Frontend`] as the maps hold it, so protocol and scope values no agent
+/// writes can still be named (and removed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+impl SvcKey {
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
+
+    /// The `services4` key (`None` for an IPv6 key).
+    pub fn v4(&self) -> Option<Svc4Key> {
+        match self.addr {
+            IpAddr::V4(a) => Some(Svc4Key {
+                addr: a.octets(),
+                port: self.port,
+                proto: self.proto,
+                scope: self.scope,
+            }),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    /// The `services6` key (`None` for an IPv4 key).
+    pub fn v6(&self) -> Option<Svc6Key> {
+        match self.addr {
+            IpAddr::V6(a) => Some(Svc6Key {
+                addr: a.octets(),
+                port: self.port,
+                proto: self.proto,
+                scope: self.scope,
+            }),
+            IpAddr::V4(_) => None,
+        }
+    }
+}
+
+impl From<Svc4Key> for SvcKey {
+    fn from(k: Svc4Key) -> Self {
+        SvcKey {
+            addr: Ipv4Addr::from(k.addr).into(),
+            port: k.port,
+            proto: k.proto,
+            scope: k.scope,
+        }
+    }
+}
+
+impl From<Svc6Key> for SvcKey {
+    fn from(k: Svc6Key) -> Self {
+        SvcKey {
+            addr: Ipv6Addr::from(k.addr).into(),
+            port: k.port,
+            proto: k.proto,
+            scope: k.scope,
+        }
+    }
+}
+
 impl Frontend {
     /// A frontend of the in-cluster view.
-    pub fn cluster(addr: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
+    pub fn cluster(addr: impl Into<IpAddr>, port: u16, protocol: Protocol) -> Self {
         Frontend {
-            addr,
+            addr: addr.into(),
             port,
             protocol,
             scope: Scope::Cluster,
         }
     }
 
-    pub fn key(&self) -> Svc4Key {
-        Svc4Key {
-            addr: self.addr.octets(),
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
+
+    pub fn key(&self) -> SvcKey {
+        SvcKey {
+            addr: self.addr,
             port: self.port,
             proto: self.protocol.number(),
             scope: self.scope.value(),
         }
     }
 
-    /// The frontend of a `services4` key (`None` for an unknown protocol or scope).
-    pub fn from_key(key: &Svc4Key) -> Option<Self> {
+    /// The frontend of a service key (`None` for an unknown protocol or scope).
+    pub fn from_key(key: &SvcKey) -> Option<Self> {
         Some(Frontend {
-            addr: key.addr.into(),
+            addr: key.addr,
             port: key.port,
             protocol: Protocol::from_number(key.proto)?,
             scope: Scope::from_value(key.scope)?,
@@ -123,7 +245,7 @@ impl Frontend {
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)?;
+        write!(f, "{}/{}", host_port(self.addr, self.port), self.protocol)?;
         if self.scope == Scope::External {
             f.write_str(" (external view)")?;
         }
@@ -198,35 +320,53 @@ pub fn policy_flag_names(flags: u8) -> Vec<&'static str> {
     .collect()
 }
 
-/// An IPv4 range (`loadBalancerSourceRanges`), its host bits cleared.
+/// An address range (`loadBalancerSourceRanges`, `--nodeport-addresses`) of either family,
+/// its host bits cleared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ipv4Range {
-    pub addr: Ipv4Addr,
+pub struct IpRange {
+    pub addr: IpAddr,
     pub prefix_len: u8,
 }
 
-impl Ipv4Range {
-    /// `addr/prefix_len` with the bits past the prefix cleared (`None` if over 32).
-    pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Option<Self> {
-        if prefix_len > 32 {
+impl IpRange {
+    /// `addr/prefix_len` with the bits past the prefix cleared (`None` if the prefix is
+    /// longer than the family's addresses: over 32 for IPv4, over 128 for IPv6).
+    pub fn new(addr: impl Into<IpAddr>, prefix_len: u8) -> Option<Self> {
+        let addr = addr.into();
+        if prefix_len > Family::of(&addr).bits() {
             return None;
         }
-        // A shift by 32 (prefix 0) overflows: the mask is then 0.
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(prefix_len))
-            .unwrap_or(0);
-        Some(Ipv4Range {
-            addr: Ipv4Addr::from(u32::from(addr) & mask),
-            prefix_len,
-        })
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                // A shift by 32 (prefix 0) overflows: the mask is then 0.
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
+        };
+        Some(IpRange { addr, prefix_len })
     }
 
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        Ipv4Range::new(addr, self.prefix_len).is_some_and(|r| r.addr == self.addr)
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
+
+    /// Whether `addr` is in the range (never for an address of the other family).
+    pub fn contains(&self, addr: impl Into<IpAddr>) -> bool {
+        let addr = addr.into();
+        Family::of(&addr) == self.family()
+            && IpRange::new(addr, self.prefix_len).is_some_and(|r| r.addr == self.addr)
     }
 }
 
-impl fmt::Display for Ipv4Range {
+impl fmt::Display for IpRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
     }
@@ -255,7 +395,7 @@ impl fmt::Display for ServicePortName {
 /// One backend of a service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// Only used because no ready endpoint was left (kube-proxy's terminating fallback).
     pub terminating: bool,
@@ -277,7 +417,7 @@ pub struct DesiredService {
     pub flags: u8,
     /// Allowed client ranges when `flags` has `SVC_F_SOURCE_RANGES` (may be empty: then
     /// no client is allowed); sorted, without duplicates.
-    pub source_ranges: Vec<Ipv4Range>,
+    pub source_ranges: Vec<IpRange>,
 }
 
 /// A scheduler: how a service port picks the backend of a new connection. The value is
@@ -332,12 +472,12 @@ impl fmt::Display for Scheduler {
 pub struct Scheduling {
     pub scheduler: Scheduler,
     /// Weight by backend address (1..=255); a backend not listed weighs 1.
-    pub weights: BTreeMap<Ipv4Addr, u8>,
+    pub weights: BTreeMap<IpAddr, u8>,
 }
 
 impl Scheduling {
     /// The weight of a backend.
-    pub fn weight(&self, addr: Ipv4Addr) -> u8 {
+    pub fn weight(&self, addr: IpAddr) -> u8 {
         self.weights.get(&addr).copied().unwrap_or(1)
     }
 }
@@ -383,18 +523,37 @@ mod tests {
 
     #[test]
     fn ranges_clear_host_bits_and_contain_their_addresses() {
-        let r = Ipv4Range::new(Ipv4Addr::new(192, 168, 7, 9), 16).unwrap();
+        let r = IpRange::new(Ipv4Addr::new(192, 168, 7, 9), 16).unwrap();
         assert_eq!(r.to_string(), "192.168.0.0/16");
         assert!(r.contains(Ipv4Addr::new(192, 168, 200, 1)));
         assert!(!r.contains(Ipv4Addr::new(192, 169, 0, 1)));
-        let all = Ipv4Range::new(Ipv4Addr::new(1, 2, 3, 4), 0).unwrap();
+        let all = IpRange::new(Ipv4Addr::new(1, 2, 3, 4), 0).unwrap();
         assert_eq!(all.to_string(), "0.0.0.0/0");
         assert!(all.contains(Ipv4Addr::new(8, 8, 8, 8)));
         assert_eq!(
-            Ipv4Range::new(Ipv4Addr::new(1, 2, 3, 4), 32).unwrap().addr,
+            IpRange::new(Ipv4Addr::new(1, 2, 3, 4), 32).unwrap().addr,
             Ipv4Addr::new(1, 2, 3, 4)
         );
-        assert_eq!(Ipv4Range::new(Ipv4Addr::new(1, 2, 3, 4), 33), None);
+        assert_eq!(IpRange::new(Ipv4Addr::new(1, 2, 3, 4), 33), None);
+    }
+
+    #[test]
+    fn ipv6_ranges_clear_host_bits_and_keep_to_their_family() {
+        let a: Ipv6Addr = "fd00:203:0:7::9".parse().unwrap();
+        let r = IpRange::new(a, 48).unwrap();
+        assert_eq!(r.to_string(), "fd00:203::/48");
+        assert!(r.contains("fd00:203:0:ffff::1".parse::<Ipv6Addr>().unwrap()));
+        assert!(!r.contains("fd00:204::1".parse::<Ipv6Addr>().unwrap()));
+        assert_eq!(IpRange::new(a, 128).unwrap().addr, a);
+        assert_eq!(IpRange::new(a, 129), None);
+        let all = IpRange::new(a, 0).unwrap();
+        assert_eq!(all.to_string(), "::/0");
+        assert!(all.contains("2001:db8::1".parse::<Ipv6Addr>().unwrap()));
+        // The other family is never inside, even under a /0.
+        assert!(!all.contains(Ipv4Addr::new(8, 8, 8, 8)));
+        let v4_all = IpRange::new(Ipv4Addr::UNSPECIFIED, 0).unwrap();
+        assert!(!v4_all.contains(Ipv6Addr::LOCALHOST));
+        assert_eq!(r.family(), Family::V6);
     }
 
     #[test]
@@ -417,5 +576,19 @@ mod tests {
         };
         assert_eq!(Frontend::from_key(&f.key()), Some(f));
         assert_eq!(f.to_string(), "192.0.2.1:30080/TCP (external view)");
+        assert_eq!(
+            SvcKey::from(f.key().v4().unwrap()),
+            f.key(),
+            "services4 keys round-trip"
+        );
+        assert_eq!(f.key().v6(), None);
+        let f6 = Frontend {
+            scope: Scope::External,
+            ..Frontend::cluster("fd00::1".parse::<Ipv6Addr>().unwrap(), 80, Protocol::Udp)
+        };
+        assert_eq!(Frontend::from_key(&f6.key()), Some(f6));
+        assert_eq!(SvcKey::from(f6.key().v6().unwrap()), f6.key());
+        assert_eq!(f6.key().v4(), None);
+        assert_eq!(f6.to_string(), "[fd00::1]:80/UDP (external view)");
     }
 }

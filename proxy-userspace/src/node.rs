@@ -7,7 +7,7 @@ use std::{io, net::Ipv4Addr, ops::RangeInclusive};
 
 use crate::{
     datapath::attach::InterfacePatterns,
-    model::{Ipv4Range, build::parse_ipv4},
+    model::{IpRange, build::parse_ipv4},
 };
 
 /// Default `--snat-ports`: above the kernel's default ephemeral range (32768-60999), so
@@ -15,7 +15,7 @@ use crate::{
 pub const DEFAULT_SNAT_PORTS: RangeInclusive<u16> = 61_000..=65_535;
 
 /// An IPv4 CIDR of `--nodeport-addresses` (`10.0.0.0/8`; a bare address is a /32).
-pub fn parse_cidr(s: &str) -> Result<Ipv4Range, String> {
+pub fn parse_cidr(s: &str) -> Result<IpRange, String> {
     let text = s.trim();
     let (addr, len) = match text.split_once('/') {
         Some((a, l)) => (a, l),
@@ -27,7 +27,7 @@ pub fn parse_cidr(s: &str) -> Result<Ipv4Range, String> {
         .ok()
         .filter(|l| *l <= 32)
         .ok_or_else(|| format!("{s:?}: the prefix length must be 0-32"))?;
-    Ipv4Range::new(addr, len).ok_or_else(|| format!("{s:?} is not an IPv4 CIDR"))
+    IpRange::new(addr, len).ok_or_else(|| format!("{s:?} is not an IPv4 CIDR"))
 }
 
 /// `--snat-ports MIN-MAX`: at least 1024 (below are the well-known ports of services on the
@@ -84,7 +84,7 @@ pub fn interface_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
 pub fn nodeport_addresses(
     addrs: &[(String, Ipv4Addr)],
     node_interfaces: Option<&InterfacePatterns>,
-    cidrs: &[Ipv4Range],
+    cidrs: &[IpRange],
 ) -> Vec<Ipv4Addr> {
     let mut out: Vec<Ipv4Addr> = addrs
         .iter()

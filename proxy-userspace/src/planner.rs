@@ -4,59 +4,143 @@
 //! Pure: [`MapState`] is a mirror of the maps (read from the kernel at start, then kept in
 //! step by [`MapState::apply`] as each op succeeds), so plans are unit-testable.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use proxy_common::{
     PROTO_UDP, maps, reply_filter,
     service::{
-        BACKEND_LOCAL, BACKEND_TERMINATING, Backend4, BackendSlotKey, NAME_LEN, NODE_F_FIB_FORWARD,
-        NodeConfig4, PORT_NAME_LEN, SCHED_MAGLEV, Svc4Key, SvcMeta, SvcValue,
+        BACKEND_LOCAL, BACKEND_TERMINATING, Backend4, Backend6, BackendSlotKey, NAME_LEN,
+        NODE_F_FIB_FORWARD, NodeConfig4, NodeConfig6, PORT_NAME_LEN, SCHED_MAGLEV, SvcMeta,
+        SvcValue,
     },
 };
 
+pub use crate::model::SvcKey;
 use crate::{
     maglev,
     model::{
-        DesiredService, DesiredState, Endpoint, Frontend, Ipv4Range, Protocol, Scheduling,
-        ServicePortName,
+        DesiredService, DesiredState, Endpoint, Family, Frontend, IpRange, Protocol, Scheduling,
+        ServicePortName, host_port,
     },
 };
+
+/// One backend slot's value, of either family (`backend_slots4` holds [`Backend4`],
+/// `backend_slots6` [`Backend6`]; the address says which).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// `BACKEND_*` flags.
+    pub flags: u8,
+    pub weight: u8,
+}
+
+impl Backend {
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
+
+    /// The `backend_slots4` value (`None` for an IPv6 backend).
+    pub fn v4(&self) -> Option<Backend4> {
+        match self.addr {
+            IpAddr::V4(a) => Some(Backend4 {
+                addr: a.octets(),
+                port: self.port,
+                flags: self.flags,
+                weight: self.weight,
+            }),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    /// The `backend_slots6` value (`None` for an IPv4 backend).
+    pub fn v6(&self) -> Option<Backend6> {
+        match self.addr {
+            IpAddr::V6(a) => Some(Backend6 {
+                addr: a.octets(),
+                port: self.port,
+                flags: self.flags,
+                weight: self.weight,
+            }),
+            IpAddr::V4(_) => None,
+        }
+    }
+}
+
+impl From<Backend4> for Backend {
+    fn from(b: Backend4) -> Self {
+        Backend {
+            addr: Ipv4Addr::from(b.addr).into(),
+            port: b.port,
+            flags: b.flags,
+            weight: b.weight,
+        }
+    }
+}
+
+impl From<Backend6> for Backend {
+    fn from(b: Backend6) -> Self {
+        Backend {
+            addr: Ipv6Addr::from(b.addr).into(),
+            port: b.port,
+            flags: b.flags,
+            weight: b.weight,
+        }
+    }
+}
+
+/// The reply-filter bit of a backend of a `proto` service (`reply_filter::bit` or `bit6`
+/// by family).
+pub fn reply_bit(addr: IpAddr, port: u16, proto: u8) -> u32 {
+    match addr {
+        IpAddr::V4(a) => reply_filter::bit(a.octets(), port, proto),
+        IpAddr::V6(a) => reply_filter::bit6(a.octets(), port, proto),
+    }
+}
 
 /// One service as programmed in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgrammedService {
     pub value: SvcValue,
     /// Backends in slot order of the live table (`value.table`).
-    pub backends: Vec<Backend4>,
+    pub backends: Vec<Backend>,
     pub meta: SvcMeta,
-    /// Its `src_ranges4` entries (allowed client ranges, under its `svc_id`).
-    pub source_ranges: BTreeSet<Ipv4Range>,
+    /// Its `src_ranges4` or `src_ranges6` entries (allowed client ranges, under its
+    /// `svc_id`; of its family).
+    pub source_ranges: BTreeSet<IpRange>,
 }
 
-/// Mirror of the service-side maps.
+/// Mirror of the service-side maps of both families (`services4` and `services6` in
+/// `services`, keyed by [`SvcKey`] whose address says the family; likewise for backends
+/// and ranges).
 ///
-/// Equality compares the maps' contents (the four public fields), not the internal index.
+/// Equality compares the maps' contents (the public fields), not the internal index.
 #[derive(Clone, Debug, Default)]
 pub struct MapState {
-    pub services: BTreeMap<Svc4Key, ProgrammedService>,
+    pub services: BTreeMap<SvcKey, ProgrammedService>,
     /// Words of `reply_filter` (length `reply_filter::WORDS`, or empty before the first read).
     pub reply_filter: Vec<u64>,
-    /// `backend_slots4` entries outside every live table: a table being filled before the
-    /// `PutService` that publishes it, or an old table until its slots are deleted. Empty
-    /// between plans.
-    pub spare_slots: BTreeMap<BackendSlotKey, Backend4>,
+    /// `backend_slots4`/`backend_slots6` entries outside every live table: a table being
+    /// filled before the `PutService` that publishes it, or an old table until its slots
+    /// are deleted. Empty between plans. A table belongs to one svc_id, so to one family.
+    pub spare_slots: BTreeMap<BackendSlotKey, Backend>,
     /// `svc_meta` entries of no service in `services`: written just before a new service,
     /// or left by a removed one until its `DeleteMeta`. Empty between plans.
     pub spare_meta: BTreeMap<u32, SvcMeta>,
     /// `src_ranges4` entries of no service in `services`, by `svc_id`: written just before
     /// a new service, or left by a removed one until deleted. Empty between plans.
-    pub spare_ranges: BTreeMap<u32, BTreeSet<Ipv4Range>>,
+    pub spare_ranges: BTreeMap<u32, BTreeSet<IpRange>>,
     /// The `node_cfg4` entry (`None` before the first read or write).
     pub node_config: Option<NodeConfig4>,
+    /// The `node_cfg6` entry (`None` before the first read or write).
+    pub node_config6: Option<NodeConfig6>,
     /// `svc_id` -> key in `services`, kept by [`MapState::apply`]; rebuilt when the number
     /// of services changed behind its back (call [`MapState::reindex`] after replacing
     /// services by hand).
-    by_id: BTreeMap<u32, Svc4Key>,
+    by_id: BTreeMap<u32, SvcKey>,
     indexed: usize,
     /// Live backends per reply-filter bit (length `reply_filter::BITS` once indexed), kept
     /// by [`MapState::apply`], so a plan finds the words a change touches without going
@@ -75,12 +159,15 @@ impl PartialEq for MapState {
             && self.spare_meta == other.spare_meta
             && self.spare_ranges == other.spare_ranges
             && self.node_config == other.node_config
+            && self.node_config6 == other.node_config6
     }
 }
 
 impl Eq for MapState {}
 
 /// Sizes of the maps, so the planner can refuse what would not fit before writing anything.
+/// Each family has its own maps of these sizes (`services4` and `services6` hold
+/// `services` each, and so on).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
     pub services: u32,
@@ -90,12 +177,14 @@ pub struct Capacity {
 /// One write to a map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
+    /// Write a slot of `backend_slots4` or `backend_slots6` (the value's family).
     PutBackend {
         key: BackendSlotKey,
-        value: Backend4,
+        value: Backend,
     },
     DeleteBackend {
         key: BackendSlotKey,
+        family: Family,
     },
     PutMeta {
         svc_id: u32,
@@ -104,12 +193,13 @@ pub enum MapOp {
     DeleteMeta {
         svc_id: u32,
     },
+    /// Write `services4` or `services6` (the key's family).
     PutService {
-        key: Svc4Key,
+        key: SvcKey,
         value: SvcValue,
     },
     DeleteService {
-        key: Svc4Key,
+        key: SvcKey,
     },
     SetReplyFilterWord {
         index: u32,
@@ -128,26 +218,31 @@ pub enum MapOp {
     /// Drop UDP conntrack entries of `frontend` whose backend is one of `backends`
     /// (kube-proxy clears UDP conntrack when an endpoint goes, so clients move at once).
     PurgeUdpConntrack {
-        frontend: Svc4Key,
-        backends: Vec<Backend4>,
+        frontend: SvcKey,
+        backends: Vec<Backend>,
     },
     /// Zero the traffic counters of `svc_id` (`svc_counters`), given to a new service: its
     /// counters must not start from those of a service that had the id before.
     ResetCounters {
         svc_id: u32,
     },
-    /// Allow clients in `range` for the service `svc_id` (`src_ranges4`).
+    /// Allow clients in `range` for the service `svc_id` (`src_ranges4` or `src_ranges6`,
+    /// the range's family).
     PutSourceRange {
         svc_id: u32,
-        range: Ipv4Range,
+        range: IpRange,
     },
     DeleteSourceRange {
         svc_id: u32,
-        range: Ipv4Range,
+        range: IpRange,
     },
     /// Write the node's configuration (`node_cfg4`).
     PutNodeConfig {
         value: NodeConfig4,
+    },
+    /// Write the node's IPv6 configuration (`node_cfg6`).
+    PutNodeConfig6 {
+        value: NodeConfig6,
     },
 }
 
@@ -259,8 +354,8 @@ pub fn meta_to_name(meta: &SvcMeta) -> (String, String, String) {
     )
 }
 
-/// The `backend_slots4` value of an endpoint.
-pub fn backend_from_endpoint(endpoint: &Endpoint) -> Backend4 {
+/// The backend slot value of an endpoint.
+pub fn backend_from_endpoint(endpoint: &Endpoint) -> Backend {
     let mut flags = 0;
     if endpoint.terminating {
         flags |= BACKEND_TERMINATING;
@@ -268,8 +363,8 @@ pub fn backend_from_endpoint(endpoint: &Endpoint) -> Backend4 {
     if endpoint.local {
         flags |= BACKEND_LOCAL;
     }
-    Backend4 {
-        addr: endpoint.addr.octets(),
+    Backend {
+        addr: endpoint.addr,
         port: endpoint.port,
         flags,
         weight: 1,
@@ -298,6 +393,35 @@ pub fn plan_node_config(wanted: &NodeConfig4, current: &MapState) -> Option<MapO
         .then_some(MapOp::PutNodeConfig { value: *wanted })
 }
 
+/// The `node_cfg6` value, as [`node_config`] for IPv6: the IPv6 SNAT address (`None`:
+/// none known, written as `::`), the same port range and flags.
+pub fn node_config6(
+    snat_addr: Option<Ipv6Addr>,
+    snat_ports: std::ops::RangeInclusive<u16>,
+    fib_forward: bool,
+) -> NodeConfig6 {
+    NodeConfig6 {
+        snat_addr: snat_addr.map_or([0; 16], |a| a.octets()),
+        snat_port_min: *snat_ports.start(),
+        snat_port_max: *snat_ports.end(),
+        flags: if fib_forward { NODE_F_FIB_FORWARD } else { 0 },
+    }
+}
+
+/// The write that makes `node_cfg6` hold `wanted`, if it does not already.
+pub fn plan_node_config6(wanted: &NodeConfig6, current: &MapState) -> Option<MapOp> {
+    (current.node_config6.as_ref() != Some(wanted))
+        .then_some(MapOp::PutNodeConfig6 { value: *wanted })
+}
+
+/// Entries of the `*4` (index 0) and `*6` (index 1) maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FamilyCounts {
+    pub services: [usize; 2],
+    pub slots: [usize; 2],
+    pub ranges: [usize; 2],
+}
+
 /// The two backend tables of a service id. Wrapping, so an out-of-range id read from the
 /// maps cannot panic (the planner never allocates one above [`MAX_SVC_ID`]).
 fn tables_of(svc_id: u32) -> [u32; 2] {
@@ -319,9 +443,9 @@ fn table_range(table: u32) -> std::ops::RangeInclusive<BackendSlotKey> {
 }
 
 /// Adds (or removes) the reply-filter references of live `backends` of a `proto` service.
-fn count_refs(refs: &mut [u32], proto: u8, backends: &[Backend4], add: bool) {
+fn count_refs(refs: &mut [u32], proto: u8, backends: &[Backend], add: bool) {
     for b in backends {
-        let bit = reply_filter::bit(b.addr, b.port, proto) as usize;
+        let bit = reply_bit(b.addr, b.port, proto) as usize;
         if let Some(r) = refs.get_mut(bit) {
             *r = if add { *r + 1 } else { r.saturating_sub(1) };
         }
@@ -329,7 +453,7 @@ fn count_refs(refs: &mut [u32], proto: u8, backends: &[Backend4], add: bool) {
 }
 
 /// The reply-filter references of every live backend of `services`.
-fn refs_of(services: &BTreeMap<Svc4Key, ProgrammedService>) -> Vec<u32> {
+fn refs_of(services: &BTreeMap<SvcKey, ProgrammedService>) -> Vec<u32> {
     let mut refs = vec![0u32; reply_filter::BITS as usize];
     for (key, svc) in services {
         count_refs(&mut refs, key.proto, &svc.backends, true);
@@ -373,8 +497,8 @@ impl MapState {
 
     /// A copy holding only the services of `keys` (and every spare entry), with the
     /// reply-filter references of the whole state: what a plan touching only `keys` needs.
-    fn subset(&self, keys: &BTreeSet<Svc4Key>) -> MapState {
-        let services: BTreeMap<Svc4Key, ProgrammedService> = keys
+    fn subset(&self, keys: &BTreeSet<SvcKey>) -> MapState {
+        let services: BTreeMap<SvcKey, ProgrammedService> = keys
             .iter()
             .filter_map(|k| Some((*k, self.services.get(k)?.clone())))
             .collect();
@@ -398,7 +522,7 @@ impl MapState {
     }
 
     /// The key of the service with `svc_id`.
-    fn key_of_id(&mut self, svc_id: u32) -> Option<Svc4Key> {
+    fn key_of_id(&mut self, svc_id: u32) -> Option<SvcKey> {
         self.ensure_indexed();
         let key = *self.by_id.get(&svc_id)?;
         match self.services.get(&key) {
@@ -411,7 +535,7 @@ impl MapState {
     }
 
     /// The service whose live table is `table`.
-    fn live_table(&mut self, table: u32) -> Option<Svc4Key> {
+    fn live_table(&mut self, table: u32) -> Option<SvcKey> {
         let key = self.key_of_id(table / 2)?;
         (self.services[&key].value.table == table).then_some(key)
     }
@@ -424,7 +548,7 @@ impl MapState {
     }
 
     /// Whether `src_ranges4` holds `range` for `svc_id`.
-    fn range_present(&mut self, svc_id: u32, range: &Ipv4Range) -> bool {
+    fn range_present(&mut self, svc_id: u32, range: &IpRange) -> bool {
         self.spare_ranges
             .get(&svc_id)
             .is_some_and(|r| r.contains(range))
@@ -433,7 +557,7 @@ impl MapState {
                 .is_some_and(|k| self.services[&k].source_ranges.contains(range))
     }
 
-    /// Number of `src_ranges4` entries.
+    /// Number of `src_ranges4` and `src_ranges6` entries.
     pub fn range_count(&self) -> usize {
         self.services
             .values()
@@ -442,7 +566,7 @@ impl MapState {
             + self.spare_ranges.values().map(BTreeSet::len).sum::<usize>()
     }
 
-    /// Number of `backend_slots4` entries.
+    /// Number of `backend_slots4` and `backend_slots6` entries.
     pub fn slot_count(&self) -> usize {
         self.services
             .values()
@@ -451,8 +575,27 @@ impl MapState {
             + self.spare_slots.len()
     }
 
+    /// Entries of each family's maps, indexed by [`Family::index`]: services, backend
+    /// slots, source ranges.
+    pub fn counts_by_family(&self) -> FamilyCounts {
+        let mut c = FamilyCounts::default();
+        for (key, s) in &self.services {
+            let f = key.family().index();
+            c.services[f] += 1;
+            c.slots[f] += s.backends.len();
+            c.ranges[f] += s.source_ranges.len();
+        }
+        for b in self.spare_slots.values() {
+            c.slots[b.family().index()] += 1;
+        }
+        for r in self.spare_ranges.values().flatten() {
+            c.ranges[r.family().index()] += 1;
+        }
+        c
+    }
+
     /// Takes the slots `0..count` of `table` out of the spare slots, up to the first missing.
-    fn take_table(&mut self, table: u32, count: u32) -> Vec<Backend4> {
+    fn take_table(&mut self, table: u32, count: u32) -> Vec<Backend> {
         let mut backends = Vec::with_capacity(count as usize);
         for slot in 0..count {
             match self.spare_slots.remove(&BackendSlotKey { table, slot }) {
@@ -463,7 +606,7 @@ impl MapState {
         backends
     }
 
-    fn spare_table(&mut self, table: u32, backends: Vec<Backend4>) {
+    fn spare_table(&mut self, table: u32, backends: Vec<Backend>) {
         for (slot, b) in backends.into_iter().enumerate() {
             self.spare_slots.insert(
                 BackendSlotKey {
@@ -519,7 +662,7 @@ impl MapState {
                     self.spare_slots.insert(*key, *value);
                 }
             }
-            MapOp::DeleteBackend { key } => {
+            MapOp::DeleteBackend { key, .. } => {
                 if self.spare_slots.remove(key).is_some() {
                     return;
                 }
@@ -529,7 +672,7 @@ impl MapState {
                     if slot < svc.backends.len() {
                         let gone = svc.backends.split_off(slot);
                         count_refs(&mut self.filter_refs, k.proto, &gone, false);
-                        let after: Vec<Backend4> = gone.into_iter().skip(1).collect();
+                        let after: Vec<Backend> = gone.into_iter().skip(1).collect();
                         for (i, b) in after.into_iter().enumerate() {
                             let key = BackendSlotKey {
                                 table: key.table,
@@ -638,6 +781,7 @@ impl MapState {
                 }
             }
             MapOp::PutNodeConfig { value } => self.node_config = Some(*value),
+            MapOp::PutNodeConfig6 { value } => self.node_config6 = Some(*value),
             MapOp::SetReplyFilterWord { index, word } => {
                 if self.reply_filter.is_empty() {
                     self.reply_filter = vec![0; reply_filter::WORDS as usize];
@@ -677,7 +821,7 @@ pub fn plan(
             plan.steps.push(step);
         }
     }
-    let wanted: BTreeSet<Svc4Key> = desired.services.keys().map(Frontend::key).collect();
+    let wanted: BTreeSet<SvcKey> = desired.services.keys().map(Frontend::key).collect();
     for key in current.services.keys().filter(|k| !wanted.contains(k)) {
         plan.steps.push(planner.remove(key));
     }
@@ -699,14 +843,14 @@ pub fn plan(
 /// assumed to match `desired` already (the periodic full [`plan`] repairs any that do not).
 pub fn plan_changes(
     desired: &DesiredState,
-    keys: &BTreeSet<Svc4Key>,
+    keys: &BTreeSet<SvcKey>,
     current: &MapState,
     capacity: Capacity,
 ) -> (Plan, Vec<PlanError>) {
     let scratch = current.subset(keys);
     let mut planner = Planner::new(current, scratch, capacity);
     let mut plan = Plan::default();
-    let wanted = |key: &Svc4Key| desired.services.get(&frontend_of(key)?);
+    let wanted = |key: &SvcKey| desired.services.get(&frontend_of(key)?);
     for key in keys {
         if let Some(svc) = wanted(key) {
             let scheduling = desired.scheduling_of(&svc.frontend);
@@ -731,7 +875,7 @@ pub fn plan_changes(
                 .into_iter()
                 .flat_map(|s| &s.backends)
             {
-                let bit = reply_filter::bit(b.addr, b.port, key.proto);
+                let bit = reply_bit(b.addr, b.port, key.proto);
                 words.insert(reply_filter::word_and_mask(bit).0 as usize);
             }
         }
@@ -744,7 +888,7 @@ pub fn plan_changes(
 }
 
 /// The frontend of a service key.
-fn frontend_of(key: &Svc4Key) -> Option<Frontend> {
+fn frontend_of(key: &SvcKey) -> Option<Frontend> {
     Frontend::from_key(key)
 }
 
@@ -799,8 +943,7 @@ pub fn filter_words(state: &MapState) -> Vec<u64> {
     let mut words = vec![0u64; reply_filter::WORDS as usize];
     for (key, svc) in &state.services {
         for b in &svc.backends {
-            let (word, mask) =
-                reply_filter::word_and_mask(reply_filter::bit(b.addr, b.port, key.proto));
+            let (word, mask) = reply_filter::word_and_mask(reply_bit(b.addr, b.port, key.proto));
             words[word as usize] |= mask;
         }
     }
@@ -809,17 +952,14 @@ pub fn filter_words(state: &MapState) -> Vec<u64> {
 
 struct Planner<'a> {
     /// Ids in use in the maps, in order (the mirror's index, or built once).
-    current_ids: std::borrow::Cow<'a, BTreeMap<u32, Svc4Key>>,
+    current_ids: std::borrow::Cow<'a, BTreeMap<u32, SvcKey>>,
     /// Ids taken by services planned so far.
     taken: BTreeSet<u32>,
     /// No id below this one is free.
     next_id: u32,
-    /// `backend_slots4` entries in the maps as planned so far.
-    slots: usize,
-    /// `src_ranges4` entries in the maps as planned so far.
-    ranges: usize,
-    /// Services in the maps that `state` does not hold (a plan of some services only).
-    other_services: usize,
+    /// `services4`/`services6`, `backend_slots4`/`backend_slots6` and
+    /// `src_ranges4`/`src_ranges6` entries in the maps as planned so far.
+    counts: FamilyCounts,
     /// Live Maglev tables of those services; counted when first needed.
     other_maglev: Option<usize>,
     current: &'a MapState,
@@ -853,9 +993,7 @@ impl<'a> Planner<'a> {
             current_ids,
             taken: BTreeSet::new(),
             next_id: 1,
-            slots: current.slot_count(),
-            ranges: current.range_count(),
-            other_services: current.services.len() - state.services.len(),
+            counts: current.counts_by_family(),
             other_maglev: None,
             current,
             capacity,
@@ -893,8 +1031,11 @@ impl<'a> Planner<'a> {
     /// Deletes of the spare slots of `table` (from `from_slot` on) not already in `ops`.
     fn delete_spares(&self, ops: &mut Vec<MapOp>, table: u32, from_slot: u32) {
         let spares = self.state.spare_slots.range(table_range(table));
-        for key in spares.map(|(k, _)| *k).filter(|k| k.slot >= from_slot) {
-            let op = MapOp::DeleteBackend { key };
+        for (key, family) in spares
+            .map(|(k, b)| (*k, b.family()))
+            .filter(|(k, _)| k.slot >= from_slot)
+        {
+            let op = MapOp::DeleteBackend { key, family };
             if !ops.contains(&op) {
                 ops.push(op);
             }
@@ -905,10 +1046,10 @@ impl<'a> Planner<'a> {
     /// refused).
     fn upsert(&mut self, svc: &DesiredService, scheduling: &Scheduling) -> Option<Step> {
         let key = svc.frontend.key();
-        let backends: Vec<Backend4> = svc
+        let backends: Vec<Backend> = svc
             .endpoints
             .iter()
-            .map(|e| Backend4 {
+            .map(|e| Backend {
                 weight: scheduling.weight(e.addr),
                 ..backend_from_endpoint(e)
             })
@@ -926,7 +1067,7 @@ impl<'a> Planner<'a> {
             _pad: 0,
             affinity_timeout_s: svc.affinity_timeout_s,
         };
-        let ranges: BTreeSet<Ipv4Range> = svc.source_ranges.iter().copied().collect();
+        let ranges: BTreeSet<IpRange> = svc.source_ranges.iter().copied().collect();
         let put_backends = |ops: &mut Vec<MapOp>, table: u32| {
             for (slot, b) in backends.iter().enumerate() {
                 ops.push(MapOp::PutBackend {
@@ -978,6 +1119,7 @@ impl<'a> Planner<'a> {
                                 table: cur.value.table,
                                 slot,
                             },
+                            family: key.family(),
                         });
                     }
                     if was_maglev {
@@ -988,7 +1130,7 @@ impl<'a> Planner<'a> {
                     self.delete_spares(&mut ops, cur.value.table, 0);
                     self.delete_spares(&mut ops, table, count);
                     if key.proto == PROTO_UDP {
-                        let gone: Vec<Backend4> = cur
+                        let gone: Vec<Backend> = cur
                             .backends
                             .iter()
                             .filter(|o| {
@@ -1085,21 +1227,31 @@ impl<'a> Planner<'a> {
         new_service: bool,
         ops: &[MapOp],
     ) -> Result<(), PlanError> {
-        if new_service
-            && self.other_services + self.state.services.len() >= self.capacity.services as usize
-        {
+        let family = svc.frontend.family();
+        let f = family.index();
+        let [services_map, slots_map, ranges_map] = match family {
+            Family::V4 => [maps::SERVICES4, maps::BACKEND_SLOTS4, maps::SRC_RANGES4],
+            Family::V6 => [maps::SERVICES6, maps::BACKEND_SLOTS6, maps::SRC_RANGES6],
+        };
+        if new_service && self.counts.services[f] >= self.capacity.services as usize {
             return Err(PlanError::Full {
                 name: svc.name.clone(),
                 frontend: svc.frontend,
-                map: maps::SERVICES4,
+                map: services_map,
                 size: self.capacity.services,
             });
         }
-        let (mut added, mut deleted) = (0usize, 0usize);
+        // Slots and ranges by the family of each op (a reused id may clear leftovers of
+        // the other family).
+        let (mut added, mut deleted) = ([0usize; 2], [0usize; 2]);
         for op in ops {
             match op {
-                MapOp::PutBackend { key, .. } if !self.state.slot_present(key) => added += 1,
-                MapOp::DeleteBackend { key } if self.state.slot_present(key) => deleted += 1,
+                MapOp::PutBackend { key, value } if !self.state.slot_present(key) => {
+                    added[value.family().index()] += 1
+                }
+                MapOp::DeleteBackend { key, family } if self.state.slot_present(key) => {
+                    deleted[family.index()] += 1
+                }
                 _ => {}
             }
         }
@@ -1130,40 +1282,45 @@ impl<'a> Planner<'a> {
                 size: maps::MAGLEV_TABLES * proxy_common::service::MAGLEV_SIZE,
             });
         }
-        if self.slots + added > self.capacity.backend_slots as usize {
+        if self.counts.slots[f] + added[f] > self.capacity.backend_slots as usize {
             return Err(PlanError::Full {
                 name: svc.name.clone(),
                 frontend: svc.frontend,
-                map: maps::BACKEND_SLOTS4,
+                map: slots_map,
                 size: self.capacity.backend_slots,
             });
         }
-        let (mut ranges_added, mut ranges_deleted) = (0usize, 0usize);
+        let (mut ranges_added, mut ranges_deleted) = ([0usize; 2], [0usize; 2]);
         for op in ops {
             match op {
                 MapOp::PutSourceRange { svc_id, range }
                     if !self.state.range_present(*svc_id, range) =>
                 {
-                    ranges_added += 1
+                    ranges_added[range.family().index()] += 1
                 }
                 MapOp::DeleteSourceRange { svc_id, range }
                     if self.state.range_present(*svc_id, range) =>
                 {
-                    ranges_deleted += 1
+                    ranges_deleted[range.family().index()] += 1
                 }
                 _ => {}
             }
         }
-        if self.ranges + ranges_added > maps::DEFAULT_SOURCE_RANGES as usize {
+        if self.counts.ranges[f] + ranges_added[f] > maps::DEFAULT_SOURCE_RANGES as usize {
             return Err(PlanError::Full {
                 name: svc.name.clone(),
                 frontend: svc.frontend,
-                map: maps::SRC_RANGES4,
+                map: ranges_map,
                 size: maps::DEFAULT_SOURCE_RANGES,
             });
         }
-        self.ranges = self.ranges + ranges_added - ranges_deleted;
-        self.slots = self.slots + added - deleted;
+        for i in 0..2 {
+            self.counts.ranges[i] = self.counts.ranges[i] + ranges_added[i] - ranges_deleted[i];
+            self.counts.slots[i] = self.counts.slots[i] + added[i] - deleted[i];
+        }
+        if new_service {
+            self.counts.services[f] += 1;
+        }
         for op in ops {
             self.state.apply(op);
         }
@@ -1171,7 +1328,7 @@ impl<'a> Planner<'a> {
     }
 
     /// The step that removes one service: unpublish, then free its slots and metadata.
-    fn remove(&mut self, key: &Svc4Key) -> Step {
+    fn remove(&mut self, key: &SvcKey) -> Step {
         let cur = self.state.services[key].clone();
         let id = cur.value.svc_id;
         let mut ops = vec![MapOp::DeleteService { key: *key }];
@@ -1186,6 +1343,7 @@ impl<'a> Planner<'a> {
                     table: cur.value.table,
                     slot,
                 },
+                family: key.family(),
             });
         }
         for table in tables_of(id) {
@@ -1205,16 +1363,17 @@ impl<'a> Planner<'a> {
                 backends: cur.backends.clone(),
             });
         }
+        self.counts.services[key.family().index()] -= 1;
         for op in &ops {
-            if let MapOp::DeleteBackend { key } = op
+            if let MapOp::DeleteBackend { key, family } = op
                 && self.state.slot_present(key)
             {
-                self.slots -= 1;
+                self.counts.slots[family.index()] -= 1;
             }
             if let MapOp::DeleteSourceRange { svc_id, range } = op
                 && self.state.range_present(*svc_id, range)
             {
-                self.ranges -= 1;
+                self.counts.ranges[range.family().index()] -= 1;
             }
             self.state.apply(op);
         }
@@ -1226,13 +1385,13 @@ impl<'a> Planner<'a> {
 }
 
 /// The name of a programmed service, from its `svc_meta` (or its frontend, if it has none).
-fn name_of(key: &Svc4Key, meta: &SvcMeta) -> ServicePortName {
+fn name_of(key: &SvcKey, meta: &SvcMeta) -> ServicePortName {
     let (namespace, name, port_name) = meta_to_name(meta);
     let protocol = Protocol::from_number(key.proto).unwrap_or(Protocol::Tcp);
     if name.is_empty() {
         return ServicePortName {
             namespace: "(unnamed)".into(),
-            name: format!("{}:{}", std::net::Ipv4Addr::from(key.addr), key.port),
+            name: host_port(key.addr, key.port),
             port_name: String::new(),
             protocol,
         };
@@ -1273,7 +1432,7 @@ mod tests {
         let mut v: Vec<Endpoint> = lasts
             .iter()
             .map(|&l| Endpoint {
-                addr: Ipv4Addr::new(10, 244, 0, l),
+                addr: Ipv4Addr::new(10, 244, 0, l).into(),
                 port: 8080,
                 terminating: false,
                 local: false,
@@ -1362,7 +1521,7 @@ mod tests {
         let f = frontend(10, 80, Protocol::Tcp);
         let mut d = desired([service("web", f, eps(&[1, 2]))]);
         let mut sched = scheduling(Scheduler::LC);
-        sched.weights.insert(Ipv4Addr::new(10, 244, 0, 2), 5);
+        sched.weights.insert(Ipv4Addr::new(10, 244, 0, 2).into(), 5);
         d.scheduling.insert(f, sched);
         let mut state = MapState::default();
         step(&mut state, &d);
@@ -1534,8 +1693,14 @@ mod tests {
                 key: f.key(),
                 value: svc_value(1, 3, 3),
             },
-            MapOp::DeleteBackend { key: slot(2, 0) },
-            MapOp::DeleteBackend { key: slot(2, 1) },
+            MapOp::DeleteBackend {
+                key: slot(2, 0),
+                family: Family::V4,
+            },
+            MapOp::DeleteBackend {
+                key: slot(2, 1),
+                family: Family::V4,
+            },
         ];
         assert_eq!(
             step_ops(&plan),
@@ -1553,9 +1718,18 @@ mod tests {
                 key: f.key(),
                 value: svc_value(1, 2, 1),
             },
-            MapOp::DeleteBackend { key: slot(3, 0) },
-            MapOp::DeleteBackend { key: slot(3, 1) },
-            MapOp::DeleteBackend { key: slot(3, 2) },
+            MapOp::DeleteBackend {
+                key: slot(3, 0),
+                family: Family::V4,
+            },
+            MapOp::DeleteBackend {
+                key: slot(3, 1),
+                family: Family::V4,
+            },
+            MapOp::DeleteBackend {
+                key: slot(3, 2),
+                family: Family::V4,
+            },
         ];
         assert_eq!(plan.steps[0].ops, expected);
         assert_eq!(
@@ -1586,7 +1760,7 @@ mod tests {
         step(&mut state, &desired([service("dns", f, eps(&[1, 2, 3]))]));
         let plan = step(&mut state, &desired([service("dns", f, eps(&[2, 4]))]));
         let ops = &plan.steps[0].ops;
-        let gone: Vec<Backend4> = eps(&[1, 3]).iter().map(backend_from_endpoint).collect();
+        let gone: Vec<Backend> = eps(&[1, 3]).iter().map(backend_from_endpoint).collect();
         assert_eq!(
             ops.last(),
             Some(&MapOp::PurgeUdpConntrack {
@@ -1622,7 +1796,7 @@ mod tests {
             ]),
         );
         let plan = step(&mut state, &desired([]));
-        let b3: Vec<Backend4> = eps(&[3]).iter().map(backend_from_endpoint).collect();
+        let b3: Vec<Backend> = eps(&[3]).iter().map(backend_from_endpoint).collect();
         assert_eq!(
             step_ops(&plan),
             [
@@ -1630,8 +1804,14 @@ mod tests {
                     "default/a:http/TCP".to_string(),
                     vec![
                         MapOp::DeleteService { key: tcp.key() },
-                        MapOp::DeleteBackend { key: slot(2, 0) },
-                        MapOp::DeleteBackend { key: slot(2, 1) },
+                        MapOp::DeleteBackend {
+                            key: slot(2, 0),
+                            family: Family::V4,
+                        },
+                        MapOp::DeleteBackend {
+                            key: slot(2, 1),
+                            family: Family::V4,
+                        },
                         MapOp::DeleteMeta { svc_id: 1 },
                     ]
                 ),
@@ -1639,7 +1819,10 @@ mod tests {
                     "default/b:http/UDP".to_string(),
                     vec![
                         MapOp::DeleteService { key: udp.key() },
-                        MapOp::DeleteBackend { key: slot(4, 0) },
+                        MapOp::DeleteBackend {
+                            key: slot(4, 0),
+                            family: Family::V4,
+                        },
                         MapOp::DeleteMeta { svc_id: 2 },
                         MapOp::PurgeUdpConntrack {
                             frontend: udp.key(),
@@ -1849,8 +2032,7 @@ mod tests {
     fn words_of(backends: &[(Endpoint, u8)]) -> Vec<u64> {
         let mut w = vec![0u64; reply_filter::WORDS as usize];
         for (e, proto) in backends {
-            let (i, m) =
-                reply_filter::word_and_mask(reply_filter::bit(e.addr.octets(), e.port, *proto));
+            let (i, m) = reply_filter::word_and_mask(reply_bit(e.addr, e.port, *proto));
             w[i as usize] |= m;
         }
         w
@@ -1976,33 +2158,47 @@ mod tests {
     #[test]
     fn backends_carry_the_terminating_flag_and_weight_one() {
         let e = Endpoint {
-            addr: Ipv4Addr::new(10, 0, 0, 1),
+            addr: Ipv4Addr::new(10, 0, 0, 1).into(),
             port: 8080,
             terminating: true,
             local: false,
         };
         assert_eq!(
             backend_from_endpoint(&e),
-            Backend4 {
-                addr: [10, 0, 0, 1],
+            Backend {
+                addr: Ipv4Addr::new(10, 0, 0, 1).into(),
                 port: 8080,
                 flags: BACKEND_TERMINATING,
                 weight: 1
             }
+        );
+        assert_eq!(
+            backend_from_endpoint(&e).v4(),
+            Some(Backend4 {
+                addr: [10, 0, 0, 1],
+                port: 8080,
+                flags: BACKEND_TERMINATING,
+                weight: 1
+            })
         );
     }
 
     /// The inverse of `op` given what `state` holds now (what the applier does for rollback).
     fn inverse(state: &mut MapState, op: &MapOp) -> Option<MapOp> {
         Some(match op {
-            MapOp::PutBackend { key, .. } | MapOp::DeleteBackend { key } => {
+            MapOp::PutBackend { key, .. } | MapOp::DeleteBackend { key, .. } => {
+                let family = match op {
+                    MapOp::PutBackend { value, .. } => value.family(),
+                    MapOp::DeleteBackend { family, .. } => *family,
+                    _ => unreachable!(),
+                };
                 let held = state.spare_slots.get(key).copied().or_else(|| {
                     let k = state.live_table(key.table)?;
                     state.services[&k].backends.get(key.slot as usize).copied()
                 });
                 match held {
                     Some(value) => MapOp::PutBackend { key: *key, value },
-                    None => MapOp::DeleteBackend { key: *key },
+                    None => MapOp::DeleteBackend { key: *key, family },
                 }
             }
             MapOp::PutMeta { svc_id, .. } | MapOp::DeleteMeta { svc_id } => {
@@ -2047,6 +2243,9 @@ mod tests {
             }
             MapOp::PutNodeConfig { .. } => MapOp::PutNodeConfig {
                 value: state.node_config?,
+            },
+            MapOp::PutNodeConfig6 { .. } => MapOp::PutNodeConfig6 {
+                value: state.node_config6?,
             },
             MapOp::PurgeUdpConntrack { .. }
             | MapOp::ResetCounters { .. }
@@ -2103,7 +2302,10 @@ mod tests {
         let d = desired([service("a", f, eps(&[1, 2, 3]))]);
         step(&mut state, &d);
         // A slot of the live table vanishes (as if deleted by hand).
-        state.apply(&MapOp::DeleteBackend { key: slot(2, 1) });
+        state.apply(&MapOp::DeleteBackend {
+            key: slot(2, 1),
+            family: Family::V4,
+        });
         assert_eq!(state.services[&f.key()].backends.len(), 1);
         assert_eq!(state.spare_slots.len(), 1);
         // The planner rewrites the service into the other table and clears the leftovers.
@@ -2126,12 +2328,12 @@ mod tests {
         for s in 0..4 {
             state.apply(&MapOp::PutBackend {
                 key: slot(2, s),
-                value: stale,
+                value: stale.into(),
             });
         }
         state.apply(&MapOp::PutBackend {
             key: slot(3, 0),
-            value: stale,
+            value: stale.into(),
         });
         state.apply(&MapOp::PutMeta {
             svc_id: 1,
@@ -2170,7 +2372,7 @@ mod tests {
             let protocol = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp][rng.next(3) as usize];
             let mut endpoints: Vec<Endpoint> = (0..rng.next(6))
                 .map(|_| Endpoint {
-                    addr: Ipv4Addr::new(10, 244, 0, rng.next(8) as u8),
+                    addr: Ipv4Addr::new(10, 244, 0, rng.next(8) as u8).into(),
                     port: 8080 + rng.next(2) as u16,
                     terminating: rng.next(4) == 0,
                     local: rng.next(2) == 0,
@@ -2200,7 +2402,7 @@ mod tests {
                 s.source_ranges = (0..rng.next(3))
                     .map(|_| {
                         let len = [8, 16, 24][rng.next(3) as usize];
-                        Ipv4Range::new(Ipv4Addr::new(10, rng.next(2) as u8, 0, 0), len).unwrap()
+                        IpRange::new(Ipv4Addr::new(10, rng.next(2) as u8, 0, 0), len).unwrap()
                     })
                     .collect();
                 s.source_ranges.sort();
@@ -2240,7 +2442,7 @@ mod tests {
             assert_eq!(state.services.len(), d.services.len());
             for (f, s) in &d.services {
                 let got = &state.services[&f.key()];
-                let want: Vec<Backend4> = s.endpoints.iter().map(backend_from_endpoint).collect();
+                let want: Vec<Backend> = s.endpoints.iter().map(backend_from_endpoint).collect();
                 assert_eq!(got.backends, want, "round {round}");
                 assert_eq!(got.value.backend_count as usize, want.len());
                 assert_eq!(got.value.flags, s.flags);
@@ -2273,12 +2475,12 @@ mod tests {
             if rng.next(4) != 0 {
                 continue;
             }
-            next.services.retain(|f, _| f.addr.octets()[3] != last);
-            next.scheduling.retain(|f, _| f.addr.octets()[3] != last);
+            next.services.retain(|f, _| last_byte(f.addr) != last);
+            next.scheduling.retain(|f, _| last_byte(f.addr) != last);
             if let Some(s) = fresh
                 .services
                 .values()
-                .find(|s| s.frontend.addr.octets()[3] == last)
+                .find(|s| last_byte(s.frontend.addr) == last)
             {
                 next.services.insert(s.frontend, s.clone());
                 match rng.next(4) {
@@ -2297,8 +2499,13 @@ mod tests {
         next
     }
 
+    /// The last byte of an address (the generators' frontends differ in it).
+    fn last_byte(addr: std::net::IpAddr) -> u8 {
+        *crate::model::addr_bytes(&addr).last().unwrap()
+    }
+
     /// Frontends whose desired entry differs between `a` and `b`.
-    fn changed_keys(a: &DesiredState, b: &DesiredState) -> BTreeSet<Svc4Key> {
+    fn changed_keys(a: &DesiredState, b: &DesiredState) -> BTreeSet<SvcKey> {
         a.services
             .keys()
             .chain(b.services.keys())
@@ -2321,7 +2528,7 @@ mod tests {
         };
         let (mut inc, mut full) = (MapState::default(), MapState::default());
         let mut d = DesiredState::default();
-        let mut refused: BTreeSet<Svc4Key> = BTreeSet::new();
+        let mut refused: BTreeSet<SvcKey> = BTreeSet::new();
         let (mut refusals, mut steps) = (0, 0);
         for round in 0..400 {
             let next = random_change(&mut rng, &d);
@@ -2347,7 +2554,7 @@ mod tests {
                 // The same content as a fresh agent would program (ids and tables aside).
                 let mut scratch = MapState::default();
                 step(&mut scratch, &d);
-                type Content = (Svc4Key, Vec<Backend4>, u8, u8, BTreeSet<Ipv4Range>);
+                type Content = (SvcKey, Vec<Backend>, u8, u8, BTreeSet<IpRange>);
                 let backends = |m: &MapState| -> Vec<Content> {
                     m.services
                         .iter()
@@ -2419,8 +2626,8 @@ mod tests {
     #[test]
     fn a_service_without_meta_is_removed_under_its_frontend() {
         let mut state = MapState::default();
-        let key = Svc4Key {
-            addr: [10, 96, 0, 1],
+        let key = SvcKey {
+            addr: Ipv4Addr::new(10, 96, 0, 1).into(),
             port: 80,
             proto: PROTO_TCP,
             scope: SCOPE_CLUSTER_IP,
@@ -2435,12 +2642,12 @@ mod tests {
         assert!(state.services.is_empty());
     }
 
-    fn range(a: u8, len: u8) -> Ipv4Range {
-        Ipv4Range::new(Ipv4Addr::new(10, a, 0, 0), len).unwrap()
+    fn range(a: u8, len: u8) -> IpRange {
+        IpRange::new(Ipv4Addr::new(10, a, 0, 0), len).unwrap()
     }
 
     /// An external-view LoadBalancer frontend with source ranges, one backend local.
-    fn lb_service(ranges: &[Ipv4Range], flags: u8) -> DesiredService {
+    fn lb_service(ranges: &[IpRange], flags: u8) -> DesiredService {
         let mut f = frontend(20, 80, Protocol::Tcp);
         f.scope = crate::model::Scope::External;
         let mut endpoints = eps(&[1, 2]);
@@ -2534,7 +2741,7 @@ mod tests {
             range: range(9, 8)
         }));
         assert!(state.spare_ranges.is_empty());
-        let only: Vec<Ipv4Range> = state
+        let only: Vec<IpRange> = state
             .services
             .values()
             .next()

@@ -159,7 +159,7 @@ impl App {
                     .iter()
                     .filter(|(_, ready)| ready.unwrap_or(true))
                     .map(|&(addr, _)| Endpoint {
-                        addr,
+                        addr: addr.into(),
                         port: target,
                         terminating: false,
                         local: false,

@@ -74,7 +74,7 @@ impl Bench {
                 },
                 endpoints: (0..backends)
                     .map(|i| Endpoint {
-                        addr: backend_ip(i),
+                        addr: backend_ip(i).into(),
                         port: 8080,
                         terminating: false,
                         local: false,
@@ -227,12 +227,15 @@ fn main() {
     println!("| (tc_floor, empty program) | {floor:.0} | | |");
 
     // Maglev table for 1,000 backends.
-    let backends: Vec<Backend4> = (0..1_000)
-        .map(|i| Backend4 {
-            addr: backend_ip(i).octets(),
-            port: 8080,
-            flags: 0,
-            weight: 1,
+    let backends: Vec<bpfproxy::planner::Backend> = (0..1_000)
+        .map(|i| {
+            Backend4 {
+                addr: backend_ip(i).octets(),
+                port: 8080,
+                flags: 0,
+                weight: 1,
+            }
+            .into()
         })
         .collect();
     let start = Instant::now();

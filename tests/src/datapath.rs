@@ -154,7 +154,8 @@ impl DatapathHarness {
                     port,
                     flags: 0,
                     weight: 1,
-                },
+                }
+                .into(),
             })
             .collect();
         ops.push(service_op(svc_id, frontend, proto, backends.len() as u32));
@@ -298,11 +299,11 @@ impl DatapathHarness {
                     table: svc_id * 2,
                     slot: slot as u32,
                 },
-                value: *b,
+                value: (*b).into(),
             })
             .collect();
         ops.push(MapOp::PutService {
-            key,
+            key: key.into(),
             value: SvcValue {
                 svc_id,
                 table: svc_id * 2,
@@ -388,7 +389,8 @@ pub fn service_op(svc_id: u32, (addr, port): ([u8; 4], u16), proto: u8, count: u
             port,
             proto,
             scope: SCOPE_CLUSTER_IP,
-        },
+        }
+        .into(),
         value: SvcValue {
             svc_id,
             table: svc_id * 2,

@@ -95,7 +95,8 @@ impl Harness {
                     port: bport,
                     flags: 0,
                     weight: 1,
-                },
+                }
+                .into(),
             },
             MapOp::PutService {
                 key: Svc4Key {
@@ -103,7 +104,8 @@ impl Harness {
                     port,
                     proto,
                     scope: SCOPE_CLUSTER_IP,
-                },
+                }
+                .into(),
                 value: SvcValue {
                     svc_id,
                     table: svc_id * 2,

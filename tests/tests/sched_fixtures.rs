@@ -90,7 +90,7 @@ impl Harness {
         let mut endpoints: Vec<Endpoint> = backends
             .iter()
             .map(|&addr| Endpoint {
-                addr,
+                addr: addr.into(),
                 port: BACKEND_PORT,
                 terminating: false,
                 local: false,
@@ -118,7 +118,7 @@ impl Harness {
             frontend,
             Scheduling {
                 scheduler,
-                weights: weights.iter().copied().collect(),
+                weights: weights.iter().map(|&(a, w)| (a.into(), w)).collect(),
             },
         );
         let capacity = Capacity {
@@ -131,7 +131,7 @@ impl Harness {
     }
 
     fn svc_id(&self) -> u32 {
-        self.bpf.state.services[&svc_key()].value.svc_id
+        self.bpf.state.services[&svc_key().into()].value.svc_id
     }
 
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {

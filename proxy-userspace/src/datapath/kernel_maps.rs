@@ -1,7 +1,11 @@
 //! Typed handles on the maps, used both by the agent (maps of the loaded object) and by the
 //! CLI (maps opened from their pins, with no agent running).
 
-use std::{collections::BTreeSet, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use aya::{
     Ebpf,
@@ -11,11 +15,12 @@ use aya::{
     },
 };
 use proxy_common::{
-    conntrack::{CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT, Ct4Key, Ct4Value},
+    conntrack::{CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT, Ct4Key, Ct4Value, Ct6Key, Ct6Value},
     maps, reply_filter,
     service::{
-        AffinityKey, AffinityValue, Backend4, BackendConns, BackendConnsKey, BackendSlotKey,
-        MAGLEV_SIZE, MaglevKey, NodeConfig4, SCHED_MAGLEV, SourceRange4Key, Svc4Key, SvcMeta,
+        Affinity6Key, Affinity6Value, AffinityKey, AffinityValue, Backend4, Backend6, BackendConns,
+        BackendConns6Key, BackendConnsKey, BackendSlotKey, MAGLEV_SIZE, MaglevKey, NodeConfig4,
+        NodeConfig6, SCHED_MAGLEV, SourceRange4Key, SourceRange6Key, Svc4Key, Svc6Key, SvcMeta,
         SvcValue,
     },
     stats::{self, SvcCounters},
@@ -23,28 +28,78 @@ use proxy_common::{
 
 use super::DatapathError;
 use crate::{
-    model::Ipv4Range,
-    planner::{MapOp, MapState, Plan, ProgrammedService, Step, empty_meta},
+    model::{Family, IpRange, SvcKey},
+    planner::{Backend, MapOp, MapState, Plan, ProgrammedService, Step, empty_meta},
 };
 
-/// The `src_ranges4` key of one range of one service: the trie matches the 32 bits of the
-/// svc_id whole, then the range's prefix.
-pub fn range_key(svc_id: u32, range: &Ipv4Range) -> TrieKey<SourceRange4Key> {
-    TrieKey::new(
+/// The `src_ranges4` key of one IPv4 range of one service: the trie matches the 32 bits of
+/// the svc_id whole, then the range's prefix. `None` for an IPv6 range.
+pub fn range_key(svc_id: u32, range: &IpRange) -> Option<TrieKey<SourceRange4Key>> {
+    let IpAddr::V4(addr) = range.addr else {
+        return None;
+    };
+    Some(TrieKey::new(
         32 + u32::from(range.prefix_len),
         SourceRange4Key {
             svc_id_be: svc_id.to_be_bytes(),
-            addr: range.addr.octets(),
+            addr: addr.octets(),
         },
-    )
+    ))
+}
+
+/// The `src_ranges6` key of one IPv6 range of one service (prefix 32 + the range's), as
+/// [`range_key`]. `None` for an IPv4 range.
+pub fn range_key6(svc_id: u32, range: &IpRange) -> Option<TrieKey<SourceRange6Key>> {
+    let IpAddr::V6(addr) = range.addr else {
+        return None;
+    };
+    Some(TrieKey::new(
+        32 + u32::from(range.prefix_len),
+        SourceRange6Key {
+            svc_id_be: svc_id.to_be_bytes(),
+            addr: addr.octets(),
+        },
+    ))
+}
+
+/// The service id and range of a trie key (`None` for a key no agent writes: a prefix
+/// shorter than the svc_id, or host bits set).
+fn range_of_parts(prefix_len: u32, svc_id_be: [u8; 4], addr: IpAddr) -> Option<(u32, IpRange)> {
+    let prefix = u8::try_from(prefix_len.checked_sub(32)?).ok()?;
+    let range = IpRange::new(addr, prefix)?;
+    (range.addr == addr).then_some((u32::from_be_bytes(svc_id_be), range))
 }
 
 /// The service id and range of a `src_ranges4` key (`None` for a key no agent writes).
-pub fn range_of_key(key: &TrieKey<SourceRange4Key>) -> Option<(u32, Ipv4Range)> {
+pub fn range_of_key(key: &TrieKey<SourceRange4Key>) -> Option<(u32, IpRange)> {
     let data = key.data();
-    let prefix = u8::try_from(key.prefix_len().checked_sub(32)?).ok()?;
-    let range = Ipv4Range::new(data.addr.into(), prefix)?;
-    (range.addr.octets() == data.addr).then_some((u32::from_be_bytes(data.svc_id_be), range))
+    range_of_parts(
+        key.prefix_len(),
+        data.svc_id_be,
+        Ipv4Addr::from(data.addr).into(),
+    )
+}
+
+/// The service id and range of a `src_ranges6` key (`None` for a key no agent writes).
+pub fn range_of_key6(key: &TrieKey<SourceRange6Key>) -> Option<(u32, IpRange)> {
+    let data = key.data();
+    range_of_parts(
+        key.prefix_len(),
+        data.svc_id_be,
+        Ipv6Addr::from(data.addr).into(),
+    )
+}
+
+/// The error of an op whose key and value are of different families (the planner never
+/// makes one).
+fn family_err(map: &str) -> DatapathError {
+    DatapathError::Map {
+        name: map.to_string(),
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "family",
+            io_error: std::io::Error::other("an entry of the other address family"),
+        }),
+    }
 }
 
 pub struct KernelMaps {
@@ -63,6 +118,15 @@ pub struct KernelMaps {
     pub node_cfg: Array<MapData, NodeConfig4>,
     /// loadBalancerSourceRanges of the external view (LPM trie).
     pub src_ranges: LpmTrie<MapData, SourceRange4Key, u8>,
+    /// The IPv6 twins (`*6`): same shapes, `[u8; 16]` addresses.
+    pub services6: HashMap<MapData, Svc6Key, SvcValue>,
+    pub backend_slots6: HashMap<MapData, BackendSlotKey, Backend6>,
+    pub conntrack6: HashMap<MapData, Ct6Key, Ct6Value>,
+    pub backend_conns6: HashMap<MapData, BackendConns6Key, BackendConns>,
+    pub affinity6: HashMap<MapData, Affinity6Key, Affinity6Value>,
+    pub counted6: HashMap<MapData, Ct6Key, BackendConns6Key>,
+    pub node_cfg6: Array<MapData, NodeConfig6>,
+    pub src_ranges6: LpmTrie<MapData, SourceRange6Key, u8>,
 }
 
 /// What [`KernelMaps::apply`] did: steps that failed were rolled back and are named here.
@@ -101,6 +165,14 @@ impl KernelMaps {
             svc_counters: typed(get(maps::SVC_COUNTERS)?, maps::SVC_COUNTERS)?,
             node_cfg: typed(get(maps::NODE_CFG4)?, maps::NODE_CFG4)?,
             src_ranges: typed(get(maps::SRC_RANGES4)?, maps::SRC_RANGES4)?,
+            services6: typed(get(maps::SERVICES6)?, maps::SERVICES6)?,
+            backend_slots6: typed(get(maps::BACKEND_SLOTS6)?, maps::BACKEND_SLOTS6)?,
+            conntrack6: typed(get(maps::CONNTRACK6)?, maps::CONNTRACK6)?,
+            backend_conns6: typed(get(maps::BACKEND_CONNS6)?, maps::BACKEND_CONNS6)?,
+            affinity6: typed(get(maps::AFFINITY6)?, maps::AFFINITY6)?,
+            counted6: typed(get(maps::COUNTED6)?, maps::COUNTED6)?,
+            node_cfg6: typed(get(maps::NODE_CFG6)?, maps::NODE_CFG6)?,
+            src_ranges6: typed(get(maps::SRC_RANGES6)?, maps::SRC_RANGES6)?,
         })
     }
 
@@ -125,27 +197,31 @@ impl KernelMaps {
         })
     }
 
-    /// Reads what the service-side maps hold, for the planner.
+    /// Reads what the service-side maps of both families hold, for the planner.
     pub fn read_state(&self) -> Result<MapState, DatapathError> {
         let mut state = MapState::default();
         let mut ranges = self.source_ranges()?;
+        let mut entries: Vec<(SvcKey, SvcValue)> = Vec::new();
         for entry in self.services.iter() {
             let (key, value) = entry.map_err(map_err(maps::SERVICES4))?;
+            entries.push((key.into(), value));
+        }
+        for entry in self.services6.iter() {
+            let (key, value) = entry.map_err(map_err(maps::SERVICES6))?;
+            entries.push((key.into(), value));
+        }
+        for (key, value) in entries {
             let meta = self
                 .meta
                 .get(&value.svc_id, 0)
                 .unwrap_or_else(|_| empty_meta());
             let mut backends = Vec::with_capacity(value.backend_count as usize);
             for slot in 0..value.backend_count {
-                let key = BackendSlotKey {
+                let slot = BackendSlotKey {
                     table: value.table,
                     slot,
                 };
-                backends.push(
-                    self.backend_slots
-                        .get(&key, 0)
-                        .map_err(map_err(maps::BACKEND_SLOTS4))?,
-                );
+                backends.push(self.backend(&slot, key.family())?);
             }
             state.services.insert(
                 key,
@@ -159,6 +235,11 @@ impl KernelMaps {
         }
         state.spare_ranges = ranges;
         state.node_config = Some(self.node_cfg.get(&0, 0).map_err(map_err(maps::NODE_CFG4))?);
+        state.node_config6 = Some(
+            self.node_cfg6
+                .get(&0, 0)
+                .map_err(map_err(maps::NODE_CFG6))?,
+        );
         state.reply_filter = (0..reply_filter::WORDS)
             .map(|i| self.reply_filter.get(&i, 0).unwrap_or(0))
             .collect();
@@ -167,25 +248,71 @@ impl KernelMaps {
         Ok(state)
     }
 
+    /// A slot of `backend_slots4` or `backend_slots6`.
+    fn backend(&self, key: &BackendSlotKey, family: Family) -> Result<Backend, DatapathError> {
+        match family {
+            Family::V4 => self
+                .backend_slots
+                .get(key, 0)
+                .map(Backend::from)
+                .map_err(map_err(maps::BACKEND_SLOTS4)),
+            Family::V6 => self
+                .backend_slots6
+                .get(key, 0)
+                .map(Backend::from)
+                .map_err(map_err(maps::BACKEND_SLOTS6)),
+        }
+    }
+
+    /// A `services4` or `services6` value.
+    fn service(&self, key: &SvcKey) -> Result<SvcValue, MapError> {
+        match (key.v4(), key.v6()) {
+            (Some(k), _) => self.services.get(&k, 0),
+            (_, Some(k)) => self.services6.get(&k, 0),
+            _ => Err(MapError::KeyNotFound),
+        }
+    }
+
     /// Deletes backend slots and metadata no live service refers to (left by an agent that
     /// died halfway through a change).
     pub fn remove_orphans(&mut self, state: &MapState) -> Result<usize, DatapathError> {
-        let live_slots: BTreeSet<BackendSlotKey> = state
-            .services
-            .values()
-            .flat_map(|s| {
-                (0..s.value.backend_count).map(move |slot| BackendSlotKey {
-                    table: s.value.table,
-                    slot,
+        // Live slots by family: a table of an IPv4 service has no business in
+        // `backend_slots6`, and the reverse.
+        let live_slots = |family: Family| -> BTreeSet<BackendSlotKey> {
+            state
+                .services
+                .iter()
+                .filter(|(k, _)| k.family() == family)
+                .flat_map(|(_, s)| {
+                    (0..s.value.backend_count).map(move |slot| BackendSlotKey {
+                        table: s.value.table,
+                        slot,
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        };
+        let (live4, live6) = (live_slots(Family::V4), live_slots(Family::V6));
         let live_ids: BTreeSet<u32> = state.services.values().map(|s| s.value.svc_id).collect();
+        let live_ids_of = |family: Family| -> BTreeSet<u32> {
+            state
+                .services
+                .iter()
+                .filter(|(k, _)| k.family() == family)
+                .map(|(_, s)| s.value.svc_id)
+                .collect()
+        };
+        let (ids4, ids6) = (live_ids_of(Family::V4), live_ids_of(Family::V6));
         let stale_slots: Vec<BackendSlotKey> = self
             .backend_slots
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !live_slots.contains(k))
+            .filter(|k| !live4.contains(k))
+            .collect();
+        let stale_slots6: Vec<BackendSlotKey> = self
+            .backend_slots6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live6.contains(k))
             .collect();
         let stale_ids: Vec<u32> = self
             .meta
@@ -197,6 +324,11 @@ impl KernelMaps {
             self.backend_slots
                 .remove(key)
                 .map_err(map_err(maps::BACKEND_SLOTS4))?;
+        }
+        for key in &stale_slots6 {
+            self.backend_slots6
+                .remove(key)
+                .map_err(map_err(maps::BACKEND_SLOTS6))?;
         }
         for id in &stale_ids {
             self.meta.remove(id).map_err(map_err(maps::SVC_META))?;
@@ -220,22 +352,41 @@ impl KernelMaps {
             .src_ranges
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !range_of_key(k).is_some_and(|(id, _)| live_ids.contains(&id)))
+            .filter(|k| !range_of_key(k).is_some_and(|(id, _)| ids4.contains(&id)))
             .collect();
         for key in &stale_ranges {
             ignore_missing(self.src_ranges.remove(key)).map_err(map_err(maps::SRC_RANGES4))?;
         }
-        Ok(stale_slots.len() + stale_ids.len() + stale_maglev.len() + stale_ranges.len())
+        let stale_ranges6: Vec<TrieKey<SourceRange6Key>> = self
+            .src_ranges6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !range_of_key6(k).is_some_and(|(id, _)| ids6.contains(&id)))
+            .collect();
+        for key in &stale_ranges6 {
+            ignore_missing(self.src_ranges6.remove(key)).map_err(map_err(maps::SRC_RANGES6))?;
+        }
+        Ok(stale_slots.len()
+            + stale_slots6.len()
+            + stale_ids.len()
+            + stale_maglev.len()
+            + stale_ranges.len()
+            + stale_ranges6.len())
     }
 
-    /// The `src_ranges4` entries, by service id (keys no agent writes are left out).
-    pub fn source_ranges(
-        &self,
-    ) -> Result<std::collections::BTreeMap<u32, BTreeSet<Ipv4Range>>, DatapathError> {
-        let mut out: std::collections::BTreeMap<u32, BTreeSet<Ipv4Range>> = Default::default();
+    /// The `src_ranges4` and `src_ranges6` entries, by service id (keys no agent writes
+    /// are left out).
+    pub fn source_ranges(&self) -> Result<BTreeMap<u32, BTreeSet<IpRange>>, DatapathError> {
+        let mut out: BTreeMap<u32, BTreeSet<IpRange>> = Default::default();
         for key in self.src_ranges.keys() {
             let key = key.map_err(map_err(maps::SRC_RANGES4))?;
             if let Some((id, range)) = range_of_key(&key) {
+                out.entry(id).or_default().insert(range);
+            }
+        }
+        for key in self.src_ranges6.keys() {
+            let key = key.map_err(map_err(maps::SRC_RANGES6))?;
+            if let Some((id, range)) = range_of_key6(&key) {
                 out.entry(id).or_default().insert(range);
             }
         }
@@ -324,12 +475,25 @@ impl KernelMaps {
                 .get(&0, 0)
                 .ok()
                 .map(|value| MapOp::PutNodeConfig { value }),
-            MapOp::PutBackend { key, .. } | MapOp::DeleteBackend { key } => {
-                Some(match self.backend_slots.get(key, 0) {
+            MapOp::PutNodeConfig6 { .. } => self
+                .node_cfg6
+                .get(&0, 0)
+                .ok()
+                .map(|value| MapOp::PutNodeConfig6 { value }),
+            MapOp::PutBackend { key, value } => {
+                let family = value.family();
+                Some(match self.backend(key, family) {
                     Ok(value) => MapOp::PutBackend { key: *key, value },
-                    Err(_) => MapOp::DeleteBackend { key: *key },
+                    Err(_) => MapOp::DeleteBackend { key: *key, family },
                 })
             }
+            MapOp::DeleteBackend { key, family } => Some(match self.backend(key, *family) {
+                Ok(value) => MapOp::PutBackend { key: *key, value },
+                Err(_) => MapOp::DeleteBackend {
+                    key: *key,
+                    family: *family,
+                },
+            }),
             MapOp::PutMeta { svc_id, .. } | MapOp::DeleteMeta { svc_id } => {
                 Some(match self.meta.get(svc_id, 0) {
                     Ok(meta) => MapOp::PutMeta {
@@ -340,7 +504,7 @@ impl KernelMaps {
                 })
             }
             MapOp::PutService { key, .. } | MapOp::DeleteService { key } => {
-                Some(match self.services.get(key, 0) {
+                Some(match self.service(key) {
                     Ok(value) => MapOp::PutService { key: *key, value },
                     Err(_) => MapOp::DeleteService { key: *key },
                 })
@@ -367,12 +531,27 @@ impl KernelMaps {
 
     fn write(&mut self, op: &MapOp) -> Result<(), DatapathError> {
         match op {
-            MapOp::PutBackend { key, value } => self
-                .backend_slots
-                .insert(key, value, 0)
+            MapOp::PutBackend { key, value } => match (value.v4(), value.v6()) {
+                (Some(v), _) => self
+                    .backend_slots
+                    .insert(key, v, 0)
+                    .map_err(map_err(maps::BACKEND_SLOTS4)),
+                (_, Some(v)) => self
+                    .backend_slots6
+                    .insert(key, v, 0)
+                    .map_err(map_err(maps::BACKEND_SLOTS6)),
+                _ => unreachable!("an address is of one family"),
+            },
+            MapOp::DeleteBackend {
+                key,
+                family: Family::V4,
+            } => ignore_missing(self.backend_slots.remove(key))
                 .map_err(map_err(maps::BACKEND_SLOTS4)),
-            MapOp::DeleteBackend { key } => ignore_missing(self.backend_slots.remove(key))
-                .map_err(map_err(maps::BACKEND_SLOTS4)),
+            MapOp::DeleteBackend {
+                key,
+                family: Family::V6,
+            } => ignore_missing(self.backend_slots6.remove(key))
+                .map_err(map_err(maps::BACKEND_SLOTS6)),
             MapOp::PutMeta { svc_id, meta } => self
                 .meta
                 .insert(svc_id, meta, 0)
@@ -380,13 +559,26 @@ impl KernelMaps {
             MapOp::DeleteMeta { svc_id } => {
                 ignore_missing(self.meta.remove(svc_id)).map_err(map_err(maps::SVC_META))
             }
-            MapOp::PutService { key, value } => self
-                .services
-                .insert(key, value, 0)
-                .map_err(map_err(maps::SERVICES4)),
-            MapOp::DeleteService { key } => {
-                ignore_missing(self.services.remove(key)).map_err(map_err(maps::SERVICES4))
-            }
+            MapOp::PutService { key, value } => match (key.v4(), key.v6()) {
+                (Some(k), _) => self
+                    .services
+                    .insert(k, value, 0)
+                    .map_err(map_err(maps::SERVICES4)),
+                (_, Some(k)) => self
+                    .services6
+                    .insert(k, value, 0)
+                    .map_err(map_err(maps::SERVICES6)),
+                _ => unreachable!("an address is of one family"),
+            },
+            MapOp::DeleteService { key } => match (key.v4(), key.v6()) {
+                (Some(k), _) => {
+                    ignore_missing(self.services.remove(&k)).map_err(map_err(maps::SERVICES4))
+                }
+                (_, Some(k)) => {
+                    ignore_missing(self.services6.remove(&k)).map_err(map_err(maps::SERVICES6))
+                }
+                _ => unreachable!("an address is of one family"),
+            },
             MapOp::SetReplyFilterWord { index, word } => self
                 .reply_filter
                 .set(*index, word, 0)
@@ -415,18 +607,36 @@ impl KernelMaps {
                 }
                 Ok(())
             }
-            MapOp::PutSourceRange { svc_id, range } => self
-                .src_ranges
-                .insert(&range_key(*svc_id, range), 1, 0)
-                .map_err(map_err(maps::SRC_RANGES4)),
+            MapOp::PutSourceRange { svc_id, range } => {
+                match (range_key(*svc_id, range), range_key6(*svc_id, range)) {
+                    (Some(k), _) => self
+                        .src_ranges
+                        .insert(&k, 1, 0)
+                        .map_err(map_err(maps::SRC_RANGES4)),
+                    (_, Some(k)) => self
+                        .src_ranges6
+                        .insert(&k, 1, 0)
+                        .map_err(map_err(maps::SRC_RANGES6)),
+                    _ => Err(family_err(maps::SRC_RANGES4)),
+                }
+            }
             MapOp::DeleteSourceRange { svc_id, range } => {
-                ignore_missing(self.src_ranges.remove(&range_key(*svc_id, range)))
-                    .map_err(map_err(maps::SRC_RANGES4))
+                match (range_key(*svc_id, range), range_key6(*svc_id, range)) {
+                    (Some(k), _) => ignore_missing(self.src_ranges.remove(&k))
+                        .map_err(map_err(maps::SRC_RANGES4)),
+                    (_, Some(k)) => ignore_missing(self.src_ranges6.remove(&k))
+                        .map_err(map_err(maps::SRC_RANGES6)),
+                    _ => Err(family_err(maps::SRC_RANGES4)),
+                }
             }
             MapOp::PutNodeConfig { value } => self
                 .node_cfg
                 .set(0, value, 0)
                 .map_err(map_err(maps::NODE_CFG4)),
+            MapOp::PutNodeConfig6 { value } => self
+                .node_cfg6
+                .set(0, value, 0)
+                .map_err(map_err(maps::NODE_CFG6)),
             MapOp::DeleteMaglevTable { table } => {
                 for index in 0..MAGLEV_SIZE {
                     let key = MaglevKey {
@@ -453,29 +663,58 @@ impl KernelMaps {
         self.backend_conns.iter().filter_map(Result::ok).collect()
     }
 
+    /// The per-backend connection counters of IPv6 backends (`backend_conns6`).
+    pub fn connection_counts6(&self) -> Vec<(BackendConns6Key, BackendConns)> {
+        self.backend_conns6.iter().filter_map(Result::ok).collect()
+    }
+
     /// Deletes the UDP conntrack entries between clients of `frontend` and `backends`, both
-    /// directions.
-    fn purge_udp_conntrack(&mut self, frontend: &Svc4Key, backends: &[Backend4]) {
+    /// directions (in `conntrack4` or `conntrack6`, the frontend's family).
+    fn purge_udp_conntrack(&mut self, frontend: &SvcKey, backends: &[Backend]) {
         let gone =
-            |addr: [u8; 4], port: u16| backends.iter().any(|b| b.addr == addr && b.port == port);
-        let doomed: Vec<Ct4Key> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                k.proto == frontend.proto
-                    && ((k.daddr == frontend.addr
-                        && k.dport == frontend.port
-                        && gone(v.nat_addr, v.nat_port))
-                        || (v.nat_addr == frontend.addr
-                            && v.nat_port == frontend.port
-                            && gone(k.saddr, k.sport)))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for key in doomed {
-            // An entry the LRU already evicted is fine.
-            let _ = self.conntrack.remove(&key);
+            |addr: IpAddr, port: u16| backends.iter().any(|b| b.addr == addr && b.port == port);
+        let (fa, fp) = (frontend.addr, frontend.port);
+        if frontend.v4().is_some() {
+            let a4 = |a: [u8; 4]| IpAddr::from(a);
+            let doomed: Vec<Ct4Key> = self
+                .conntrack
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, v)| {
+                    k.proto == frontend.proto
+                        && ((a4(k.daddr) == fa
+                            && k.dport == fp
+                            && gone(a4(v.nat_addr), v.nat_port))
+                            || (a4(v.nat_addr) == fa
+                                && v.nat_port == fp
+                                && gone(a4(k.saddr), k.sport)))
+                })
+                .map(|(k, _)| k)
+                .collect();
+            for key in doomed {
+                // An entry the LRU already evicted is fine.
+                let _ = self.conntrack.remove(&key);
+            }
+        } else {
+            let a6 = |a: [u8; 16]| IpAddr::from(a);
+            let doomed: Vec<Ct6Key> = self
+                .conntrack6
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, v)| {
+                    k.proto == frontend.proto
+                        && ((a6(k.daddr) == fa
+                            && k.dport == fp
+                            && gone(a6(v.nat_addr), v.nat_port))
+                            || (a6(v.nat_addr) == fa
+                                && v.nat_port == fp
+                                && gone(a6(k.saddr), k.sport)))
+                })
+                .map(|(k, _)| k)
+                .collect();
+            for key in doomed {
+                let _ = self.conntrack6.remove(&key);
+            }
         }
     }
 

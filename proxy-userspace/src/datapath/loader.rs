@@ -389,11 +389,13 @@ impl Datapath {
             .services
             .values()
             .flat_map(|s| {
-                s.backends.iter().map(|b| BackendConnsKey {
-                    svc_id: s.value.svc_id,
-                    addr: b.addr,
-                    port: b.port,
-                    _pad: 0,
+                s.backends.iter().filter_map(|b| {
+                    Some(BackendConnsKey {
+                        svc_id: s.value.svc_id,
+                        addr: b.v4()?.addr,
+                        port: b.port,
+                        _pad: 0,
+                    })
                 })
             })
             .collect();

@@ -28,8 +28,8 @@ use k8s_openapi::api::{
 use proxy_common::service::{SVC_F_DROP_EMPTY, SVC_F_SNAT, SVC_F_SOURCE_RANGES};
 
 use super::{
-    DesiredService, DesiredState, Endpoint, Frontend, FrontendKind, HealthCheck, Ipv4Range,
-    Protocol, Scheduler, Scheduling, Scope, ServicePortName,
+    DesiredService, DesiredState, Endpoint, Frontend, FrontendKind, HealthCheck, IpRange, Protocol,
+    Scheduler, Scheduling, Scope, ServicePortName,
 };
 
 /// Label that hands a Service (or slice) to another proxy; kube-proxy ignores such objects.
@@ -386,7 +386,7 @@ impl Builder {
                     .and_then(|(a, w)| Some((parse_ipv4(a.trim())?, w.trim().parse::<u8>().ok()?)));
                 match parsed {
                     Some((addr, w)) if w >= 1 => {
-                        weights.insert(addr, w);
+                        weights.insert(addr.into(), w);
                     }
                     _ => self.issue(
                         Severity::Warning,
@@ -506,7 +506,7 @@ impl Builder {
 
     /// `spec.loadBalancerSourceRanges` (whitespace trimmed, as kube-proxy does): the IPv4
     /// ranges, sorted. IPv6 ranges are the IPv6 datapath's; invalid ones are reported.
-    fn source_ranges(&mut self, object: &str, ranges: &[String]) -> Vec<Ipv4Range> {
+    fn source_ranges(&mut self, object: &str, ranges: &[String]) -> Vec<IpRange> {
         let mut out = Vec::new();
         for (i, raw) in ranges.iter().enumerate() {
             let text = raw.trim();
@@ -517,7 +517,7 @@ impl Builder {
                 }
                 let len: u8 = len.parse().ok()?;
                 match classify_ip(addr) {
-                    ClusterIp::V4(a) => Ipv4Range::new(a, len).map(Some),
+                    ClusterIp::V4(a) => IpRange::new(a, len).map(Some),
                     ClusterIp::V6 => (len <= 128).then_some(None),
                     ClusterIp::Invalid => None,
                 }
@@ -568,7 +568,7 @@ pub(crate) fn select_local(set: Option<&CandidateSet>) -> Vec<Endpoint> {
 fn select_where(set: Option<&CandidateSet>, keep: impl Fn(&Candidate) -> bool) -> Vec<Endpoint> {
     let Some(set) = set else { return Vec::new() };
     let endpoint = |(&(addr, port), c): (&(Ipv4Addr, u16), &Candidate)| Endpoint {
-        addr,
+        addr: addr.into(),
         port,
         terminating: !c.ready,
         local: c.local,
@@ -802,7 +802,7 @@ pub(crate) struct PortPart {
     pub policy: Policy,
     /// `SVC_F_*` flags that do not depend on the endpoints.
     pub flags: u8,
-    pub source_ranges: Vec<Ipv4Range>,
+    pub source_ranges: Vec<IpRange>,
 }
 
 /// What one Service contributes without its endpoints, parsed once: its served frontends
@@ -965,7 +965,7 @@ pub(crate) fn service_part(svc: &Service, options: &ModelOptions) -> ServicePart
                        kind: FrontendKind,
                        policy: Policy,
                        flags: u8,
-                       ranges: &[Ipv4Range]| {
+                       ranges: &[IpRange]| {
             if let Some(first) = part.ports.iter().find(|p| p.frontend == frontend) {
                 let (first_index, first_kind) = (first.index, first.kind);
                 if kind == FrontendKind::ClusterIp {
@@ -1137,7 +1137,7 @@ endpoints:
     }
 
     fn fe(addr: &str, port: u16, protocol: Protocol) -> Frontend {
-        Frontend::cluster(addr.parse().unwrap(), port, protocol)
+        Frontend::cluster(addr.parse::<std::net::IpAddr>().unwrap(), port, protocol)
     }
 
     fn endpoints_of(state: &DesiredState, frontend: Frontend) -> Vec<Endpoint> {
@@ -1857,9 +1857,9 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.5}]}}
                 r#"Service default/lb: spec.loadBalancerSourceRanges[4]: "10.2.0.0/33" is not a CIDR (address/prefix length); ignored"#,
             ]
         );
-        let want: Vec<Ipv4Range> = vec![
-            Ipv4Range::new("10.1.0.0".parse().unwrap(), 16).unwrap(),
-            Ipv4Range::new("172.16.5.0".parse().unwrap(), 24).unwrap(),
+        let want: Vec<IpRange> = vec![
+            IpRange::new("10.1.0.0".parse::<Ipv4Addr>().unwrap(), 16).unwrap(),
+            IpRange::new("172.16.5.0".parse::<Ipv4Addr>().unwrap(), 24).unwrap(),
         ];
         for f in [ext("203.0.113.1", 80), fe("203.0.113.2", 80, Protocol::Tcp)] {
             let s = &state.services[&f];

@@ -712,7 +712,7 @@ mod tests {
         assert_eq!(
             changed.into_iter().collect::<Vec<_>>(),
             [Frontend::cluster(
-                "10.96.1.7".parse().unwrap(),
+                "10.96.1.7".parse::<std::net::Ipv4Addr>().unwrap(),
                 80,
                 Protocol::Tcp
             )]
