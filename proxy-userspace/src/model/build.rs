@@ -2,14 +2,26 @@
 //! rules (see `shared/kubernetes-service-semantics.md`):
 //!
 //! - Services: skipped when headless (`clusterIP` None or empty), `ExternalName`, or labelled
-//!   `service.kubernetes.io/service-proxy-name` / `service.kubernetes.io/headless`. Only the
-//!   IPv4 ClusterIP is served here; one [`DesiredService`] per (ClusterIP, port, protocol).
+//!   `service.kubernetes.io/service-proxy-name` / `service.kubernetes.io/headless`. One
+//!   [`DesiredService`] per (address, port, protocol, view).
+//! - Families (dual stack): kube-proxy runs one proxier per IP family, each serving only
+//!   the Services with a ClusterIP of its family (pkg/proxy/servicechangetracker.go,
+//!   `serviceToServiceMap` with `GetClusterIPByFamily`), and of those only the externalIPs,
+//!   LoadBalancer ingress IPs, loadBalancerSourceRanges (pkg/proxy/serviceport.go,
+//!   `newBaseServiceInfo`, with `MapIPsByIPFamily`/`MapCIDRsByIPFamily`), NodePort
+//!   addresses and endpoints (slices of its `addressType`) of its family. Here both
+//!   families are built side by side: a Service gets, per family it has a ClusterIP of,
+//!   the frontends and endpoints of that family only. The address decides its family
+//!   (`spec.ipFamilies` is not read: the API server keeps them in step).
 //! - EndpointSlices: the same label filter; grouped by `kubernetes.io/service-name` and
-//!   namespace; only `IPv4` slices; only `addresses[0]` of an endpoint; merged over slices
-//!   with duplicates (same IP:port) resolved in favour of the non-terminating copy.
+//!   namespace; `IPv4` and `IPv6` slices (FQDN ones are ignored); only `addresses[0]` of
+//!   an endpoint; merged over slices with duplicates (same IP:port) resolved in favour of
+//!   the non-terminating copy.
 //! - Backends of a service port: the slice ports with the same name and protocol (the
-//!   Service's `targetPort` is never read); ready endpoints, or, when none is ready, the
-//!   serving and terminating ones.
+//!   Service's `targetPort` is never read), of the frontend's family; ready endpoints, or,
+//!   when none of that family is ready, its serving and terminating ones.
+//! - Addresses are normalised as Kubernetes parses them (IPv4 leading zeros read as
+//!   decimal, IPv6 in its canonical form, IPv4-mapped IPv6 as IPv4).
 //!
 //! Nothing here fails: whatever cannot be served is left out and reported as a
 //! [`ModelIssue`] naming the object and field.
@@ -17,7 +29,7 @@
 use std::{
     collections::{BTreeMap, btree_map::Entry},
     fmt,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use k8s_openapi::api::{
@@ -28,8 +40,8 @@ use k8s_openapi::api::{
 use proxy_common::service::{SVC_F_DROP_EMPTY, SVC_F_SNAT, SVC_F_SOURCE_RANGES};
 
 use super::{
-    DesiredService, DesiredState, Endpoint, Frontend, FrontendKind, HealthCheck, IpRange, Protocol,
-    Scheduler, Scheduling, Scope, ServicePortName,
+    DesiredService, DesiredState, Endpoint, Family, Frontend, FrontendKind, HealthCheck, IpRange,
+    Protocol, Scheduler, Scheduling, Scope, ServicePortName,
 };
 
 /// Label that hands a Service (or slice) to another proxy; kube-proxy ignores such objects.
@@ -41,8 +53,8 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 
 /// Annotation of a Service choosing its scheduler (`rr`, `maglev`, ...).
 pub const ANNOTATION_SCHEDULER: &str = "bpfproxy.io/scheduler";
-/// Annotation of a Service giving backend weights: `10.244.1.5=3,10.244.2.7=2` (address
-/// `=` weight 1..=255; unlisted backends weigh 1).
+/// Annotation of a Service giving backend weights: `10.244.1.5=3,fd00::7=2` (address `=`
+/// weight 1..=255; unlisted backends weigh 1).
 pub const ANNOTATION_WEIGHTS: &str = "bpfproxy.io/weights";
 
 /// Choices of the operator that the model applies.
@@ -54,8 +66,9 @@ pub struct ModelOptions {
     /// policies Local, `BACKEND_LOCAL`, health checks). `None`: no endpoint is local.
     pub node_name: Option<String>,
     /// The addresses NodePorts are served on (`--nodeport-addresses` applied to the
-    /// node's addresses), one NodePort frontend each.
-    pub node_addresses: Vec<Ipv4Addr>,
+    /// node's addresses), one NodePort frontend each; a Service's NodePorts go on those of
+    /// the families it has a ClusterIP of.
+    pub node_addresses: Vec<IpAddr>,
 }
 
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when not set.
@@ -68,7 +81,8 @@ pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 pub enum Severity {
     /// Something the user most likely got wrong: a part of an object is not served.
     Warning,
-    /// Expected in some setups (an IPv6-only Service, a feature not served yet); for the log.
+    /// Expected in some setups (an address of a family the Service has no ClusterIP of);
+    /// for the log.
     Notice,
 }
 
@@ -115,21 +129,31 @@ pub fn parse_protocol(p: Option<&str>) -> Option<Protocol> {
     }
 }
 
-/// What was found in a `clusterIP`/`clusterIPs` value.
-enum ClusterIp {
-    V4(Ipv4Addr),
-    V6,
-    Invalid,
+/// Parses an IP address of either family as Kubernetes does (Go's `ParseIPSloppy`): IPv4
+/// with [`parse_ipv4`]; IPv6 in any of its spellings (leading zeros, upper case, `::`,
+/// embedded IPv4), kept in one canonical value; an IPv4-mapped IPv6 address
+/// (`::ffff:10.0.0.1`) is the IPv4 address, as Go reads it. Zones (`%eth0`) are refused.
+pub fn parse_ip(s: &str) -> Option<IpAddr> {
+    if let Some(a) = parse_ipv4(s) {
+        return Some(IpAddr::V4(a));
+    }
+    let a = s.parse::<Ipv6Addr>().ok()?;
+    Some(match a.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(a),
+    })
 }
 
-fn classify_ip(s: &str) -> ClusterIp {
-    if let Some(a) = parse_ipv4(s) {
-        ClusterIp::V4(a)
-    } else if s.parse::<Ipv6Addr>().is_ok() {
-        ClusterIp::V6
-    } else {
-        ClusterIp::Invalid
+/// A CIDR (`loadBalancerSourceRanges`) as Go's `ParseCIDRSloppy` reads it: an address of
+/// either family (see [`parse_ip`]), `/`, and a prefix length of at most its bits; host
+/// bits are cleared.
+pub fn parse_ip_range(s: &str) -> Option<IpRange> {
+    let (addr, len) = s.split_once('/')?;
+    if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
+    let addr = parse_ip(addr)?;
+    IpRange::new(addr, len.parse().ok()?)
 }
 
 fn has_label(labels: Option<&BTreeMap<String, String>>, key: &str) -> bool {
@@ -146,8 +170,9 @@ pub(crate) struct Candidate {
     local: bool,
 }
 
-/// The endpoints of one (namespace, service, port name, protocol), keyed by IP:port.
-pub(crate) type CandidateSet = BTreeMap<(Ipv4Addr, u16), Candidate>;
+/// The endpoints of one (namespace, service, port name, protocol), both families, keyed by
+/// IP:port.
+pub(crate) type CandidateSet = BTreeMap<(IpAddr, u16), Candidate>;
 
 /// (namespace, service name, port name, protocol).
 type PortGroupKey = (String, String, String, Protocol);
@@ -166,7 +191,7 @@ impl Builder {
         });
     }
 
-    /// Merges the IPv4 slices into candidate sets per service port.
+    /// Merges the IPv4 and IPv6 slices into candidate sets per service port.
     fn collect_endpoints(
         &mut self,
         slices: &[EndpointSlice],
@@ -223,16 +248,19 @@ impl Builder {
             );
             return part;
         };
-        // FQDN slices have no meaning for a proxy; IPv6 ones are the IPv6 datapath's.
-        if slice.address_type != "IPv4" {
-            return part;
-        }
+        // Each proxier of kube-proxy reads the slices of its family only
+        // (pkg/proxy/endpointschangetracker.go); FQDN slices have no meaning for a proxy.
+        let family = match slice.address_type.as_str() {
+            "IPv4" => Family::V4,
+            "IPv6" => Family::V6,
+            _ => return part,
+        };
         part.service = Some(service.clone());
         part.endpoints = slice
             .endpoints
             .iter()
             .enumerate()
-            .filter_map(|(i, e)| self.candidate(&object, i, e, node_name))
+            .filter_map(|(i, e)| self.candidate(&object, i, e, family, node_name))
             .collect();
         for (pi, port) in slice.ports.iter().flatten().enumerate() {
             let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
@@ -274,16 +302,22 @@ impl Builder {
         object: &str,
         index: usize,
         endpoint: &SliceEndpoint,
+        family: Family,
         node_name: Option<&str>,
-    ) -> Option<(Ipv4Addr, Candidate)> {
+    ) -> Option<(IpAddr, Candidate)> {
         // Only addresses[0] is used, as kube-proxy does; an endpoint without one is skipped.
         let first = endpoint.addresses.first()?;
-        let Some(addr) = parse_ipv4(first) else {
+        // An address of the other family than the slice's addressType is skipped, as
+        // kube-proxy's endpoint slice cache does.
+        let Some(addr) = parse_ip(first).filter(|a| Family::of(a) == family) else {
             self.issue(
                 Severity::Warning,
                 object,
                 format!("endpoints[{index}].addresses[0]"),
-                format!("{first:?} is not an IPv4 address; endpoint ignored"),
+                format!(
+                    "{first:?} is not an {} address (the slice's addressType); endpoint ignored",
+                    family.name()
+                ),
             );
             return None;
         };
@@ -299,11 +333,14 @@ impl Builder {
         ))
     }
 
-    /// The IPv4 ClusterIP of a Service, or `None` when it is not to be served here.
-    fn cluster_ip(&mut self, object: &str, svc: &Service) -> Option<Ipv4Addr> {
-        let spec = svc.spec.as_ref()?;
+    /// The ClusterIPs of a Service, at most one per family, in `spec.clusterIPs` order
+    /// (`spec.clusterIP` when that is not set); empty when it is not to be served.
+    fn cluster_ips(&mut self, object: &str, svc: &Service) -> Vec<IpAddr> {
+        let Some(spec) = svc.spec.as_ref() else {
+            return Vec::new();
+        };
         let single = spec.cluster_ip.as_deref().unwrap_or("");
-        // `clusterIPs` (dual stack) holds `clusterIP` first; take its IPv4 entry.
+        // `clusterIPs` (dual stack) holds `clusterIP` first, then the other family's.
         let (field, ips): (&str, Vec<&str>) = match spec.cluster_ips.as_deref() {
             Some(ips) if !ips.is_empty() => {
                 ("spec.clusterIPs", ips.iter().map(String::as_str).collect())
@@ -319,41 +356,45 @@ impl Builder {
                 "spec.clusterIP".into(),
                 "not set, so the Service is handled as headless; set an address (standalone mode allocates none)".into(),
             );
-            return None;
+            return Vec::new();
         }
         if ips.contains(&"None") {
-            return None;
+            return Vec::new();
         }
-        let mut saw_v6 = false;
+        let mut out: Vec<IpAddr> = Vec::new();
         for (i, ip) in ips.iter().enumerate() {
-            match classify_ip(ip) {
-                ClusterIp::V4(a) => return Some(a),
-                ClusterIp::V6 => saw_v6 = true,
-                ClusterIp::Invalid => {
-                    let at = if field == "spec.clusterIPs" {
-                        format!("{field}[{i}]")
+            let at = if field == "spec.clusterIPs" {
+                format!("{field}[{i}]")
+            } else {
+                field.to_string()
+            };
+            match parse_ip(ip) {
+                None => self.issue(
+                    Severity::Warning,
+                    object,
+                    at,
+                    format!("{ip:?} is not an IP address; not served"),
+                ),
+                Some(a) => {
+                    if let Some(first) = out.iter().find(|o| Family::of(o) == Family::of(&a)) {
+                        // The API server allows one per family; kube-proxy takes the one
+                        // `ipFamilies` names, which is the first.
+                        self.issue(
+                            Severity::Warning,
+                            object,
+                            at,
+                            format!(
+                                "{ip:?}: a second {} ClusterIP (after {first}); ignored",
+                                Family::of(&a).name()
+                            ),
+                        );
                     } else {
-                        field.to_string()
-                    };
-                    self.issue(
-                        Severity::Warning,
-                        object,
-                        at,
-                        format!("{ip:?} is not an IP address; Service not served"),
-                    );
-                    return None;
+                        out.push(a);
+                    }
                 }
             }
         }
-        if saw_v6 {
-            self.issue(
-                Severity::Notice,
-                object,
-                field.into(),
-                "IPv6 only; only IPv4 ClusterIPs are served so far".into(),
-            );
-        }
-        None
+        out
     }
 
     /// The scheduler and weights of a Service, from its annotations.
@@ -383,10 +424,10 @@ impl Builder {
             for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
                 let parsed = item
                     .split_once('=')
-                    .and_then(|(a, w)| Some((parse_ipv4(a.trim())?, w.trim().parse::<u8>().ok()?)));
+                    .and_then(|(a, w)| Some((parse_ip(a.trim())?, w.trim().parse::<u8>().ok()?)));
                 match parsed {
                     Some((addr, w)) if w >= 1 => {
-                        weights.insert(addr.into(), w);
+                        weights.insert(addr, w);
                     }
                     _ => self.issue(
                         Severity::Warning,
@@ -446,7 +487,7 @@ impl Builder {
         &mut self,
         object: &str,
         index: usize,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         port: &ServicePort,
     ) -> Option<Frontend> {
         let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
@@ -476,24 +517,23 @@ impl Builder {
         Some(Frontend::cluster(addr, number, protocol))
     }
 
-    /// The IPv4 addresses of a list of `field` (`spec.externalIPs`); IPv6 ones belong to
-    /// the IPv6 datapath and are skipped, others are reported.
-    fn ipv4_list<'s>(
+    /// The addresses of a list of `field` (`spec.externalIPs`), both families, each once;
+    /// invalid ones are reported.
+    fn ip_list<'s>(
         &mut self,
         object: &str,
         field: &str,
         list: impl Iterator<Item = (usize, &'s str)>,
-    ) -> Vec<Ipv4Addr> {
+    ) -> Vec<IpAddr> {
         let mut out = Vec::new();
         for (i, ip) in list {
-            match classify_ip(ip) {
-                ClusterIp::V4(a) => {
+            match parse_ip(ip) {
+                Some(a) => {
                     if !out.contains(&a) {
                         out.push(a);
                     }
                 }
-                ClusterIp::V6 => {}
-                ClusterIp::Invalid => self.issue(
+                None => self.issue(
                     Severity::Warning,
                     object,
                     field.replace("[]", &format!("[{i}]")),
@@ -504,27 +544,14 @@ impl Builder {
         out
     }
 
-    /// `spec.loadBalancerSourceRanges` (whitespace trimmed, as kube-proxy does): the IPv4
-    /// ranges, sorted. IPv6 ranges are the IPv6 datapath's; invalid ones are reported.
+    /// `spec.loadBalancerSourceRanges` (whitespace trimmed, as kube-proxy does): the valid
+    /// ranges of both families, sorted; invalid ones are reported and ignored, as
+    /// kube-proxy's `MapCIDRsByIPFamily` (pkg/proxy/util/utils.go) skips them.
     fn source_ranges(&mut self, object: &str, ranges: &[String]) -> Vec<IpRange> {
         let mut out = Vec::new();
         for (i, raw) in ranges.iter().enumerate() {
-            let text = raw.trim();
-            let parsed = (|| {
-                let (addr, len) = text.split_once('/')?;
-                if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
-                    return None;
-                }
-                let len: u8 = len.parse().ok()?;
-                match classify_ip(addr) {
-                    ClusterIp::V4(a) => IpRange::new(a, len).map(Some),
-                    ClusterIp::V6 => (len <= 128).then_some(None),
-                    ClusterIp::Invalid => None,
-                }
-            })();
-            match parsed {
-                Some(Some(range)) => out.push(range),
-                Some(None) => {}
+            match parse_ip_range(raw.trim()) {
+                Some(range) => out.push(range),
                 None => self.issue(
                     Severity::Warning,
                     object,
@@ -540,7 +567,7 @@ impl Builder {
 }
 
 /// Adds a candidate for IP:port, keeping the non-terminating copy of a duplicate.
-pub(crate) fn merge_candidate(set: &mut CandidateSet, key: (Ipv4Addr, u16), candidate: Candidate) {
+pub(crate) fn merge_candidate(set: &mut CandidateSet, key: (IpAddr, u16), candidate: Candidate) {
     match set.entry(key) {
         Entry::Vacant(v) => {
             v.insert(candidate);
@@ -553,28 +580,35 @@ pub(crate) fn merge_candidate(set: &mut CandidateSet, key: (Ipv4Addr, u16), cand
     }
 }
 
-/// Ready endpoints; when none is ready, the serving and terminating ones (marked
-/// terminating). Sorted and unique. kube-proxy's cluster policy.
-pub(crate) fn select_endpoints(set: Option<&CandidateSet>) -> Vec<Endpoint> {
-    select_where(set, |_| true)
+/// The endpoints of `family`: ready ones; when none of that family is ready, its serving
+/// and terminating ones (marked terminating). Sorted and unique. kube-proxy's cluster
+/// policy, in the proxier of that family.
+pub(crate) fn select_endpoints(set: Option<&CandidateSet>, family: Family) -> Vec<Endpoint> {
+    select_where(set, family, |_| true)
 }
 
-/// The local endpoints: ready ones; when no local one is ready, the local serving and
-/// terminating ones. kube-proxy's Local policy (whatever the other nodes have).
-pub(crate) fn select_local(set: Option<&CandidateSet>) -> Vec<Endpoint> {
-    select_where(set, |c| c.local)
+/// The local endpoints of `family`: ready ones; when no local one is ready, the local
+/// serving and terminating ones. kube-proxy's Local policy (whatever the other nodes have).
+pub(crate) fn select_local(set: Option<&CandidateSet>, family: Family) -> Vec<Endpoint> {
+    select_where(set, family, |c| c.local)
 }
 
-fn select_where(set: Option<&CandidateSet>, keep: impl Fn(&Candidate) -> bool) -> Vec<Endpoint> {
+fn select_where(
+    set: Option<&CandidateSet>,
+    family: Family,
+    keep: impl Fn(&Candidate) -> bool,
+) -> Vec<Endpoint> {
     let Some(set) = set else { return Vec::new() };
-    let endpoint = |(&(addr, port), c): (&(Ipv4Addr, u16), &Candidate)| Endpoint {
-        addr: addr.into(),
+    let endpoint = |(&(addr, port), c): (&(IpAddr, u16), &Candidate)| Endpoint {
+        addr,
         port,
         terminating: !c.ready,
         local: c.local,
     };
+    let of_family = |(key, _): &(&(IpAddr, u16), &Candidate)| Family::of(&key.0) == family;
     let ready: Vec<Endpoint> = set
         .iter()
+        .filter(of_family)
         .filter(|(_, c)| c.ready && keep(c))
         .map(endpoint)
         .collect();
@@ -583,18 +617,23 @@ fn select_where(set: Option<&CandidateSet>, keep: impl Fn(&Candidate) -> bool) -
     }
     // The map is keyed by IP:port, so both lists come out sorted and unique.
     set.iter()
+        .filter(of_family)
         .filter(|(_, c)| c.serving && c.terminating && keep(c))
         .map(endpoint)
         .collect()
 }
 
-/// Ready local endpoints of a Service over all its slice ports, each address once (what
-/// its health-check node port reports; terminating endpoints do not count).
-pub(crate) fn local_ready<'s>(sets: impl Iterator<Item = &'s CandidateSet>) -> usize {
+/// Ready local endpoints of `family` of a Service over all its slice ports, each address
+/// once (what its health-check node port reports to that family's clients, as each
+/// proxier of kube-proxy counts its own family; terminating endpoints do not count).
+pub(crate) fn local_ready<'s>(
+    sets: impl Iterator<Item = &'s CandidateSet>,
+    family: Family,
+) -> usize {
     let mut addrs = std::collections::BTreeSet::new();
     for set in sets {
         for (&(addr, _), c) in set {
-            if c.ready && c.local {
+            if c.ready && c.local && Family::of(&addr) == family {
                 addrs.insert(addr);
             }
         }
@@ -673,7 +712,7 @@ pub fn desired_state_with(
                 }
                 Entry::Vacant(v) => {
                     v.insert(object.clone());
-                    let sets = endpoints
+                    let sets: Vec<&CandidateSet> = endpoints
                         .range(
                             (
                                 namespace.clone(),
@@ -683,13 +722,15 @@ pub fn desired_state_with(
                             )..,
                         )
                         .take_while(|((ns, n, ..), _)| *ns == namespace && *n == name)
-                        .map(|(_, set)| set);
+                        .map(|(_, set)| set)
+                        .collect();
                     state.health_checks.insert(
                         hc_port,
                         HealthCheck {
                             namespace: namespace.clone(),
                             name: name.clone(),
-                            local_ready: local_ready(sets),
+                            local_ready: local_ready(sets.iter().copied(), Family::V4),
+                            local_ready6: local_ready(sets.iter().copied(), Family::V6),
                         },
                     );
                 }
@@ -740,14 +781,14 @@ pub(crate) fn health_claimed_issue(object: &str, port: u16, owner: &str) -> Mode
 }
 
 /// What one EndpointSlice contributes, parsed once: its Service (in its namespace), its
-/// usable ports and its IPv4 endpoints.
+/// usable ports and its endpoints (of its addressType's family).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct SlicePart {
     /// The Service's name; `None` when the slice is ignored (labels, address type).
     pub service: Option<String>,
     /// (port name, protocol, number) of each usable port, in order.
     pub ports: Vec<(String, Protocol, u16)>,
-    pub endpoints: Vec<(Ipv4Addr, Candidate)>,
+    pub endpoints: Vec<(IpAddr, Candidate)>,
     pub issues: Vec<ModelIssue>,
 }
 
@@ -820,12 +861,15 @@ pub(crate) struct ServicePart {
 
 impl ServicePart {
     /// The desired service of one of its frontends, given the candidates of its port.
+    /// Only endpoints of the frontend's family count, as in kube-proxy's proxier of that
+    /// family (for the terminating fallback and the drop-or-reject choice too).
     pub(crate) fn desired(&self, port: &PortPart, set: Option<&CandidateSet>) -> DesiredService {
-        let cluster = select_endpoints(set);
+        let family = port.frontend.family();
+        let cluster = select_endpoints(set, family);
         let (endpoints, flags) = match port.policy {
             Policy::Cluster => (cluster, port.flags),
             Policy::Local => {
-                let local = select_local(set);
+                let local = select_local(set, family);
                 // kube-proxy: no endpoint at all rejects; endpoints only elsewhere drop.
                 let drop = if local.is_empty() && !cluster.is_empty() {
                     SVC_F_DROP_EMPTY
@@ -855,12 +899,17 @@ fn is_local(policy: Option<&str>) -> bool {
 /// The [`ServicePart`] of one Service (empty when it is not served: labelled, headless,
 /// ExternalName, no usable ClusterIP).
 ///
-/// Frontends of each port: the ClusterIP (in-cluster view, internalTrafficPolicy
-/// applied); and each external address (`spec.externalIPs`, the LoadBalancer ingress IPs
-/// without ipMode Proxy, the NodePort on each of `options.node_addresses`) twice: in the
-/// external view with externalTrafficPolicy applied (Cluster: all endpoints, SNAT), and in
-/// the in-cluster view with all endpoints, as kube-proxy short-circuits pod traffic to
-/// external addresses. loadBalancerSourceRanges apply to the LoadBalancer IPs only.
+/// For each family the Service has a ClusterIP of (kube-proxy's proxier of a family skips
+/// a Service without one, pkg/proxy/servicechangetracker.go), frontends of each port: the
+/// ClusterIP (in-cluster view, internalTrafficPolicy applied); and each external address
+/// of that family (`spec.externalIPs`, the LoadBalancer ingress IPs without ipMode Proxy,
+/// the NodePort on each of `options.node_addresses`) twice: in the external view with
+/// externalTrafficPolicy applied (Cluster: all endpoints, SNAT), and in the in-cluster
+/// view with all endpoints, as kube-proxy short-circuits pod traffic to external
+/// addresses. loadBalancerSourceRanges apply to the LoadBalancer IPs of their own family
+/// only; a family without a valid range is not restricted (kube-proxy: serviceport.go
+/// keeps `MapCIDRsByIPFamily(ranges)[family]`, and the nftables/iptables proxiers build the
+/// firewall only when that list is not empty).
 pub(crate) fn service_part(svc: &Service, options: &ModelOptions) -> ServicePart {
     let mut b = Builder { issues: Vec::new() };
     let mut part = ServicePart::default();
@@ -884,14 +933,16 @@ pub(crate) fn service_part(svc: &Service, options: &ModelOptions) -> ServicePart
     if spec.type_.as_deref() == Some("ExternalName") {
         return part;
     }
-    let Some(addr) = b.cluster_ip(&object, svc) else {
+    let cluster_ips = b.cluster_ips(&object, svc);
+    if cluster_ips.is_empty() {
         part.issues = b.issues;
         return part;
-    };
+    }
+    let families: Vec<Family> = cluster_ips.iter().map(Family::of).collect();
     let load_balancer = spec.type_.as_deref() == Some("LoadBalancer");
     let internal_local = is_local(spec.internal_traffic_policy.as_deref());
     let external_local = is_local(spec.external_traffic_policy.as_deref());
-    let external_ips = b.ipv4_list(
+    let external_ips = b.ip_list(
         &object,
         "spec.externalIPs[]",
         spec.external_ips
@@ -918,14 +969,65 @@ pub(crate) fn service_part(svc: &Service, options: &ModelOptions) -> ServicePart
                 let ip = ing.ip.as_deref().filter(|ip| !ip.is_empty())?;
                 (ing.ip_mode.as_deref() != Some("Proxy")).then_some((i, ip))
             });
-        lb_ips = b.ipv4_list(&object, "status.loadBalancer.ingress[].ip", ips);
+        lb_ips = b.ip_list(&object, "status.loadBalancer.ingress[].ip", ips);
         if let Some(ranges) = spec
             .load_balancer_source_ranges
             .as_ref()
             .filter(|r| !r.is_empty())
         {
-            // Ranges given but none usable here: nobody is allowed (fail closed).
             source_ranges = Some(b.source_ranges(&object, ranges));
+        }
+    }
+    // Addresses of a family the Service has no ClusterIP of are served by no proxier.
+    for (field, list) in [
+        ("spec.externalIPs", &external_ips),
+        ("status.loadBalancer.ingress", &lb_ips),
+    ] {
+        for family in [Family::V4, Family::V6] {
+            let left: Vec<String> = list
+                .iter()
+                .filter(|a| Family::of(a) == family && !families.contains(&family))
+                .map(ToString::to_string)
+                .collect();
+            if !left.is_empty() {
+                b.issue(
+                    Severity::Notice,
+                    &object,
+                    field.into(),
+                    format!(
+                        "{} {}: the Service has no {} ClusterIP, so they are not served (as kube-proxy, which serves a family only for Services with a ClusterIP of it)",
+                        family.name(),
+                        left.join(", "),
+                        family.name()
+                    ),
+                );
+            }
+        }
+    }
+    // The source ranges of each family, when it has any (`None`: unrestricted).
+    let ranges_of = |family: Family| -> Option<Vec<IpRange>> {
+        let r: Vec<IpRange> = source_ranges
+            .iter()
+            .flatten()
+            .filter(|r| r.family() == family)
+            .copied()
+            .collect();
+        (!r.is_empty()).then_some(r)
+    };
+    if source_ranges.is_some() {
+        for &family in &families {
+            if lb_ips.iter().any(|a| Family::of(a) == family) && ranges_of(family).is_none() {
+                b.issue(
+                    Severity::Warning,
+                    &object,
+                    "spec.loadBalancerSourceRanges".into(),
+                    format!(
+                        "no valid {} range, so the {} load balancer IPs accept every client (as kube-proxy, which applies each family's ranges to that family's IPs only)",
+                        family.name(),
+                        family.name()
+                    ),
+                );
+            }
         }
     }
     if load_balancer
@@ -951,14 +1053,15 @@ pub(crate) fn service_part(svc: &Service, options: &ModelOptions) -> ServicePart
     };
     let external_snat = if external_local { 0 } else { SVC_F_SNAT };
     for (i, port) in spec.ports.iter().flatten().enumerate() {
-        let Some(cluster) = b.frontend(&object, i, addr, port) else {
+        // The port and protocol are checked once, whatever the number of families.
+        let Some(first) = b.frontend(&object, i, cluster_ips[0], port) else {
             continue;
         };
         let name = ServicePortName {
             namespace: namespace.clone(),
             name: name.clone(),
             port_name: port.name.clone().unwrap_or_default(),
-            protocol: cluster.protocol,
+            protocol: first.protocol,
         };
         let mut add = |b: &mut Builder,
                        frontend: Frontend,
@@ -1004,14 +1107,6 @@ pub(crate) fn service_part(svc: &Service, options: &ModelOptions) -> ServicePart
         } else {
             Policy::Cluster
         };
-        add(
-            &mut b,
-            cluster,
-            FrontendKind::ClusterIp,
-            cluster_policy,
-            0,
-            &[],
-        );
         let node_port = match port.node_port {
             None | Some(0) => None,
             Some(p) => match u16::try_from(p) {
@@ -1027,39 +1122,56 @@ pub(crate) fn service_part(svc: &Service, options: &ModelOptions) -> ServicePart
                 }
             },
         };
-        let externals = external_ips
-            .iter()
-            .map(|a| (*a, cluster.port, FrontendKind::ExternalIp))
-            .chain(
-                lb_ips
-                    .iter()
-                    .map(|a| (*a, cluster.port, FrontendKind::LoadBalancer)),
-            )
-            .chain(node_port.into_iter().flat_map(|np| {
-                options
-                    .node_addresses
-                    .iter()
-                    .map(move |a| (*a, np, FrontendKind::NodePort))
-            }));
-        for (ext_addr, ext_port, kind) in externals {
-            let (ranges, range_flag) = match (&source_ranges, kind) {
-                (Some(r), FrontendKind::LoadBalancer) => (r.as_slice(), SVC_F_SOURCE_RANGES),
-                _ => (&[][..], 0),
-            };
-            let inside = Frontend::cluster(ext_addr, ext_port, cluster.protocol);
-            let outside = Frontend {
-                scope: Scope::External,
-                ..inside
-            };
+        for &addr in &cluster_ips {
+            let family = Family::of(&addr);
+            let cluster = Frontend::cluster(addr, first.port, first.protocol);
             add(
                 &mut b,
-                outside,
-                kind,
-                external_policy,
-                external_snat | range_flag,
-                ranges,
+                cluster,
+                FrontendKind::ClusterIp,
+                cluster_policy,
+                0,
+                &[],
             );
-            add(&mut b, inside, kind, Policy::Cluster, range_flag, ranges);
+            let ranges = ranges_of(family);
+            let of_family = |a: &&IpAddr| Family::of(a) == family;
+            let externals = external_ips
+                .iter()
+                .filter(of_family)
+                .map(|a| (*a, cluster.port, FrontendKind::ExternalIp))
+                .chain(
+                    lb_ips
+                        .iter()
+                        .filter(of_family)
+                        .map(|a| (*a, cluster.port, FrontendKind::LoadBalancer)),
+                )
+                .chain(node_port.into_iter().flat_map(|np| {
+                    options
+                        .node_addresses
+                        .iter()
+                        .filter(of_family)
+                        .map(move |a| (*a, np, FrontendKind::NodePort))
+                }));
+            for (ext_addr, ext_port, kind) in externals {
+                let (ranges, range_flag) = match (&ranges, kind) {
+                    (Some(r), FrontendKind::LoadBalancer) => (r.as_slice(), SVC_F_SOURCE_RANGES),
+                    _ => (&[][..], 0),
+                };
+                let inside = Frontend::cluster(ext_addr, ext_port, cluster.protocol);
+                let outside = Frontend {
+                    scope: Scope::External,
+                    ..inside
+                };
+                add(
+                    &mut b,
+                    outside,
+                    kind,
+                    external_policy,
+                    external_snat | range_flag,
+                    ranges,
+                );
+                add(&mut b, inside, kind, Policy::Cluster, range_flag, ranges);
+            }
         }
     }
     part.issues = b.issues;
@@ -1137,7 +1249,7 @@ endpoints:
     }
 
     fn fe(addr: &str, port: u16, protocol: Protocol) -> Frontend {
-        Frontend::cluster(addr.parse::<std::net::IpAddr>().unwrap(), port, protocol)
+        Frontend::cluster(addr.parse::<IpAddr>().unwrap(), port, protocol)
     }
 
     fn endpoints_of(state: &DesiredState, frontend: Frontend) -> Vec<Endpoint> {
@@ -1232,12 +1344,13 @@ endpoints:
         let (state, _) = desired_state(&[svc(MYAPP)], &[slice(&elsewhere)]);
         assert!(endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)).is_empty());
 
-        // FQDN and IPv6 slices are not for this datapath.
-        for t in ["FQDN", "IPv6"] {
+        // FQDN slices are not for a proxy; an IPv6 slice holds no endpoint of the IPv4
+        // ClusterIP (here its IPv4 addresses are misfiled, and reported).
+        for (t, warnings) in [("FQDN", 0), ("IPv6", 3)] {
             let other = MYAPP_SLICE.replace("addressType: IPv4", &format!("addressType: {t}"));
             let (state, issues) = desired_state(&[svc(MYAPP)], &[slice(&other)]);
             assert!(endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)).is_empty());
-            assert!(issues.is_empty());
+            assert_eq!(issues.len(), warnings, "{t}: {issues:?}");
         }
     }
 
@@ -1518,27 +1631,592 @@ spec:
         assert_eq!(issues.len(), 2, "{issues:?}");
     }
 
+    // ---- IPv6 and dual stack: one family's frontends get that family's endpoints ----
+
+    /// A slice of `service` like [`slice_of`] with addressType IPv6.
+    fn slice6_of(name: &str, service: &str, port: &str, endpoints: &[&str]) -> EndpointSlice {
+        let mut s = slice_of(name, service, port, endpoints);
+        s.address_type = "IPv6".into();
+        s
+    }
+
+    fn fe6(addr: &str, port: u16) -> Frontend {
+        fe(addr, port, Protocol::Tcp)
+    }
+
+    fn text_of(issues: &[ModelIssue]) -> Vec<String> {
+        let mut text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+        text.sort();
+        text
+    }
+
     #[test]
-    fn the_ipv4_cluster_ip_of_a_dual_stack_service_is_served() {
-        let dual = svc("
-metadata: {name: dual}
+    fn a_single_stack_ipv6_service_is_served_with_its_ipv6_endpoints() {
+        let service = svc("
+metadata: {name: six}
 spec:
-  clusterIP: fd00::10
-  clusterIPs: [fd00::10, 10.96.0.60]
-  ipFamilies: [IPv6, IPv4]
-  ports: [{port: 80}]
+  clusterIP: fd00:96::10
+  clusterIPs: [fd00:96::10]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports: [{name: http, port: 80}]
 ");
-        let v6 = svc(
-            "metadata: {name: v6}\nspec: {clusterIP: 'fd00::11', clusterIPs: ['fd00::11'], ports: [{port: 80}]}",
-        );
-        let (state, issues) = desired_state(&[dual, v6], &[]);
+        let slices = [
+            slice6_of(
+                "six-1",
+                "six",
+                "{name: http, port: 8080}",
+                &[
+                    "{addresses: ['fd00:244:1::11']}",
+                    // Written long: the same address kube-proxy would program.
+                    "{addresses: ['FD00:0244:0001:0000:0000:0000:0000:0012']}",
+                    "{addresses: ['fd00:244:1::13'], conditions: {ready: false}}",
+                ],
+            ),
+            // The IPv4 slice of the same Service: no IPv4 ClusterIP, nothing to serve.
+            slice_of(
+                "six-2",
+                "six",
+                "{name: http, port: 8080}",
+                &["{addresses: [10.244.1.5]}"],
+            ),
+        ];
+        let (state, issues) = desired_state(&[service], &slices);
+        assert!(issues.is_empty(), "{issues:?}");
         assert_eq!(
             state.services.keys().copied().collect::<Vec<_>>(),
-            [fe("10.96.0.60", 80, Protocol::Tcp)]
+            [fe6("fd00:96::10", 80)]
         );
-        assert_eq!(issues.len(), 1);
-        assert_eq!(issues[0].severity, Severity::Notice);
-        assert_eq!(issues[0].object, "Service default/v6");
+        let s = &state.services[&fe6("fd00:96::10", 80)];
+        assert_eq!(s.frontend.to_string(), "[fd00:96::10]:80/TCP");
+        assert_eq!(s.name.to_string(), "default/six:http/TCP");
+        assert_eq!(
+            s.endpoints,
+            [ep("fd00:244:1::11", 8080), ep("fd00:244:1::12", 8080)]
+        );
+    }
+
+    fn dual_service(policy: &str, ips: &str, families: &str) -> Service {
+        svc(&format!(
+            "
+metadata: {{name: dual}}
+spec:
+  clusterIP: {first}
+  clusterIPs: {ips}
+  ipFamilies: {families}
+  ipFamilyPolicy: {policy}
+  ports: [{{name: http, port: 80}}, {{name: dns, port: 53, protocol: UDP}}]
+",
+            first = ips
+                .trim_matches(['[', ']'])
+                .split(',')
+                .next()
+                .unwrap()
+                .trim()
+                .trim_matches('\''),
+        ))
+    }
+
+    fn dual_slices(v6_conds: &str) -> [EndpointSlice; 2] {
+        [
+            slice_of(
+                "dual-v4",
+                "dual",
+                "{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}",
+                &["{addresses: [10.244.1.5]}", "{addresses: [10.244.2.7]}"],
+            ),
+            slice6_of(
+                "dual-v6",
+                "dual",
+                "{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}",
+                &[
+                    &format!("{{addresses: ['fd00:244:1::15'], conditions: {v6_conds}}}"),
+                    "{addresses: ['fd00:244:2::17'], conditions: {ready: false}}",
+                ],
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_dual_stack_service_has_one_frontend_per_family_each_with_its_own_endpoints() {
+        for (policy, ips, families) in [
+            (
+                "PreferDualStack",
+                "[10.96.0.60, 'fd00:96::60']",
+                "[IPv4, IPv6]",
+            ),
+            (
+                "RequireDualStack",
+                "['fd00:96::60', 10.96.0.60]",
+                "[IPv6, IPv4]",
+            ),
+        ] {
+            let (state, issues) =
+                desired_state(&[dual_service(policy, ips, families)], &dual_slices("{}"));
+            assert!(issues.is_empty(), "{policy}: {issues:?}");
+            assert_eq!(
+                state.services.keys().copied().collect::<Vec<_>>(),
+                [
+                    fe("10.96.0.60", 53, Protocol::Udp),
+                    fe("10.96.0.60", 80, Protocol::Tcp),
+                    fe("fd00:96::60", 53, Protocol::Udp),
+                    fe("fd00:96::60", 80, Protocol::Tcp),
+                ],
+                "{policy}"
+            );
+            assert_eq!(
+                endpoints_of(&state, fe("10.96.0.60", 80, Protocol::Tcp)),
+                [ep("10.244.1.5", 8080), ep("10.244.2.7", 8080)]
+            );
+            assert_eq!(
+                endpoints_of(&state, fe("10.96.0.60", 53, Protocol::Udp)),
+                [ep("10.244.1.5", 5353), ep("10.244.2.7", 5353)]
+            );
+            assert_eq!(
+                endpoints_of(&state, fe("fd00:96::60", 80, Protocol::Tcp)),
+                [ep("fd00:244:1::15", 8080)]
+            );
+            // Both families' ports have the same name: one Service port, two frontends.
+            assert_eq!(
+                state.services[&fe("fd00:96::60", 80, Protocol::Tcp)].name,
+                state.services[&fe("10.96.0.60", 80, Protocol::Tcp)].name
+            );
+        }
+    }
+
+    #[test]
+    fn the_terminating_fallback_is_decided_per_family() {
+        // No ready IPv6 endpoint, a serving terminating one: the IPv6 frontend falls back
+        // to it although IPv4 has ready ones (kube-proxy: one proxier per family).
+        let (state, _) = desired_state(
+            &[dual_service(
+                "PreferDualStack",
+                "[10.96.0.60, 'fd00:96::60']",
+                "[IPv4, IPv6]",
+            )],
+            &dual_slices("{ready: false, serving: true, terminating: true}"),
+        );
+        assert_eq!(
+            endpoints_of(&state, fe("fd00:96::60", 80, Protocol::Tcp)),
+            [term("fd00:244:1::15", 8080)]
+        );
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.60", 80, Protocol::Tcp)),
+            [ep("10.244.1.5", 8080), ep("10.244.2.7", 8080)]
+        );
+        // And none at all of a family: that frontend has no endpoint (it rejects).
+        let (state, _) = desired_state(
+            &[dual_service(
+                "PreferDualStack",
+                "[10.96.0.60, 'fd00:96::60']",
+                "[IPv4, IPv6]",
+            )],
+            &dual_slices("{ready: false}"),
+        );
+        assert!(endpoints_of(&state, fe("fd00:96::60", 80, Protocol::Tcp)).is_empty());
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.60", 80, Protocol::Tcp)).len(),
+            2
+        );
+    }
+
+    #[test]
+    fn an_ipv6_slice_of_an_ipv4_only_service_is_ignored_and_misfiled_addresses_reported() {
+        let (state, issues) = desired_state(
+            &[svc(MYAPP)],
+            &[
+                slice(MYAPP_SLICE),
+                slice6_of(
+                    "myapp-v6",
+                    "myapp",
+                    "{name: http, port: 80}",
+                    &["{addresses: ['fd00:244:1::5']}"],
+                ),
+            ],
+        );
+        assert!(issues.is_empty(), "{issues:?}");
+        assert_eq!(state.services.len(), 1);
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            [
+                ep("10.244.1.5", 80),
+                ep("10.244.2.7", 80),
+                ep("10.244.3.9", 80)
+            ]
+        );
+        // An address of the other family than the slice's addressType is skipped, as in
+        // kube-proxy's endpoint slice cache.
+        let (state, issues) = desired_state(
+            &[dual_service(
+                "PreferDualStack",
+                "[10.96.0.60, 'fd00:96::60']",
+                "[IPv4, IPv6]",
+            )],
+            &[
+                slice_of(
+                    "dual-v4",
+                    "dual",
+                    "{name: http, port: 8080}",
+                    &[
+                        "{addresses: ['fd00:244:1::5']}",
+                        "{addresses: [10.244.1.5]}",
+                    ],
+                ),
+                slice6_of(
+                    "dual-v6",
+                    "dual",
+                    "{name: http, port: 8080}",
+                    &[
+                        "{addresses: [10.244.1.6]}",
+                        "{addresses: ['::ffff:10.244.1.7']}",
+                    ],
+                ),
+            ],
+        );
+        assert_eq!(
+            text_of(&issues),
+            [
+                r#"EndpointSlice default/dual-v4: endpoints[0].addresses[0]: "fd00:244:1::5" is not an IPv4 address (the slice's addressType); endpoint ignored"#,
+                r#"EndpointSlice default/dual-v6: endpoints[0].addresses[0]: "10.244.1.6" is not an IPv6 address (the slice's addressType); endpoint ignored"#,
+                r#"EndpointSlice default/dual-v6: endpoints[1].addresses[0]: "::ffff:10.244.1.7" is not an IPv6 address (the slice's addressType); endpoint ignored"#,
+            ]
+        );
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.60", 80, Protocol::Tcp)),
+            [ep("10.244.1.5", 8080)]
+        );
+        assert!(endpoints_of(&state, fe("fd00:96::60", 80, Protocol::Tcp)).is_empty());
+    }
+
+    fn dual_node_options() -> ModelOptions {
+        ModelOptions {
+            node_name: Some("node-a".into()),
+            node_addresses: vec![
+                "192.168.1.10".parse().unwrap(),
+                "fd00:251::1".parse().unwrap(),
+                "fd00:252::1".parse().unwrap(),
+            ],
+            ..Default::default()
+        }
+    }
+
+    /// A dual-stack LoadBalancer `lb` with external and ingress IPs of both families,
+    /// nodePort 30080; `extra` goes under spec.
+    fn dual_lb(extra: &str) -> Service {
+        svc(&format!(
+            "
+metadata: {{name: lb}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.1.1
+  clusterIPs: [10.96.1.1, 'fd00:96::1:1']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: PreferDualStack
+  externalIPs: [198.51.100.7, '2001:db8::7']
+  ports: [{{name: http, port: 80, nodePort: 30080}}]
+{extra}
+status:
+  loadBalancer:
+    ingress:
+    - {{ip: 203.0.113.1}}
+    - {{ip: '2001:db8:203::1'}}
+    - {{ip: '2001:db8:203::3', ipMode: Proxy}}
+"
+        ))
+    }
+
+    fn dual_lb_slices() -> [EndpointSlice; 2] {
+        [
+            slice_of(
+                "lb-v4",
+                "lb",
+                "{name: http, port: 8080}",
+                &[
+                    "{addresses: [10.0.0.1], nodeName: node-a}",
+                    "{addresses: [10.0.0.2], nodeName: node-b}",
+                ],
+            ),
+            slice6_of(
+                "lb-v6",
+                "lb",
+                "{name: http, port: 8080}",
+                &["{addresses: ['fd00:244:2::2'], nodeName: node-b}"],
+            ),
+        ]
+    }
+
+    #[test]
+    fn external_and_load_balancer_ips_and_node_ports_go_to_their_family() {
+        let (state, issues) =
+            desired_state_with(&[dual_lb("")], &dual_lb_slices(), &dual_node_options());
+        assert!(issues.is_empty(), "{issues:?}");
+        let v4 = vec![local(ep("10.0.0.1", 8080)), ep("10.0.0.2", 8080)];
+        let v6 = vec![ep("fd00:244:2::2", 8080)];
+        let externals = [
+            ("198.51.100.7", 80, FrontendKind::ExternalIp, &v4),
+            ("203.0.113.1", 80, FrontendKind::LoadBalancer, &v4),
+            ("192.168.1.10", 30080, FrontendKind::NodePort, &v4),
+            ("2001:db8::7", 80, FrontendKind::ExternalIp, &v6),
+            ("2001:db8:203::1", 80, FrontendKind::LoadBalancer, &v6),
+            ("fd00:251::1", 30080, FrontendKind::NodePort, &v6),
+            ("fd00:252::1", 30080, FrontendKind::NodePort, &v6),
+        ];
+        // Two ClusterIPs, each external address twice; no ipMode Proxy ingress.
+        assert_eq!(state.services.len(), 2 + 2 * externals.len());
+        assert_eq!(endpoints_of(&state, fe("10.96.1.1", 80, Protocol::Tcp)), v4);
+        assert_eq!(endpoints_of(&state, fe6("fd00:96::1:1", 80)), v6);
+        for (addr, port, kind, want) in externals {
+            for f in [ext(addr, port), fe(addr, port, Protocol::Tcp)] {
+                let s = &state.services[&f];
+                assert_eq!(s.kind, kind, "{f}");
+                assert_eq!(&s.endpoints, want, "{f}");
+                let snat = if f.scope == Scope::External {
+                    SVC_F_SNAT
+                } else {
+                    0
+                };
+                assert_eq!(s.flags, kind.flag() | snat, "{f}");
+            }
+        }
+        assert_eq!(
+            ext("fd00:251::1", 30080).to_string(),
+            "[fd00:251::1]:30080/TCP (external view)"
+        );
+
+        // externalTrafficPolicy Local: each family's local endpoints; IPv6 has none here
+        // while others exist elsewhere, so its external view drops (IPv4 does not).
+        let (state, _) = desired_state_with(
+            &[dual_lb("  externalTrafficPolicy: Local")],
+            &dual_lb_slices(),
+            &dual_node_options(),
+        );
+        let s4 = &state.services[&ext("203.0.113.1", 80)];
+        assert_eq!(s4.endpoints, [local(ep("10.0.0.1", 8080))]);
+        assert_eq!(s4.flags & (SVC_F_DROP_EMPTY | SVC_F_SNAT), 0);
+        let s6 = &state.services[&ext("2001:db8:203::1", 80)];
+        assert!(s6.endpoints.is_empty());
+        assert_ne!(s6.flags & SVC_F_DROP_EMPTY, 0);
+        // Pods still reach the IPv6 LB IP through all IPv6 endpoints.
+        assert_eq!(endpoints_of(&state, fe6("2001:db8:203::1", 80)), v6);
+    }
+
+    #[test]
+    fn addresses_of_a_family_without_a_cluster_ip_are_not_served() {
+        // The same Service, IPv4 only: its IPv6 external and ingress IPs have no proxier.
+        let mut single = dual_lb("");
+        let spec = single.spec.as_mut().unwrap();
+        spec.cluster_ips = Some(vec!["10.96.1.1".into()]);
+        spec.ip_families = Some(vec!["IPv4".into()]);
+        let (state, issues) =
+            desired_state_with(&[single], &dual_lb_slices(), &dual_node_options());
+        assert_eq!(
+            text_of(&issues),
+            [
+                "Service default/lb: spec.externalIPs: IPv6 2001:db8::7: the Service has no IPv6 ClusterIP, so they are not served (as kube-proxy, which serves a family only for Services with a ClusterIP of it)",
+                "Service default/lb: status.loadBalancer.ingress: IPv6 2001:db8:203::1: the Service has no IPv6 ClusterIP, so they are not served (as kube-proxy, which serves a family only for Services with a ClusterIP of it)",
+            ]
+        );
+        assert!(
+            state.services.keys().all(|f| f.family() == Family::V4),
+            "{:?}",
+            state.services.keys()
+        );
+        // ClusterIP, external IP, LB IP, one IPv4 NodePort address: each in two views but
+        // the ClusterIP.
+        assert_eq!(state.services.len(), 1 + 2 * 3);
+
+        // IPv6 only: NodePorts on the IPv6 node addresses only.
+        let six = svc(
+            "metadata: {name: np6}\nspec: {type: NodePort, clusterIP: 'fd00:96::5', ports: [{port: 80, nodePort: 30081}]}",
+        );
+        let (state, issues) = desired_state_with(&[six], &[], &dual_node_options());
+        assert!(issues.is_empty(), "{issues:?}");
+        let mut node_ports: Vec<String> = state
+            .services
+            .keys()
+            .filter(|f| f.scope == Scope::External)
+            .map(ToString::to_string)
+            .collect();
+        node_ports.sort();
+        assert_eq!(
+            node_ports,
+            [
+                "[fd00:251::1]:30081/TCP (external view)",
+                "[fd00:252::1]:30081/TCP (external view)"
+            ]
+        );
+    }
+
+    #[test]
+    fn source_ranges_apply_to_load_balancer_ips_of_their_own_family() {
+        let (state, issues) = desired_state_with(
+            &[dual_lb(
+                "  loadBalancerSourceRanges: ['10.1.0.0/16', ' fd00:1:0:0::/48 ', '2001:DB8:5::9/64']",
+            )],
+            &[],
+            &dual_node_options(),
+        );
+        assert!(issues.is_empty(), "{issues:?}");
+        let ranges = |f: Frontend| {
+            let s = &state.services[&f];
+            assert_ne!(s.flags & SVC_F_SOURCE_RANGES, 0, "{f}");
+            s.source_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        for f in [ext("203.0.113.1", 80), fe("203.0.113.1", 80, Protocol::Tcp)] {
+            assert_eq!(ranges(f), ["10.1.0.0/16"]);
+        }
+        for f in [ext("2001:db8:203::1", 80), fe6("2001:db8:203::1", 80)] {
+            // Host bits cleared, addresses in canonical form.
+            assert_eq!(ranges(f), ["2001:db8:5::/64", "fd00:1::/48"]);
+        }
+        // NodePorts and external IPs bypass them, in both families.
+        for f in [ext("fd00:251::1", 30080), ext("2001:db8::7", 80)] {
+            assert_eq!(state.services[&f].flags & SVC_F_SOURCE_RANGES, 0, "{f}");
+        }
+
+        // IPv4 ranges only: the IPv6 LB IP is open to all, as in kube-proxy, and said so.
+        let (state, issues) = desired_state_with(
+            &[dual_lb("  loadBalancerSourceRanges: ['10.1.0.0/16']")],
+            &[],
+            &dual_node_options(),
+        );
+        assert_eq!(
+            text_of(&issues),
+            [
+                "Service default/lb: spec.loadBalancerSourceRanges: no valid IPv6 range, so the IPv6 load balancer IPs accept every client (as kube-proxy, which applies each family's ranges to that family's IPs only)"
+            ]
+        );
+        assert_ne!(
+            state.services[&ext("203.0.113.1", 80)].flags & SVC_F_SOURCE_RANGES,
+            0
+        );
+        let s6 = &state.services[&ext("2001:db8:203::1", 80)];
+        assert_eq!(s6.flags & SVC_F_SOURCE_RANGES, 0);
+        assert!(s6.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn health_checks_count_the_local_ready_endpoints_of_each_family() {
+        let service = dual_lb("  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100");
+        let slices = [
+            slice_of(
+                "lb-v4",
+                "lb",
+                "{name: http, port: 8080}",
+                &[
+                    "{addresses: [10.0.0.1], nodeName: node-a}",
+                    "{addresses: [10.0.0.2], nodeName: node-b}",
+                ],
+            ),
+            slice6_of(
+                "lb-v6",
+                "lb",
+                "{name: http, port: 8080}",
+                &[
+                    "{addresses: ['fd00:244:1::1'], nodeName: node-a}",
+                    "{addresses: ['fd00:244:1::2'], nodeName: node-a}",
+                    "{addresses: ['fd00:244:1::3'], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+                ],
+            ),
+        ];
+        let (state, _) = desired_state_with(&[service], &slices, &dual_node_options());
+        let hc = &state.health_checks[&32100];
+        assert_eq!((hc.local_ready, hc.local_ready6), (1, 2));
+    }
+
+    #[test]
+    fn ipv6_addresses_are_normalised_and_conflicts_decided_on_the_normal_form() {
+        // Leading zeros, upper case, `::` anywhere: one address (as kube-proxy's
+        // TestBadIPs expects of IPv4 leading zeros).
+        let long = svc("
+metadata: {name: a-long}
+spec:
+  clusterIP: 'FD00:0096:0000:0000:0000:0000:0000:0010'
+  externalIPs: ['2001:0DB8::0007']
+  ports: [{port: 80}]
+");
+        let short = svc("
+metadata: {name: b-short}
+spec:
+  clusterIP: 'fd00:96::10'
+  ports: [{port: 80}]
+");
+        let (state, issues) = desired_state(&[short, long], &[]);
+        assert_eq!(state.services[&fe6("fd00:96::10", 80)].name.name, "a-long");
+        assert!(state.services.contains_key(&ext("2001:db8::7", 80)));
+        assert_eq!(
+            text_of(&issues),
+            [
+                "Service default/b-short: spec.ports[0]: [fd00:96::10]:80/TCP is also claimed by Service default/a-long (spec.ports[0]), which sorts first and keeps it; port ignored"
+            ]
+        );
+        for (text, want) in [
+            ("fd00:96::10", Some("fd00:96::10")),
+            ("FD00:96:0:0::0010", Some("fd00:96::10")),
+            ("::ffff:10.96.0.1", Some("10.96.0.1")),
+            ("010.096.0.1", Some("10.96.0.1")),
+            ("::1.2.3.4", Some("::102:304")),
+            ("fe80::1%eth0", None),
+            ("fd00::/64", None),
+            ("fd00:::1", None),
+            ("", None),
+        ] {
+            assert_eq!(
+                parse_ip(text).map(|a| a.to_string()).as_deref(),
+                want,
+                "{text}"
+            );
+        }
+        assert_eq!(
+            parse_ip_range("FD00:1::5/48").map(|r| r.to_string()),
+            Some("fd00:1::/48".into())
+        );
+        for bad in [
+            "fd00::/129",
+            "fd00::",
+            "10.0.0.0/33",
+            "10.0.0.0/",
+            "fd00::/+8",
+        ] {
+            assert_eq!(parse_ip_range(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn cluster_ips_one_per_family_and_bad_ones_left_out() {
+        let service = svc("
+metadata: {name: odd}
+spec:
+  clusterIP: 10.96.0.80
+  clusterIPs: [10.96.0.80, nonsense, 10.96.0.81, 'fd00:96::80']
+  ports: [{port: 80}]
+");
+        let (state, issues) = desired_state(&[service], &[]);
+        assert_eq!(
+            state.services.keys().copied().collect::<Vec<_>>(),
+            [fe("10.96.0.80", 80, Protocol::Tcp), fe6("fd00:96::80", 80)]
+        );
+        assert_eq!(
+            text_of(&issues),
+            [
+                r#"Service default/odd: spec.clusterIPs[1]: "nonsense" is not an IP address; not served"#,
+                r#"Service default/odd: spec.clusterIPs[2]: "10.96.0.81": a second IPv4 ClusterIP (after 10.96.0.80); ignored"#,
+            ]
+        );
+        // Weights may name IPv6 backends.
+        let weighted = svc("
+metadata:
+  name: w
+  annotations: {bpfproxy.io/weights: 'fd00:244::0001=3, 10.244.0.1=2'}
+spec: {clusterIP: 'fd00:96::81', ports: [{port: 80}]}
+");
+        let (state, _) = desired_state(&[weighted], &[]);
+        let sched = state.scheduling_of(&fe6("fd00:96::81", 80));
+        assert_eq!(sched.weight("fd00:244::1".parse().unwrap()), 3);
+        assert_eq!(sched.weight("10.244.0.1".parse().unwrap()), 2);
     }
 
     #[test]
@@ -1573,7 +2251,7 @@ spec:
         assert_eq!(
             text,
             [
-                r#"EndpointSlice default/bad-1: endpoints[0].addresses[0]: "10.0.0.300" is not an IPv4 address; endpoint ignored"#,
+                r#"EndpointSlice default/bad-1: endpoints[0].addresses[0]: "10.0.0.300" is not an IPv4 address (the slice's addressType); endpoint ignored"#,
                 r#"Service default/bad: spec.ports[0].protocol: "ICMP" is not TCP, UDP or SCTP; port not served"#,
                 "Service default/bad: spec.ports[1].port: 70000 is out of range 1-65535; port not served",
             ]
@@ -1642,7 +2320,7 @@ spec:
   type: LoadBalancer
   clusterIP: 10.96.1.1
   loadBalancerIP: 203.0.113.99
-  externalIPs: [198.51.100.7, 'fd00::7']
+  externalIPs: [198.51.100.7]
   ports: [{{name: http, port: 80, nodePort: 30080}}]
 {extra}
 status:
@@ -1857,6 +2535,7 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.5}]}}
                 r#"Service default/lb: spec.loadBalancerSourceRanges[4]: "10.2.0.0/33" is not a CIDR (address/prefix length); ignored"#,
             ]
         );
+        // The IPv6 range is valid but of the other family: not applied here.
         let want: Vec<IpRange> = vec![
             IpRange::new("10.1.0.0".parse::<Ipv4Addr>().unwrap(), 16).unwrap(),
             IpRange::new("172.16.5.0".parse::<Ipv4Addr>().unwrap(), 24).unwrap(),
@@ -1877,13 +2556,26 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.5}]}}
             assert!(s.source_ranges.is_empty(), "{f}");
         }
 
-        // Ranges given, none usable: nobody is allowed rather than everybody.
-        let service = lb_service("  loadBalancerSourceRanges: [nope]");
-        let (state, issues) = desired_state_with(&[service], &[], &node_options());
-        assert_eq!(issues.len(), 1);
-        let s = &state.services[&ext("203.0.113.1", 80)];
-        assert_ne!(s.flags & SVC_F_SOURCE_RANGES, 0);
-        assert!(s.source_ranges.is_empty());
+        // Ranges given, none usable for the family: its LB IPs are not restricted, as
+        // kube-proxy (serviceport.go keeps the valid ranges of the proxier's family; the
+        // proxiers build a firewall only from a non-empty list); a warning says so.
+        for ranges in ["[nope]", "['fd00::/8']"] {
+            let service = lb_service(&format!("  loadBalancerSourceRanges: {ranges}"));
+            let (state, issues) = desired_state_with(&[service], &[], &node_options());
+            let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+            assert!(
+                text.contains(&"Service default/lb: spec.loadBalancerSourceRanges: no valid IPv4 range, so the IPv4 load balancer IPs accept every client (as kube-proxy, which applies each family's ranges to that family's IPs only)".to_string()),
+                "{text:?}"
+            );
+            assert_eq!(
+                text.len(),
+                if ranges == "[nope]" { 2 } else { 1 },
+                "{text:?}"
+            );
+            let s = &state.services[&ext("203.0.113.1", 80)];
+            assert_eq!(s.flags & SVC_F_SOURCE_RANGES, 0);
+            assert!(s.source_ranges.is_empty());
+        }
     }
 
     #[test]
@@ -1960,6 +2652,7 @@ spec:
                 namespace: "default".into(),
                 name: "hc".into(),
                 local_ready: 2,
+                local_ready6: 0,
             })
         );
         assert_eq!(state.health_checks.len(), 1);

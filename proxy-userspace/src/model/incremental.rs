@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
-    DesiredState, Frontend, HealthCheck, Protocol, Scheduling,
+    DesiredState, Family, Frontend, HealthCheck, Protocol, Scheduling,
     build::{
         CandidateSet, ModelIssue, ModelOptions, ServicePart, Severity, SlicePart, claimed_issue,
         health_claimed_issue, local_ready, service_object, service_part, slice_part,
@@ -270,7 +270,8 @@ impl Model {
                 HealthCheck {
                     namespace: owner.0.clone(),
                     name: owner.1.clone(),
-                    local_ready: local_ready(sets.values()),
+                    local_ready: local_ready(sets.values(), Family::V4),
+                    local_ready6: local_ready(sets.values(), Family::V6),
                 }
             });
         match wanted {
@@ -445,7 +446,16 @@ mod tests {
     }
 
     fn random_service(rng: &mut Lcg, i: u64) -> Service {
-        let ip = format!("10.96.0.{}", rng.next(4));
+        // IPv4 only, IPv6 only or dual stack (either family first), from small pools so
+        // ClusterIPs clash within a family.
+        let v4 = format!("10.96.0.{}", rng.next(4));
+        let v6 = format!("'fd00:96::{}'", rng.next(4));
+        let cluster_ips = match rng.next(4) {
+            0 => format!("clusterIP: {v4}"),
+            1 => format!("clusterIP: {v6}"),
+            2 => format!("clusterIP: {v4}\n  clusterIPs: [{v4}, {v6}]"),
+            _ => format!("clusterIP: {v6}\n  clusterIPs: [{v6}, {v4}]"),
+        };
         let mut ports = Vec::new();
         for p in 0..1 + rng.next(3) {
             let proto = ["TCP", "TCP", "UDP", "SCTP"][rng.next(4) as usize];
@@ -473,7 +483,11 @@ mod tests {
         .to_string();
         // External addresses from a small pool, so they clash with ClusterIPs and each other.
         if rng.next(3) == 0 {
-            extra += &format!("\n  externalIPs: [10.96.0.{}]", rng.next(6));
+            extra += &format!(
+                "\n  externalIPs: [10.96.0.{}, 'fd00:96::{}']",
+                rng.next(6),
+                rng.next(6)
+            );
         }
         for field in ["externalTrafficPolicy", "internalTrafficPolicy"] {
             if rng.next(4) != 0 {
@@ -486,20 +500,24 @@ mod tests {
         if rng.next(3) != 0 {
             extra += &format!("\n  healthCheckNodePort: {}", 32000 + rng.next(2));
         }
-        if rng.next(3) == 0 {
-            extra += "\n  loadBalancerSourceRanges: [' 10.0.0.0/8', bad, 192.168.0.0/24]";
+        match rng.next(4) {
+            0 => extra += "\n  loadBalancerSourceRanges: [' 10.0.0.0/8', bad, 192.168.0.0/24]",
+            1 => extra += "\n  loadBalancerSourceRanges: ['fd00::/8', ' 10.0.0.0/8 ']",
+            2 => extra += "\n  loadBalancerSourceRanges: ['2001:db8::/32']",
+            _ => {}
         }
         let status = match rng.next(3) {
             0 => format!(
-                "\nstatus: {{loadBalancer: {{ingress: [{{ip: 10.96.0.{}}}, {{ip: 203.0.113.{}, ipMode: {}}}]}}}}",
+                "\nstatus: {{loadBalancer: {{ingress: [{{ip: 10.96.0.{}}}, {{ip: 203.0.113.{}, ipMode: {}}}, {{ip: 'fd00:96::{}'}}]}}}}",
                 rng.next(6),
                 rng.next(2),
-                ["VIP", "Proxy"][rng.next(2) as usize]
+                ["VIP", "Proxy"][rng.next(2) as usize],
+                rng.next(6)
             ),
             _ => String::new(),
         };
         let yaml = format!(
-            "metadata: {{name: s{i}, namespace: ns{}, {annotations}}}\nspec:\n  clusterIP: {ip}\n  ports: [{}]{extra}{status}",
+            "metadata: {{name: s{i}, namespace: ns{}, {annotations}}}\nspec:\n  {cluster_ips}\n  ports: [{}]{extra}{status}",
             rng.next(2),
             ports.join(", ")
         );
@@ -507,6 +525,7 @@ mod tests {
     }
 
     fn random_slice(rng: &mut Lcg, i: u64) -> EndpointSlice {
+        let v6 = rng.next(2) == 0;
         let mut endpoints = Vec::new();
         for _ in 0..rng.next(5) {
             let cond = match rng.next(4) {
@@ -514,10 +533,13 @@ mod tests {
                 1 => "{ready: false}",
                 _ => "{}",
             };
-            let addr = if rng.next(20) == 0 {
-                "10.244.0.999".to_string()
-            } else {
-                format!("10.244.0.{}", rng.next(6))
+            // Now and then an address the slice's addressType does not allow.
+            let addr = match (rng.next(20), v6) {
+                (0, _) => "10.244.0.999".to_string(),
+                (1, true) => "10.244.0.1".to_string(),
+                (1, false) => "fd00:244::1".to_string(),
+                (_, true) => format!("fd00:244::{}", rng.next(6)),
+                (_, false) => format!("10.244.0.{}", rng.next(6)),
             };
             let node = ["", ", nodeName: node-a", ", nodeName: node-b"][rng.next(3) as usize];
             endpoints.push(format!(
@@ -538,8 +560,9 @@ mod tests {
             format!("kubernetes.io/service-name: s{}", rng.next(6))
         };
         let yaml = format!(
-            "metadata: {{name: e{i}, namespace: ns{}, labels: {{{label}}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{}]",
+            "metadata: {{name: e{i}, namespace: ns{}, labels: {{{label}}}}}\naddressType: {}\nendpoints: [{}]\nports: [{}]",
             rng.next(2),
+            if v6 { "IPv6" } else { "IPv4" },
             endpoints.join(", "),
             ports.join(", ")
         );
@@ -561,8 +584,14 @@ mod tests {
         let mut rng = Lcg(11);
         let options = ModelOptions {
             node_name: Some("node-a".into()),
-            // The first is also an external IP in the pool, so NodePorts clash with them.
-            node_addresses: vec!["10.96.0.5".parse().unwrap(), "192.168.0.1".parse().unwrap()],
+            // The first of each family is also an external IP in the pool, so NodePorts
+            // clash with them.
+            node_addresses: vec![
+                "10.96.0.5".parse().unwrap(),
+                "192.168.0.1".parse().unwrap(),
+                "fd00:96::5".parse().unwrap(),
+                "fd00:251::1".parse().unwrap(),
+            ],
             ..Default::default()
         };
         let mut model = Model::new(options.clone(), true);
@@ -573,7 +602,10 @@ mod tests {
         let (mut most_services, mut conflicts, mut with_endpoints) = (0, 0, 0);
         let (mut external, mut drop_empty, mut ranges) = (0, 0, 0);
         let (mut health, mut health_ready) = (0, 0);
-        for round in 0..600 {
+        // Per family: frontends, ones with endpoints, with source ranges; dual-stack ports.
+        let (mut v6_frontends, mut v6_with_endpoints, mut v6_ranges) = (0, 0, 0);
+        let mut health_ready6 = 0;
+        for round in 0..4000 {
             let i = rng.next(6);
             match rng.next(4) {
                 0 => {
@@ -626,6 +658,16 @@ mod tests {
                 .filter(|s| !s.endpoints.is_empty())
                 .count();
             for s in want.services.values() {
+                let six = s.frontend.family() == crate::model::Family::V6;
+                assert!(
+                    s.endpoints
+                        .iter()
+                        .all(|e| crate::model::Family::of(&e.addr) == s.frontend.family()),
+                    "round {round}: {s:?}"
+                );
+                v6_frontends += usize::from(six);
+                v6_with_endpoints += usize::from(six && !s.endpoints.is_empty());
+                v6_ranges += usize::from(six && !s.source_ranges.is_empty());
                 external += usize::from(s.frontend.scope == crate::model::Scope::External);
                 drop_empty += usize::from(s.flags & proxy_common::service::SVC_F_DROP_EMPTY != 0);
                 ranges += usize::from(!s.source_ranges.is_empty());
@@ -635,6 +677,11 @@ mod tests {
                 .health_checks
                 .values()
                 .filter(|h| h.local_ready > 0)
+                .count();
+            health_ready6 += want
+                .health_checks
+                .values()
+                .filter(|h| h.local_ready6 > 0)
                 .count();
             let changed = model.take_changed();
             let frontends: BTreeSet<Frontend> = before
@@ -668,6 +715,10 @@ mod tests {
         assert!(
             external > 100 && drop_empty > 10 && health > 100 && health_ready > 0 && ranges > 10,
             "{external} {drop_empty} {health} {health_ready} {ranges}"
+        );
+        assert!(
+            v6_frontends > 100 && v6_with_endpoints > 20 && v6_ranges > 5 && health_ready6 > 0,
+            "{v6_frontends} {v6_with_endpoints} {v6_ranges} {health_ready6}"
         );
     }
 
