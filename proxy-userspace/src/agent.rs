@@ -39,11 +39,11 @@ use crate::{
     kube_source::{KubeOptions, KubeSource},
     manifest::ManifestDir,
     metrics::{self, DatapathCollector, Metrics, SyncMetrics},
-    model::{DesiredState, Frontend, Model, ModelOptions, Protocol, Scheduler, Severity},
+    model::{DesiredState, Family, Frontend, Model, ModelOptions, Protocol, Scheduler, Severity},
     node,
     planner::{
-        Capacity, MapState, Plan, keep_reply_bits, node_config, plan, plan_changes,
-        plan_node_config,
+        Capacity, MapState, Plan, keep_reply_bits, node_config, node_config6, plan, plan_changes,
+        plan_node_config, plan_node_config6,
     },
 };
 
@@ -87,10 +87,12 @@ pub struct NodeConfig {
     pub name: Option<String>,
     /// `--node-interfaces`: names or globs; empty: no external view.
     pub interfaces: Vec<String>,
-    /// `--nodeport-addresses`; empty: the node interfaces' addresses.
+    /// `--nodeport-addresses` (either family); a family without a range here: the node
+    /// interfaces' addresses of that family.
     pub nodeport_addresses: Vec<crate::model::IpRange>,
-    /// `--snat-address`; `None`: the first address of a node interface.
-    pub snat_address: Option<std::net::Ipv4Addr>,
+    /// `--snat-address`, one per family; a family without: the first address of that
+    /// family on a node interface.
+    pub snat_address: node::SnatAddresses,
     pub snat_ports: std::ops::RangeInclusive<u16>,
     /// Set `NODE_F_FIB_FORWARD` in `node_cfg4`.
     pub xdp_fib_forward: bool,
@@ -102,19 +104,20 @@ impl Default for NodeConfig {
             name: None,
             interfaces: Vec::new(),
             nodeport_addresses: Vec::new(),
-            snat_address: None,
+            snat_address: node::SnatAddresses::default(),
             snat_ports: node::DEFAULT_SNAT_PORTS,
             xdp_fib_forward: true,
         }
     }
 }
 
-/// The node's addresses as last read: what the model and `node_cfg4` were given.
+/// The node's addresses as last read: what the model, `node_cfg4` and `node_cfg6` were
+/// given.
 struct NodeAddresses {
     config: NodeConfig,
     patterns: Option<InterfacePatterns>,
-    nodeport: Vec<std::net::Ipv4Addr>,
-    snat: Option<std::net::Ipv4Addr>,
+    nodeport: Vec<std::net::IpAddr>,
+    snat: node::SnatAddresses,
 }
 
 impl NodeAddresses {
@@ -127,7 +130,7 @@ impl NodeAddresses {
             config: config.clone(),
             patterns,
             nodeport: Vec::new(),
-            snat: None,
+            snat: node::SnatAddresses::default(),
         };
         addresses.refresh()?;
         Ok(addresses)
@@ -142,25 +145,31 @@ impl NodeAddresses {
             self.patterns.as_ref(),
             &self.config.nodeport_addresses,
         );
-        let snat = node::snat_address(self.config.snat_address, &addrs, self.patterns.as_ref())
+        let snat = node::snat_addresses(self.config.snat_address, &addrs, self.patterns.as_ref())
             .map_err(anyhow::Error::msg)?;
-        if !self.config.nodeport_addresses.is_empty() && nodeport.is_empty() {
+        for family in [Family::V4, Family::V6] {
             let cidrs: Vec<String> = self
                 .config
                 .nodeport_addresses
                 .iter()
+                .filter(|c| c.family() == family)
                 .map(ToString::to_string)
                 .collect();
-            tracing::warn!(
-                "--nodeport-addresses {}: no address of this node is in these ranges (yet); NodePorts are served nowhere",
-                cidrs.join(",")
-            );
+            if !cidrs.is_empty() && !nodeport.iter().any(|a| Family::of(a) == family) {
+                tracing::warn!(
+                    "--nodeport-addresses {}: no {} address of this node is in these ranges (yet); {} NodePorts are served nowhere",
+                    cidrs.join(","),
+                    family.name(),
+                    family.name()
+                );
+            }
         }
         let changed = nodeport != self.nodeport || snat != self.snat;
         if changed {
             tracing::info!(
                 nodeport = ?nodeport.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                snat = ?snat.map(|a| a.to_string()),
+                snat4 = ?snat.v4.map(|a| a.to_string()),
+                snat6 = ?snat.v6.map(|a| a.to_string()),
                 "node addresses"
             );
         }
@@ -177,28 +186,43 @@ impl NodeAddresses {
         }
     }
 
-    fn node_cfg(&self) -> proxy_common::service::NodeConfig4 {
-        node_config(
-            self.snat,
-            self.config.snat_ports.clone(),
-            self.config.xdp_fib_forward,
+    /// The `node_cfg4` and `node_cfg6` values: each family's SNAT address, the same port
+    /// range and flags.
+    fn node_cfg(&self) -> NodeCfgs {
+        (
+            node_config(
+                self.snat.v4,
+                self.config.snat_ports.clone(),
+                self.config.xdp_fib_forward,
+            ),
+            node_config6(
+                self.snat.v6,
+                self.config.snat_ports.clone(),
+                self.config.xdp_fib_forward,
+            ),
         )
     }
 }
 
-/// Writes `node_cfg4` if it differs from `cfg`.
-fn write_node_config(
-    maps: &mut KernelMaps,
-    state: &mut MapState,
-    cfg: proxy_common::service::NodeConfig4,
-) {
-    if let Some(op) = plan_node_config(&cfg, state) {
+/// The values of `node_cfg4` and `node_cfg6`.
+type NodeCfgs = (
+    proxy_common::service::NodeConfig4,
+    proxy_common::service::NodeConfig6,
+);
+
+/// Writes `node_cfg4` and `node_cfg6` where they differ from `cfg`.
+fn write_node_config(maps: &mut KernelMaps, state: &mut MapState, cfg: NodeCfgs) {
+    let prologue: Vec<_> = plan_node_config(&cfg.0, state)
+        .into_iter()
+        .chain(plan_node_config6(&cfg.1, state))
+        .collect();
+    if !prologue.is_empty() {
         let plan = Plan {
-            prologue: vec![op],
+            prologue,
             ..Plan::default()
         };
         for e in maps.apply(&plan, state).failed {
-            tracing::error!("writing node_cfg4: {e}");
+            tracing::error!("writing node_cfg4/node_cfg6: {e}");
         }
     }
 }
@@ -782,14 +806,16 @@ fn sync_xdp(
     Ok(())
 }
 
-/// Sends a trigger on every rtnetlink link or IPv4 address message (RTMGRP_LINK,
-/// RTMGRP_IPV4_IFADDR: NodePorts follow the node's addresses).
+/// Sends a trigger on every rtnetlink link, IPv4 or IPv6 address message (RTMGRP_LINK,
+/// RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR: NodePorts follow the node's addresses).
 fn spawn_link_monitor(tx: mpsc::UnboundedSender<Trigger>) -> anyhow::Result<()> {
     let (mut connection, _handle, mut messages) =
         rtnetlink::new_connection().context("opening rtnetlink")?;
     let addr = rtnetlink::sys::SocketAddr::new(
         0,
-        rtnetlink::constants::RTMGRP_LINK | rtnetlink::constants::RTMGRP_IPV4_IFADDR,
+        rtnetlink::constants::RTMGRP_LINK
+            | rtnetlink::constants::RTMGRP_IPV4_IFADDR
+            | rtnetlink::constants::RTMGRP_IPV6_IFADDR,
     );
     connection
         .socket_mut()

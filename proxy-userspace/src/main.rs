@@ -57,16 +57,20 @@ enum Command {
         /// ClusterIP connections made here). None: no external view.
         #[arg(long, value_delimiter = ',')]
         node_interfaces: Vec<String>,
-        /// IPv4 CIDRs of the node addresses NodePorts are served on, comma separated
-        /// (kube-proxy's flag). Default: every IPv4 address of the --node-interfaces.
-        /// Addresses are read again when they change.
+        /// CIDRs (IPv4 or IPv6) of the node addresses NodePorts are served on, comma
+        /// separated (kube-proxy's flag, split by family as kube-proxy does: a family
+        /// without a CIDR here keeps its default). Default: every IPv4 address and every
+        /// global IPv6 address (never link-local) of the --node-interfaces. Addresses are
+        /// read again when they change.
         #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
         nodeport_addresses: Vec<bpfproxy::model::IpRange>,
         /// Source address of connections SNAT-ed to a backend on another node
-        /// (externalTrafficPolicy Cluster); must be an address of this node. Default: the
-        /// first IPv4 address of the --node-interfaces.
-        #[arg(long)]
-        snat_address: Option<std::net::Ipv4Addr>,
+        /// (externalTrafficPolicy Cluster), at most one per family: `192.168.1.10`,
+        /// `fd00::10`, or both (`192.168.1.10,fd00::10`, or the flag twice); each must be
+        /// an address of this node. Default for a family not given: the first address of
+        /// that family (IPv6: global scope) on the --node-interfaces.
+        #[arg(long, value_delimiter = ',', value_parser = parse_address)]
+        snat_address: Vec<std::net::IpAddr>,
         /// Source ports of SNAT-ed connections, MIN-MAX. The default is above the kernel's
         /// ephemeral range (32768-60999), so no process on the node holds them.
         #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
@@ -249,7 +253,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     name: node_name,
                     interfaces: node_interfaces,
                     nodeport_addresses,
-                    snat_address,
+                    snat_address: bpfproxy::node::parse_snat_addresses(&snat_address)
+                        .map_err(anyhow::Error::msg)?,
                     snat_ports,
                     xdp_fib_forward,
                 },
@@ -387,6 +392,10 @@ fn parse_scheduler(name: &str) -> Result<Scheduler, String> {
 
 fn parse_cidr(s: &str) -> Result<bpfproxy::model::IpRange, String> {
     bpfproxy::node::parse_cidr(s)
+}
+
+fn parse_address(s: &str) -> Result<std::net::IpAddr, String> {
+    bpfproxy::node::parse_address(s)
 }
 
 fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
