@@ -13,7 +13,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt, fs, io,
-    net::Ipv6Addr,
+    net::{IpAddr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -23,7 +23,7 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, de::DeserializeOwned};
 
-use crate::model::build::{MAX_AFFINITY_TIMEOUT_S, parse_ipv4, parse_protocol};
+use crate::model::build::{MAX_AFFINITY_TIMEOUT_S, parse_ip, parse_ipv4, parse_protocol};
 
 /// File name extensions read from a manifest directory.
 pub const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
@@ -569,12 +569,70 @@ pub fn validate_service(svc: &Service) -> Vec<String> {
             check_ip(&mut p, &field, ip);
         }
     }
-    for (i, family) in spec.ip_families.iter().flatten().enumerate() {
-        if family != "IPv4" && family != "IPv6" {
+    // Dual stack, as the API server checks it: at most one ClusterIP per family (two in
+    // all), `ipFamilies` naming each one's family in the same order, a known policy.
+    let cluster_ips: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let ip_families: Vec<&str> = spec
+        .ip_families
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let family_of = |ip: &str| match parse_ip(ip) {
+        Some(IpAddr::V4(_)) => Some("IPv4"),
+        Some(IpAddr::V6(_)) => Some("IPv6"),
+        None => None,
+    };
+    if cluster_ips.len() > 2 {
+        p.push(format!(
+            "spec.clusterIPs: {} addresses; at most two (one per family)",
+            cluster_ips.len()
+        ));
+    } else if let [a, b] = cluster_ips[..]
+        && let (Some(fa), Some(fb)) = (family_of(a), family_of(b))
+        && fa == fb
+    {
+        p.push(format!(
+            "spec.clusterIPs[1]: {b:?} is {fb} like {a:?}; a dual-stack Service has one address per family"
+        ));
+    }
+    if ip_families.len() > 2 {
+        p.push(format!(
+            "spec.ipFamilies: {} families; at most two",
+            ip_families.len()
+        ));
+    }
+    for (i, family) in ip_families.iter().enumerate() {
+        if *family != "IPv4" && *family != "IPv6" {
             p.push(format!(
                 "spec.ipFamilies[{i}]: {family:?} is not IPv4 or IPv6"
             ));
+        } else if ip_families[..i].contains(family) {
+            p.push(format!("spec.ipFamilies[{i}]: {family} is listed twice"));
+        } else if let Some(ip) = cluster_ips.get(i)
+            && let Some(actual) = family_of(ip)
+            && actual != *family
+        {
+            p.push(format!(
+                "spec.ipFamilies[{i}]: {family} but spec.clusterIPs[{i}] {ip:?} is {actual}"
+            ));
         }
+    }
+    match spec.ip_family_policy.as_deref() {
+        None | Some("PreferDualStack") | Some("RequireDualStack") => {}
+        Some("SingleStack") => {
+            if cluster_ips.len() > 1 {
+                p.push("spec.clusterIPs: two addresses but ipFamilyPolicy is SingleStack".into());
+            }
+        }
+        Some(other) => p.push(format!(
+            "spec.ipFamilyPolicy: {other:?} is not SingleStack, PreferDualStack or RequireDualStack"
+        )),
     }
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         check_ip(&mut p, &format!("spec.externalIPs[{i}]"), ip);
@@ -1049,6 +1107,30 @@ spec:
                 "  clusterIP: 10.96.0.1\n  clusterIPs: [10.96.0.2]\n",
                 r#"spec.clusterIPs[0]: "10.96.0.2" must equal spec.clusterIP "10.96.0.1""#,
             ),
+            (
+                "  clusterIP: 10.96.0.1\n  clusterIPs: [10.96.0.1, 10.96.0.2]\n",
+                r#"spec.clusterIPs[1]: "10.96.0.2" is IPv4 like "10.96.0.1"; a dual-stack Service has one address per family"#,
+            ),
+            (
+                "  clusterIPs: [10.96.0.1, 'fd00::1', 'fd00::2']\n",
+                "spec.clusterIPs: 3 addresses; at most two (one per family)",
+            ),
+            (
+                "  clusterIPs: [10.96.0.1, 'fd00::1']\n  ipFamilies: [IPv6, IPv4]\n",
+                r#"spec.ipFamilies[0]: IPv6 but spec.clusterIPs[0] "10.96.0.1" is IPv4"#,
+            ),
+            (
+                "  ipFamilies: [IPv4, IPv4]\n",
+                "spec.ipFamilies[1]: IPv4 is listed twice",
+            ),
+            (
+                "  clusterIPs: [10.96.0.1, 'fd00::1']\n  ipFamilyPolicy: SingleStack\n",
+                "spec.clusterIPs: two addresses but ipFamilyPolicy is SingleStack",
+            ),
+            (
+                "  ipFamilyPolicy: DualStack\n",
+                r#"spec.ipFamilyPolicy: "DualStack" is not SingleStack, PreferDualStack or RequireDualStack"#,
+            ),
             ("  type: Bogus\n", r#"spec.type: "Bogus" is not ClusterIP"#),
         ];
         for (spec, expected) in cases {
@@ -1062,6 +1144,8 @@ spec:
         for spec in [
             "  clusterIP: None\n",
             "  clusterIP: fd00::10\n  ports: [{port: 53, protocol: UDP}]\n",
+            "  clusterIP: 10.96.0.1\n  clusterIPs: [10.96.0.1, 'fd00::1']\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  ports: [{port: 80}]\n",
+            "  clusterIP: 'fd00::1'\n  clusterIPs: ['fd00::1', 10.96.0.1]\n  ipFamilies: [IPv6, IPv4]\n  ipFamilyPolicy: PreferDualStack\n  externalIPs: ['2001:db8::1', 192.0.2.1]\n",
             "  clusterIP: 010.096.000.010\n  ports: [{name: http, port: 80, targetPort: http}]\n",
         ] {
             parse("s.yaml", &service_with(spec)).unwrap_or_else(|e| panic!("{spec}: {e}"));
