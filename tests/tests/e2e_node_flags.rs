@@ -1,7 +1,8 @@
 //! The agent's node flags on one node: `--node-name` with `--manifests`,
 //! `--node-interfaces` (xdp_nodeport attached natively and pinned under `links/xdp`, kept
 //! and taken over across a restart, removed by `bpfproxy cleanup`), the NodePort frontends
-//! on the node interface's addresses, `node_cfg4`, and start-up errors naming the thing.
+//! on the node interface's addresses (IPv4 and global IPv6, never link-local), `node_cfg4`
+//! and `node_cfg6`, and start-up errors naming the thing.
 //! Traffic through the external view is the two-node tests' (e2e_two_node_*).
 
 use std::{net::Ipv4Addr, process::Command};
@@ -190,6 +191,20 @@ fn bad_node_flags_are_refused_naming_the_value() {
             (vec!["--snat-ports", "65000-61000"], "65000 is above 61000"),
             (vec!["--snat-ports", "80-90"], "below 1024"),
             (vec!["--nodeport-addresses", "10.0.0.0/40"], "10.0.0.0/40"),
+            (vec!["--nodeport-addresses", "fd00::/129"], "fd00::/129"),
+            (
+                vec!["--snat-address", "10.0.0.1,10.0.0.2"],
+                "two IPv4 addresses (10.0.0.1, 10.0.0.2)",
+            ),
+            (
+                vec![
+                    "--node-interfaces",
+                    uplink.as_str(),
+                    "--snat-address",
+                    "fd00:99::9",
+                ],
+                "--snat-address fd00:99::9: node address not found",
+            ),
         ] {
             // Bounded: an agent that wrongly starts is killed after 20 s.
             let out = Command::new("timeout")
@@ -211,6 +226,110 @@ fn bad_node_flags_are_refused_naming_the_value() {
             .args(["cleanup", "--bpffs"])
             .arg(&bpffs)
             .output();
+        Ok(())
+    };
+    if let Err(e) = run() {
+        panic!("{e:?}");
+    }
+}
+
+/// `bpftool map dump` text without its whitespace, to find a field however it is laid out.
+fn compact(dump: &str) -> String {
+    dump.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+#[test]
+fn ipv6_node_addresses_carry_node_ports_and_the_ipv6_snat_address() {
+    testbed::require_root().unwrap();
+    let run = || -> Result<()> {
+        let mut cluster = Cluster::new(1, 1)?;
+        let uplink = cluster.client().node_if.clone();
+        let node = &cluster.topo.node;
+        node.ip(&["addr", "add", &format!("{NODE_ADDR}/24"), "dev", &uplink])?;
+        node.ip(&["addr", "add", "fd00:77::1/64", "dev", &uplink, "nodad"])?;
+        // The kernel gives the uplink a link-local address too: never a node address.
+        let mut link_local = String::new();
+        for _ in 0..50 {
+            let out = Command::new("ip")
+                .args(["-n", node.name(), "-6", "addr", "show", "dev", &uplink])
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if let Some(a) = text
+                .split_whitespace()
+                .find(|w| w.starts_with("fe80:"))
+            {
+                link_local = a.split('/').next().unwrap_or("").to_string();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let b1 = cluster.backend("b1").ip;
+        let svc = Service::cluster_ip("default", "web", Ipv4Addr::new(10, 96, 0, 41))
+            .dual_stack("fd00:96::41".parse::<std::net::Ipv6Addr>()?, "RequireDualStack")
+            .node_port("http", "TCP", 80, 80, 30081)
+            .kind("NodePort");
+        let slice4 = EndpointSlice::for_service("default", "web", "v4")
+            .port("http", "TCP", 80)
+            .ready_on("b1", b1, "node-a");
+        let slice6 = EndpointSlice::for_service("default", "web", "v6")
+            .address_type("IPv6")
+            .port("http", "TCP", 80)
+            .ready_on("b1", "fd00:244::b1".parse::<std::net::Ipv6Addr>()?, "node-a");
+        cluster.manifests.write(
+            "web.yaml",
+            &documents(&[svc.to_yaml(), slice4.to_yaml(), slice6.to_yaml()]),
+        )?;
+        let pods = cluster.topo.node_interfaces_glob();
+        cluster.start_agent_with(
+            &pods,
+            &["--node-name", "node-a", "--node-interfaces", &uplink],
+        )?;
+        let agent = cluster.agent();
+
+        let rows: serde_json::Value =
+            serde_json::from_str(&agent.cli(&["services", "-o", "json"])?)?;
+        let node_ports: Vec<(String, String, Vec<String>)> = rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["kind"] == "NodePort")
+            .map(|r| {
+                (
+                    r["ip"].as_str().unwrap_or("").to_string(),
+                    r["scope"].as_str().unwrap_or("").to_string(),
+                    r["backends"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|b| b["ip"].as_str().unwrap_or("").to_string())
+                        .collect(),
+                )
+            })
+            .collect();
+        // Each family's NodePort on that family's address, with that family's endpoint.
+        for scope in ["cluster", "external"] {
+            for (ip, backend) in [(NODE_ADDR, b1.to_string()), ("fd00:77::1", "fd00:244::b1".into())] {
+                ensure!(
+                    node_ports.contains(&(ip.to_string(), scope.to_string(), vec![backend.clone()])),
+                    "no {scope} NodePort on {ip} to {backend}: {node_ports:?}"
+                );
+            }
+        }
+        ensure!(node_ports.len() == 4, "{node_ports:?}");
+        ensure!(!link_local.is_empty(), "no link-local address on {uplink}");
+        ensure!(
+            !node_ports.iter().any(|(ip, ..)| ip.starts_with("fe80")),
+            "a NodePort on the link-local {link_local}: {node_ports:?}"
+        );
+
+        // node_cfg6: SNAT from the uplink's global IPv6 address; node_cfg4 keeps its own.
+        let cfg6 = compact(&agent.bpftool_dump("node_cfg6")?);
+        ensure!(
+            cfg6.contains("\"snat_addr\":[253,0,0,119,0,0,0,0,0,0,0,0,0,0,0,1]"),
+            "{cfg6}"
+        );
+        let cfg4 = compact(&agent.bpftool_dump("node_cfg4")?);
+        ensure!(cfg4.contains("\"snat_addr\":[192,168,77,1]"), "{cfg4}");
         Ok(())
     };
     if let Err(e) = run() {

@@ -6,7 +6,7 @@
 //! The path is the agent's own: the test API server (real list/watch protocol over HTTP),
 //! reached by the real kube client through a kubeconfig file; `KubeSource` (watchers and
 //! reflector stores with kube-proxy's label selector); `desired_state_with` (node `golden-node`,
-//! node address 192.168.100.1); the planner; and
+//! node addresses 192.168.100.1 and fd00:100::1); the planner; and
 //! `KernelMaps::apply` into freshly loaded (unpinned) maps, read back with
 //! `inspect::services`. Needs root (BPF maps) and the kernel object.
 //!
@@ -221,11 +221,14 @@ fn run_file(path: &Path) -> Result<(Vec<String>, String)> {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 let (services, slices) = source.objects();
-                // This node's name and one node address, so local endpoints and NodePorts
-                // show too.
+                // This node's name and one node address per family, so local endpoints
+                // and NodePorts show too.
                 let options = ModelOptions {
                     node_name: Some("golden-node".into()),
-                    node_addresses: vec![std::net::Ipv4Addr::new(192, 168, 100, 1)],
+                    node_addresses: vec![
+                        std::net::Ipv4Addr::new(192, 168, 100, 1).into(),
+                        "fd00:100::1".parse().unwrap(),
+                    ],
                     ..Default::default()
                 };
                 let (desired, _issues) = desired_state_with(&services, &slices, &options);
