@@ -489,8 +489,12 @@ impl Scheduling {
 pub struct HealthCheck {
     pub namespace: String,
     pub name: String,
-    /// Ready endpoints of the Service on this node (over its ports, each address once).
+    /// Ready IPv4 endpoints of the Service on this node (over its ports, each address
+    /// once), answered to IPv4 probes.
     pub local_ready: usize,
+    /// Ready IPv6 endpoints of the Service on this node, answered to IPv6 probes (kube-proxy
+    /// runs one proxier, so one health server, per family).
+    pub local_ready6: usize,
 }
 
 /// Everything the cluster wants served, keyed by frontend.
