@@ -830,6 +830,91 @@ mod tests {
         assert_eq!(model.desired().health_checks[&32000].local_ready, 1);
     }
 
+    /// A dual-stack LoadBalancer's IPv6 side follows its IPv6 slice only (frontends,
+    /// health-check count), and a new IPv6 node address moves its IPv6 NodePorts while the
+    /// IPv4 ones stay.
+    #[test]
+    fn the_ipv6_side_of_a_dual_stack_service_follows_its_own_slices_and_addresses() {
+        let options = ModelOptions {
+            node_name: Some("node-a".into()),
+            node_addresses: vec![
+                "192.168.0.1".parse().unwrap(),
+                "fd00:251::1".parse().unwrap(),
+            ],
+            ..Default::default()
+        };
+        let mut model = Model::new(options.clone(), false);
+        let svc: Service = serde_yaml_ng::from_str(
+            "metadata: {name: lb, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.9\n  clusterIPs: [10.96.0.9, 'fd00:96::9']\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports: [{port: 80, nodePort: 30080}]",
+        )
+        .unwrap();
+        let slice = |family: &str, addrs: &[&str]| -> EndpointSlice {
+            let eps: Vec<String> = addrs
+                .iter()
+                .map(|a| format!("{{addresses: ['{a}'], nodeName: node-a}}"))
+                .collect();
+            serde_yaml_ng::from_str(&format!(
+                "metadata: {{name: lb-{family}, namespace: default, labels: {{kubernetes.io/service-name: lb}}}}\naddressType: {family}\nendpoints: [{}]\nports: [{{port: 8080}}]",
+                eps.join(", ")
+            ))
+            .unwrap()
+        };
+        model.set_service(&svc);
+        model.set_slice(&slice("IPv4", &["10.244.0.1"]));
+        model.take_changed();
+        let hc = |m: &Model| {
+            let h = &m.desired().health_checks[&32000];
+            (h.local_ready, h.local_ready6)
+        };
+        assert_eq!(hc(&model), (1, 0));
+
+        // An IPv6 slice changes the IPv6 frontends only.
+        model.set_slice(&slice("IPv6", &["fd00:244::1", "fd00:244::2"]));
+        assert_eq!(hc(&model), (1, 2));
+        let changed = model.take_changed();
+        assert!(!changed.is_empty());
+        assert!(
+            changed
+                .iter()
+                .all(|f| f.family() == crate::model::Family::V6),
+            "{changed:?}"
+        );
+        let v6 = &model.desired().services[&Frontend::cluster(
+            "fd00:96::9".parse::<std::net::Ipv6Addr>().unwrap(),
+            80,
+            Protocol::Tcp,
+        )];
+        assert_eq!(v6.endpoints.len(), 2);
+
+        // The node's IPv6 address changes: only the IPv6 NodePorts move.
+        let moved = ModelOptions {
+            node_addresses: vec![
+                "192.168.0.1".parse().unwrap(),
+                "fd00:251::2".parse().unwrap(),
+            ],
+            ..options
+        };
+        assert!(model.set_options(moved.clone()));
+        let svcs = [svc];
+        let slices = [
+            slice("IPv4", &["10.244.0.1"]),
+            slice("IPv6", &["fd00:244::1", "fd00:244::2"]),
+        ];
+        model.replace_all(&svcs, &slices);
+        let (want, _) = super::super::desired_state_with(&svcs, &slices, &moved);
+        assert_eq!(model.desired(), &want);
+        let node_ports: Vec<String> = want
+            .services
+            .keys()
+            .filter(|f| f.port == 30080)
+            .map(|f| f.addr.to_string())
+            .collect();
+        assert_eq!(
+            node_ports,
+            ["192.168.0.1", "192.168.0.1", "fd00:251::2", "fd00:251::2"]
+        );
+    }
+
     fn slice_with(i: u32, endpoints: u32) -> EndpointSlice {
         let eps: Vec<String> = (0..endpoints)
             .map(|e| format!("{{addresses: [10.244.{i}.{e}]}}"))
