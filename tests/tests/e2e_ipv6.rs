@@ -1,0 +1,427 @@
+//! IPv6 and dual stack end to end on the two-node testbed (issue 4): an IPv6 ClusterIP
+//! reached from a pod with backends on both nodes; a dual-stack Service answered on each
+//! of its ClusterIPs by a backend of that family; IPv6 NodePorts from the external client
+//! with externalTrafficPolicy Cluster (source-NAT-ed to node A's IPv6 address) and Local
+//! (the client's address kept, dropped and counted on the node without an endpoint); an
+//! IPv6 Service without endpoints refused at once; an IPv6 LoadBalancer ingress IP. The
+//! IPv6 plan of the testbed is in `testbed::two_node`. Needs root (CI runs as root).
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+use testbed::{
+    ServiceInfo, UdpOutcome,
+    client::{Asked, ask_tcp, ask_udp, udp_exchange},
+    netns::NetNs,
+    two_node::{
+        CLIENT_IP6, NODE_A_IP6, NODE_B_IP6, SERVICE_NAMESPACE, SERVICE_PORT, TwoNode, Which,
+        peer_service, peer_service6,
+    },
+};
+
+/// How long a check that expects silence (a dropped SYN) waits: bounded, and long enough
+/// for an answer on this testbed, where one takes well under a millisecond.
+const SILENCE: Duration = Duration::from_millis(1500);
+const WAIT: Duration = Duration::from_secs(2);
+/// Bound on the questions asked while waiting to see every backend of a service.
+const MAX_ASKS: usize = 60;
+/// The agent's default SNAT port range (`--snat-ports`).
+const SNAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
+
+/// An address of the testbed's IPv6 ClusterIP range fd00:96::/112.
+const fn cluster_ip6(last: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, last)
+}
+
+fn two_nodes(pods_per_node: usize) -> TwoNode {
+    TwoNode::new(pods_per_node).expect("building the two-node testbed")
+}
+
+fn start_agents(tb: &mut TwoNode) {
+    tb.start_agent(Which::A, &[]).expect("agent on node A");
+    tb.start_agent(Which::B, &[]).expect("agent on node B");
+}
+
+/// The backend's name and the peer it saw, or a panic naming what came back instead.
+fn reply(asked: &Asked, what: &str, tb: &TwoNode) -> (String, SocketAddr) {
+    asked
+        .reply()
+        .unwrap_or_else(|| panic!("{what}: no answer ({asked:?})\n{}", tb.agent_logs()))
+}
+
+/// An address as `bpfproxy services -o json` prints it (bare, or in brackets).
+fn listed_ip(s: &ServiceInfo) -> Option<IpAddr> {
+    s.ip.trim_matches(|c| c == '[' || c == ']').parse().ok()
+}
+
+/// Asks `proto` `addr:port` from `from` (at most [`MAX_ASKS`] times) until every backend
+/// in `want` answered; checks each answer with `check(name, peer, from)` on the way.
+/// Returns the names seen.
+fn ask_until_all(
+    tb: &TwoNode,
+    from: &NetNs,
+    proto: &str,
+    addr: IpAddr,
+    want: &[&str],
+    check: impl Fn(&str, SocketAddr, Option<SocketAddr>),
+) -> BTreeSet<String> {
+    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    let mut seen = BTreeSet::new();
+    for _ in 0..MAX_ASKS {
+        let asked = match proto {
+            "tcp" => ask_tcp(from, addr, SERVICE_PORT, WAIT).unwrap(),
+            _ => ask_udp(from, addr, SERVICE_PORT, WAIT).unwrap(),
+        };
+        let what = format!("{proto} {}", SocketAddr::new(addr, SERVICE_PORT));
+        let (name, peer) = reply(&asked, &what, tb);
+        check(&name, peer, asked.from());
+        seen.insert(name);
+        if seen == want {
+            break;
+        }
+    }
+    assert_eq!(seen, want, "{proto} {addr}: backends that answered");
+    seen
+}
+
+#[test]
+fn ipv6_clusterip_from_a_pod_reaches_backends_on_both_nodes() {
+    let cip = cluster_ip6(0x10);
+    let mut tb = two_nodes(2);
+    tb.write_services(
+        "services.yaml",
+        &[(
+            peer_service6("cip6", "ClusterIP", cip, None),
+            tb.peer_slice6("cip6", &["a2", "b1"]),
+        )],
+    )
+    .unwrap();
+    start_agents(&mut tb);
+    let a1 = tb.pod("a1");
+
+    // The agent lists the IPv6 frontend with the pods' IPv6 addresses as backends.
+    let info =
+        tb.a.agent()
+            .wait_for_services("cip6 on node A", |all| {
+                all.iter().any(|s| s.name == "cip6" && s.protocol == "TCP")
+            })
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == "cip6" && s.protocol == "TCP")
+            .unwrap();
+    assert_eq!(listed_ip(&info), Some(IpAddr::V6(cip)), "{info:?}");
+    let mut want: Vec<String> = [tb.pod("a2").ip6(), tb.pod("b1").ip6()]
+        .iter()
+        .map(|ip| ip.to_string())
+        .collect();
+    want.sort();
+    let got: Vec<String> = info
+        .backend_ips()
+        .iter()
+        .map(|ip| ip.trim_matches(|c| c == '[' || c == ']').to_owned())
+        .collect();
+    assert_eq!(got, want, "{info:?}");
+
+    // TCP and UDP from a1 reach both backends, the one on node A and the one on node B;
+    // each sees a1's own IPv6 address (no source NAT inside the cluster), and every UDP
+    // answer comes from the ClusterIP (the reply from node B is translated back on node
+    // A's uplink).
+    tb.wait_for_answer(&a1.ns, "tcp", cip, SERVICE_PORT, "b1")
+        .unwrap();
+    let a1_ip6 = IpAddr::V6(a1.ip6());
+    for proto in ["tcp", "udp"] {
+        ask_until_all(
+            &tb,
+            &a1.ns,
+            proto,
+            cip.into(),
+            &["a2", "b1"],
+            |name, peer, from| {
+                assert_eq!(peer.ip(), a1_ip6, "{proto}: {name} saw {peer}");
+                assert_eq!(
+                    from,
+                    Some(SocketAddr::new(cip.into(), SERVICE_PORT)),
+                    "{proto}: answer of {name}"
+                );
+            },
+        );
+    }
+    // The kernel path counted them as new forwarded connections.
+    assert!(tb.a.stat("forward_new").unwrap() >= 4);
+}
+
+#[test]
+fn dual_stack_service_answers_each_family_from_a_backend_of_that_family() {
+    const CIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 90);
+    let cip6 = cluster_ip6(0x90);
+    let mut tb = two_nodes(2);
+    // Different pods per family, so the answer tells which family's backends served it.
+    tb.write_services_slices(
+        "services.yaml",
+        &[(
+            peer_service("ds", "ClusterIP", CIP4, None).dual_stack(cip6, "RequireDualStack"),
+            vec![tb.peer_slice("ds", &["a2"]), tb.peer_slice6("ds", &["b1"])],
+        )],
+    )
+    .unwrap();
+    start_agents(&mut tb);
+    let a1 = tb.pod("a1");
+
+    // `bpfproxy services` lists one row per family for each port, each with the backends
+    // of its family.
+    let rows =
+        tb.a.agent()
+            .wait_for_services("ds listed for both families on node A", |all| {
+                all.iter().filter(|s| s.name == "ds").count() == 4
+            })
+            .unwrap();
+    let rows: Vec<&ServiceInfo> = rows.iter().filter(|s| s.name == "ds").collect();
+    for proto in ["TCP", "UDP"] {
+        for (ip, backend) in [
+            (IpAddr::V4(CIP4), tb.pod("a2").ip.to_string()),
+            (IpAddr::V6(cip6), tb.pod("b1").ip6().to_string()),
+        ] {
+            let row = rows
+                .iter()
+                .find(|s| s.protocol == proto && listed_ip(s) == Some(ip))
+                .unwrap_or_else(|| panic!("no {proto} row for {ip}: {rows:?}"));
+            assert_eq!(row.namespace, SERVICE_NAMESPACE);
+            assert_eq!(row.port, SERVICE_PORT);
+            let got: Vec<String> = row
+                .backend_ips()
+                .iter()
+                .map(|ip| ip.trim_matches(|c| c == '[' || c == ']').to_owned())
+                .collect();
+            assert_eq!(got, vec![backend], "{row:?}");
+        }
+    }
+
+    // Over IPv4 the IPv4 backend answers, seeing a1's IPv4 address; over IPv6 the IPv6
+    // backend, seeing a1's IPv6 address; answers come from the ClusterIP asked.
+    for (cip, backend, peer_ip) in [
+        (IpAddr::V4(CIP4), "a2", IpAddr::V4(a1.ip)),
+        (IpAddr::V6(cip6), "b1", IpAddr::V6(a1.ip6())),
+    ] {
+        for proto in ["tcp", "udp"] {
+            let asked = tb
+                .wait_for_answer(&a1.ns, proto, cip, SERVICE_PORT, backend)
+                .unwrap();
+            let (_, peer) = reply(&asked, &format!("{proto} {cip}"), &tb);
+            assert_eq!(peer.ip(), peer_ip, "{proto} {cip}: {backend} saw {peer}");
+            assert_eq!(asked.from(), Some(SocketAddr::new(cip, SERVICE_PORT)));
+            // And only that backend, every time.
+            for _ in 0..5 {
+                let asked = match proto {
+                    "tcp" => ask_tcp(&a1.ns, cip, SERVICE_PORT, WAIT).unwrap(),
+                    _ => ask_udp(&a1.ns, cip, SERVICE_PORT, WAIT).unwrap(),
+                };
+                assert_eq!(
+                    reply(&asked, &format!("{proto} {cip}"), &tb).0,
+                    backend,
+                    "{asked:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn ipv6_nodeport_cluster_policy_source_nats_to_node_a() {
+    const NODE_PORT: u16 = 30090;
+    let mut tb = two_nodes(1);
+    tb.write_services(
+        "services.yaml",
+        &[(
+            peer_service6("np6", "NodePort", cluster_ip6(0x40), Some(NODE_PORT)),
+            tb.peer_slice6("np6", &["b1"]),
+        )],
+    )
+    .unwrap();
+    start_agents(&mut tb);
+
+    // Through node A, whose only endpoint is on node B: b1 sees node A's IPv6 address
+    // with a port of the SNAT range (the reply must come back through A).
+    let asked = tb
+        .wait_for_answer(&tb.client, "tcp", NODE_A_IP6, NODE_PORT, "b1")
+        .unwrap();
+    let (_, peer) = reply(&asked, "tcp via node A", &tb);
+    assert_eq!(peer.ip(), IpAddr::V6(NODE_A_IP6), "b1 saw {peer}");
+    for i in 0..5 {
+        let asked = ask_tcp(&tb.client, NODE_A_IP6, NODE_PORT, WAIT).unwrap();
+        let (name, peer) = reply(&asked, &format!("connection {i}"), &tb);
+        assert_eq!(
+            (name.as_str(), peer.ip()),
+            ("b1", IpAddr::V6(NODE_A_IP6)),
+            "connection {i}"
+        );
+        assert!(SNAT_PORTS.contains(&peer.port()), "connection {i}: {peer}");
+    }
+
+    // UDP too; the answer comes from the address and port the client asked.
+    let asked = tb
+        .wait_for_answer(&tb.client, "udp", NODE_A_IP6, NODE_PORT, "b1")
+        .unwrap();
+    let (_, peer) = reply(&asked, "udp via node A", &tb);
+    assert_eq!(peer.ip(), IpAddr::V6(NODE_A_IP6), "b1 saw {peer}");
+    assert!(SNAT_PORTS.contains(&peer.port()), "{peer}");
+    assert_eq!(
+        asked.from(),
+        Some(SocketAddr::new(NODE_A_IP6.into(), NODE_PORT))
+    );
+    // Node A's XDP program translated the replies back.
+    assert!(tb.a.stat("xdp_snat_reply").unwrap() >= 7);
+
+    // Through node B, where the endpoint runs: answered too.
+    let asked = tb
+        .wait_for_answer(&tb.client, "tcp", NODE_B_IP6, NODE_PORT, "b1")
+        .unwrap();
+    assert_eq!(reply(&asked, "tcp via node B", &tb).0, "b1");
+}
+
+#[test]
+fn ipv6_nodeport_local_policy_keeps_the_client_and_drops_without_a_local_endpoint() {
+    const NODE_PORT: u16 = 30091;
+    let mut tb = two_nodes(1);
+    tb.write_services(
+        "services.yaml",
+        &[(
+            peer_service6("np6-local", "NodePort", cluster_ip6(0x41), Some(NODE_PORT))
+                .external_policy("Local"),
+            tb.peer_slice6("np6-local", &["b1"]),
+        )],
+    )
+    .unwrap();
+    start_agents(&mut tb);
+
+    // Through node B, which has the endpoint: b1 sees the client itself.
+    for proto in ["tcp", "udp"] {
+        let asked = tb
+            .wait_for_answer(&tb.client, proto, NODE_B_IP6, NODE_PORT, "b1")
+            .unwrap();
+        let (_, peer) = reply(&asked, &format!("{proto} via node B"), &tb);
+        assert_eq!(peer.ip(), IpAddr::V6(CLIENT_IP6), "{proto}: b1 saw {peer}");
+        assert_eq!(
+            asked.from(),
+            Some(SocketAddr::new(NODE_B_IP6.into(), NODE_PORT))
+        );
+    }
+
+    // Node A has no local endpoint (once its agent lists the service): the connection
+    // is dropped, so it times out, and the drop is counted.
+    tb.a.agent()
+        .wait_for_services("np6-local on node A", |all| {
+            all.iter().any(|s| s.name == "np6-local")
+        })
+        .unwrap();
+    let before = tb.a.stat("drop_no_local_backend").unwrap();
+    let asked = ask_tcp(&tb.client, NODE_A_IP6, NODE_PORT, SILENCE).unwrap();
+    assert_eq!(
+        asked,
+        Asked::TimedOut,
+        "tcp via node A\n{}",
+        tb.agent_logs()
+    );
+    let asked = ask_udp(&tb.client, NODE_A_IP6, NODE_PORT, SILENCE).unwrap();
+    assert_eq!(asked, Asked::TimedOut, "udp via node A");
+    let after = tb.a.stat("drop_no_local_backend").unwrap();
+    assert!(
+        after >= before + 2,
+        "drop_no_local_backend {before} -> {after}"
+    );
+}
+
+#[test]
+fn ipv6_service_without_endpoints_is_refused_at_once() {
+    const NODE_PORT: u16 = 30092;
+    let cip = cluster_ip6(0x50);
+    let mut tb = two_nodes(1);
+    tb.write_services(
+        "services.yaml",
+        &[(
+            peer_service6("empty6", "NodePort", cip, Some(NODE_PORT)),
+            tb.peer_slice6("empty6", &[]),
+        )],
+    )
+    .unwrap();
+    start_agents(&mut tb);
+    for node in [&tb.a, &tb.b] {
+        node.agent()
+            .wait_for_services("empty6 listed", |all| {
+                all.iter().any(|s| s.name == "empty6")
+            })
+            .unwrap();
+    }
+    let a1 = tb.pod("a1");
+    let before = tb.a.stat("reject_no_backend").unwrap() + tb.b.stat("reject_no_backend").unwrap();
+
+    // From a pod to the ClusterIP, and from the client to the NodePort on either node:
+    // TCP gets a RST, UDP an ICMPv6 port unreachable (ECONNREFUSED on a connected
+    // socket), within the wait (not a silent drop).
+    let targets = [
+        (&a1.ns, IpAddr::V6(cip), SERVICE_PORT),
+        (&tb.client, IpAddr::V6(NODE_A_IP6), NODE_PORT),
+        (&tb.client, IpAddr::V6(NODE_B_IP6), NODE_PORT),
+    ];
+    for (from, addr, port) in targets {
+        let asked = ask_tcp(from, addr, port, WAIT).unwrap();
+        assert_eq!(
+            asked,
+            Asked::Refused,
+            "tcp {} from {}\n{}",
+            SocketAddr::new(addr, port),
+            from.name(),
+            tb.agent_logs()
+        );
+        let udp = udp_exchange(from, addr, port, WAIT).unwrap();
+        assert!(
+            matches!(udp, UdpOutcome::Refused(_)),
+            "udp {} from {}: {udp:?}",
+            SocketAddr::new(addr, port),
+            from.name()
+        );
+    }
+    let after = tb.a.stat("reject_no_backend").unwrap() + tb.b.stat("reject_no_backend").unwrap();
+    assert!(after >= before + 6, "reject_no_backend {before} -> {after}");
+}
+
+#[test]
+fn ipv6_lb_ingress_ip_from_the_external_client() {
+    let lb_ip = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 0x20);
+    let mut tb = two_nodes(1);
+    tb.write_services(
+        "services.yaml",
+        &[(
+            peer_service6("lb6", "LoadBalancer", cluster_ip6(0x60), Some(30093)).lb_ingress(lb_ip),
+            tb.peer_slice6("lb6", &["b1"]),
+        )],
+    )
+    .unwrap();
+    start_agents(&mut tb);
+
+    // The client routes fd00:203::/64 via node A; the endpoint is on node B: with the
+    // Cluster policy b1 sees node A's IPv6 address, and the answer comes from the LB IP.
+    for proto in ["tcp", "udp"] {
+        let asked = tb
+            .wait_for_answer(&tb.client, proto, lb_ip, SERVICE_PORT, "b1")
+            .unwrap();
+        let (_, peer) = reply(&asked, &format!("{proto} {lb_ip}"), &tb);
+        assert_eq!(peer.ip(), IpAddr::V6(NODE_A_IP6), "{proto}: b1 saw {peer}");
+        assert!(SNAT_PORTS.contains(&peer.port()), "{proto}: {peer}");
+        assert_eq!(
+            asked.from(),
+            Some(SocketAddr::new(lb_ip.into(), SERVICE_PORT))
+        );
+    }
+    // A pod reaches the LB IP too, short-circuited: b1 sees the pod itself.
+    let a1 = tb.pod("a1");
+    let asked = tb
+        .wait_for_answer(&a1.ns, "tcp", lb_ip, SERVICE_PORT, "b1")
+        .unwrap();
+    assert_eq!(
+        reply(&asked, "a1 -> lb ip", &tb).1.ip(),
+        IpAddr::V6(a1.ip6())
+    );
+}
