@@ -14,7 +14,7 @@ use std::{
 
 use testbed::{
     ServiceInfo, UdpOutcome,
-    client::{Asked, ask_tcp, ask_udp, udp_exchange},
+    client::{Asked, ask_tcp, ask_udp, http_get_any, udp_exchange},
     netns::NetNs,
     two_node::{
         CLIENT_IP6, NODE_A_IP6, NODE_B_IP6, SERVICE_NAMESPACE, SERVICE_PORT, TwoNode, Which,
@@ -284,12 +284,19 @@ fn ipv6_nodeport_cluster_policy_source_nats_to_node_a() {
 #[test]
 fn ipv6_nodeport_local_policy_keeps_the_client_and_drops_without_a_local_endpoint() {
     const NODE_PORT: u16 = 30091;
+    const HEALTH_PORT: u16 = 32002;
     let mut tb = two_nodes(1);
     tb.write_services(
         "services.yaml",
         &[(
-            peer_service6("np6-local", "NodePort", cluster_ip6(0x41), Some(NODE_PORT))
-                .external_policy("Local"),
+            peer_service6(
+                "np6-local",
+                "LoadBalancer",
+                cluster_ip6(0x41),
+                Some(NODE_PORT),
+            )
+            .external_policy("Local")
+            .health_check_node_port(HEALTH_PORT),
             tb.peer_slice6("np6-local", &["b1"]),
         )],
     )
@@ -331,6 +338,29 @@ fn ipv6_nodeport_local_policy_keeps_the_client_and_drops_without_a_local_endpoin
         after >= before + 2,
         "drop_no_local_backend {before} -> {after}"
     );
+
+    // The health-check node port, asked over IPv6, counts the IPv6 endpoints on each
+    // node (kube-proxy's IPv6 proxier): 200 on B, 503 on A.
+    for (node, status, local) in [(NODE_B_IP6, 200, 1), (NODE_A_IP6, 503, 0)] {
+        let answer = testbed::wait_until(
+            "the health-check node port to answer over IPv6",
+            Duration::from_secs(20),
+            || {
+                Ok(Some(http_get_any(
+                    &tb.client,
+                    node,
+                    HEALTH_PORT,
+                    "/healthz",
+                )?))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", tb.agent_logs()));
+        assert_eq!(answer.status, status, "[{node}]:{HEALTH_PORT}: {answer:?}");
+        let body: serde_json::Value = serde_json::from_str(&answer.body)
+            .unwrap_or_else(|e| panic!("{node}: body {:?}: {e}", answer.body));
+        assert_eq!(body["service"]["name"], "np6-local", "{body}");
+        assert_eq!(body["localEndpoints"], local, "{body}");
+    }
 }
 
 #[test]
