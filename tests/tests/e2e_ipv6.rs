@@ -455,3 +455,83 @@ fn ipv6_lb_ingress_ip_from_the_external_client() {
         IpAddr::V6(a1.ip6())
     );
 }
+
+#[test]
+fn dual_stack_nodeport_source_nats_each_family_to_the_node_address_of_that_family() {
+    const NODE_PORT: u16 = 30094;
+    const CIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 94);
+    let mut tb = two_nodes(1);
+    tb.write_services_slices(
+        "services.yaml",
+        &[(
+            peer_service("ds-np", "NodePort", CIP4, Some(NODE_PORT))
+                .dual_stack(cluster_ip6(0x94), "RequireDualStack"),
+            vec![
+                tb.peer_slice("ds-np", &["b1"]),
+                tb.peer_slice6("ds-np", &["b1"]),
+            ],
+        )],
+    )
+    .unwrap();
+    start_agents(&mut tb);
+
+    // One nodePort, served on node A's IPv4 and IPv6 addresses: the pod on node B sees
+    // node A's address of the family asked, with a port of the SNAT range, and the
+    // answer comes from the address and port the client asked.
+    for (node, proto) in [
+        (IpAddr::V4(testbed::two_node::NODE_A_IP), "tcp"),
+        (IpAddr::V4(testbed::two_node::NODE_A_IP), "udp"),
+        (IpAddr::V6(NODE_A_IP6), "tcp"),
+        (IpAddr::V6(NODE_A_IP6), "udp"),
+    ] {
+        let asked = tb
+            .wait_for_answer(&tb.client, proto, node, NODE_PORT, "b1")
+            .unwrap();
+        let (_, peer) = reply(&asked, &format!("{proto} {node}"), &tb);
+        assert_eq!(peer.ip(), node, "{proto} via {node}: b1 saw {peer}");
+        assert!(SNAT_PORTS.contains(&peer.port()), "{proto}: {peer}");
+        assert_eq!(asked.from(), Some(SocketAddr::new(node, NODE_PORT)));
+    }
+}
+
+#[test]
+fn ipv6_lb_source_ranges_admit_the_client_inside_and_drop_it_outside() {
+    let open = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 0x21);
+    let closed = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 0x22);
+    let mut tb = two_nodes(1);
+    tb.write_services(
+        "services.yaml",
+        &[
+            (
+                peer_service6("lb6-open", "LoadBalancer", cluster_ip6(0x21), Some(30095))
+                    .lb_ingress(open)
+                    .source_range(&format!("{CLIENT_IP6}/128")),
+                tb.peer_slice6("lb6-open", &["b1"]),
+            ),
+            (
+                peer_service6("lb6-closed", "LoadBalancer", cluster_ip6(0x22), Some(30096))
+                    .lb_ingress(closed)
+                    .source_range("fd00:99::/64"),
+                tb.peer_slice6("lb6-closed", &["b1"]),
+            ),
+        ],
+    )
+    .unwrap();
+    start_agents(&mut tb);
+
+    // Inside the ranges: answered (through node A, source-NAT-ed to it).
+    let asked = tb
+        .wait_for_answer(&tb.client, "tcp", open, SERVICE_PORT, "b1")
+        .unwrap();
+    assert_eq!(reply(&asked, "open", &tb).1.ip(), IpAddr::V6(NODE_A_IP6));
+    // The closed one's NodePort answers (NodePorts bypass the ranges), which also shows
+    // node A has the service...
+    tb.wait_for_answer(&tb.client, "tcp", NODE_A_IP6, 30096, "b1")
+        .unwrap();
+    // ...but its LB IP, from outside its ranges, drops the client, and counts it.
+    let before = tb.a.stat("drop_source_range").unwrap();
+    let asked = ask_tcp(&tb.client, closed, SERVICE_PORT, SILENCE).unwrap();
+    assert_eq!(asked, Asked::TimedOut, "{closed}\n{}", tb.agent_logs());
+    let after = tb.a.stat("drop_source_range").unwrap();
+    assert!(after > before, "drop_source_range {before} -> {after}");
+}
