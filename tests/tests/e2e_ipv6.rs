@@ -3,8 +3,9 @@
 //! of its ClusterIPs by a backend of that family; IPv6 NodePorts from the external client
 //! with externalTrafficPolicy Cluster (source-NAT-ed to node A's IPv6 address) and Local
 //! (the client's address kept, dropped and counted on the node without an endpoint); an
-//! IPv6 Service without endpoints refused at once; an IPv6 LoadBalancer ingress IP. The
-//! IPv6 plan of the testbed is in `testbed::two_node`. Needs root (CI runs as root).
+//! IPv6 Service without endpoints refused at once; an IPv6 LoadBalancer ingress IP and its
+//! loadBalancerSourceRanges; a dual-stack NodePort source-NAT-ed per family. The IPv6 plan
+//! of the testbed is in `testbed::two_node`. Needs root (CI runs as root).
 
 use std::{
     collections::BTreeSet,
