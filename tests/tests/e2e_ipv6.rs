@@ -4,8 +4,9 @@
 //! with externalTrafficPolicy Cluster (source-NAT-ed to node A's IPv6 address) and Local
 //! (the client's address kept, dropped and counted on the node without an endpoint); an
 //! IPv6 Service without endpoints refused at once; an IPv6 LoadBalancer ingress IP and its
-//! loadBalancerSourceRanges; a dual-stack NodePort source-NAT-ed per family. The IPv6 plan
-//! of the testbed is in `testbed::two_node`. Needs root (CI runs as root).
+//! loadBalancerSourceRanges; a dual-stack NodePort source-NAT-ed per family; IPv6 hairpin
+//! and internalTrafficPolicy Local. The IPv6 plan of the testbed is in
+//! `testbed::two_node`. Needs root (CI runs as root).
 
 use std::{
     collections::BTreeSet,
@@ -535,4 +536,67 @@ fn ipv6_lb_source_ranges_admit_the_client_inside_and_drop_it_outside() {
     assert_eq!(asked, Asked::TimedOut, "{closed}\n{}", tb.agent_logs());
     let after = tb.a.stat("drop_source_range").unwrap();
     assert!(after > before, "drop_source_range {before} -> {after}");
+}
+
+#[test]
+fn ipv6_hairpin_and_internal_traffic_policy_local() {
+    let (own, itp) = (cluster_ip6(0x62), cluster_ip6(0x71));
+    let mut tb = two_nodes(2);
+    tb.write_services(
+        "services.yaml",
+        &[
+            (
+                peer_service6("self6", "ClusterIP", own, None),
+                tb.peer_slice6("self6", &["a1"]),
+            ),
+            (
+                peer_service6("itp6", "ClusterIP", itp, None).internal_policy("Local"),
+                tb.peer_slice6("itp6", &["b1"]),
+            ),
+        ],
+    )
+    .unwrap();
+    start_agents(&mut tb);
+    let (a1, a2, b2) = (tb.pod("a1"), tb.pod("a2"), tb.pod("b2"));
+
+    // a1 -> its own IPv6 service -> a1: answered, and a1 sees the connection come from
+    // the service address (so its reply goes back through the node to be translated).
+    let hairpins = tb.a.stat("hairpin").unwrap();
+    for proto in ["tcp", "udp"] {
+        let asked = tb
+            .wait_for_answer(&a1.ns, proto, own, SERVICE_PORT, "a1")
+            .unwrap();
+        let (_, peer) = reply(&asked, &format!("{proto} a1 -> self6"), &tb);
+        assert_eq!(peer.ip(), IpAddr::V6(own), "{proto}: a1 saw {peer}");
+        assert_eq!(
+            asked.from(),
+            Some(SocketAddr::new(own.into(), SERVICE_PORT))
+        );
+    }
+    assert!(tb.a.stat("hairpin").unwrap() >= hairpins + 2);
+    // Another pod reaching that service is not source-NAT-ed.
+    let asked = ask_tcp(&a2.ns, own, SERVICE_PORT, WAIT).unwrap();
+    assert_eq!(
+        asked.reply().map(|(n, p)| (n, p.ip())),
+        Some(("a1".into(), IpAddr::V6(a2.ip6()))),
+        "{asked:?}"
+    );
+
+    // internalTrafficPolicy Local: from node B (which has b1) answered, b1 seeing b2...
+    let asked = tb
+        .wait_for_answer(&b2.ns, "tcp", itp, SERVICE_PORT, "b1")
+        .unwrap();
+    assert_eq!(
+        reply(&asked, "b2 -> itp6", &tb).1.ip(),
+        IpAddr::V6(b2.ip6())
+    );
+    // ...from node A (no local endpoint) dropped, once node A lists the service.
+    tb.a.agent()
+        .wait_for_services("itp6 on node A", |all| {
+            all.iter()
+                .any(|s| s.name == "itp6" && listed_ip(s) == Some(IpAddr::V6(itp)))
+        })
+        .unwrap();
+    let asked = ask_tcp(&a2.ns, itp, SERVICE_PORT, SILENCE).unwrap();
+    assert_eq!(asked, Asked::TimedOut, "a2 -> itp6\n{}", tb.agent_logs());
 }
