@@ -403,11 +403,16 @@ pub struct EchoServer {
 impl EchoServer {
     /// Listens on 0.0.0.0:`port` inside `ns`.
     pub fn start(ns: &NetNs, port: u16) -> Result<Self> {
+        Self::start_on(ns, Ipv4Addr::UNSPECIFIED.into(), port)
+    }
+
+    /// Listens on `ip`:`port` inside `ns` (`::` for IPv6 peers).
+    pub fn start_on(ns: &NetNs, ip: std::net::IpAddr, port: u16) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let echoed = Arc::new(AtomicU64::new(0));
         let listener = ns
             .run(move || -> std::io::Result<TcpListener> {
-                let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                let l = TcpListener::bind((ip, port))?;
                 l.set_nonblocking(true)?;
                 Ok(l)
             })?

@@ -5,17 +5,19 @@
 //! (the client's address kept, dropped and counted on the node without an endpoint); an
 //! IPv6 Service without endpoints refused at once; an IPv6 LoadBalancer ingress IP and its
 //! loadBalancerSourceRanges; a dual-stack NodePort source-NAT-ed per family; IPv6 hairpin
-//! and internalTrafficPolicy Local. The IPv6 plan of the testbed is in
-//! `testbed::two_node`. Needs root (CI runs as root).
+//! and internalTrafficPolicy Local; an IPv6 connection and service across an agent
+//! restart. The IPv6 plan of the testbed is in `testbed::two_node`. Needs root (CI runs as
+//! root).
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     time::Duration,
 };
 
 use testbed::{
-    ServiceInfo, UdpOutcome,
+    EchoServer, EndpointSlice, Service, ServiceInfo, UdpOutcome,
     client::{Asked, ask_tcp, ask_udp, http_get_any, udp_exchange},
     netns::NetNs,
     two_node::{
@@ -599,4 +601,80 @@ fn ipv6_hairpin_and_internal_traffic_policy_local() {
         .unwrap();
     let asked = ask_tcp(&a2.ns, itp, SERVICE_PORT, SILENCE).unwrap();
     assert_eq!(asked, Asked::TimedOut, "a2 -> itp6\n{}", tb.agent_logs());
+}
+
+#[test]
+fn an_ipv6_connection_and_service_survive_an_agent_restart() {
+    const ECHO_PORT: u16 = 9000;
+    let cip = cluster_ip6(0x80);
+    let mut tb = two_nodes(1);
+    let b1_ip6 = tb.pod("b1").ip6();
+    let echo =
+        EchoServer::start_on(&tb.pod("b1").ns, Ipv6Addr::UNSPECIFIED.into(), ECHO_PORT).unwrap();
+    tb.write_services(
+        "services.yaml",
+        &[(
+            Service::cluster_ip(SERVICE_NAMESPACE, "echo6", cip)
+                .ip_family_policy("SingleStack")
+                .port("tcp", "TCP", SERVICE_PORT, ECHO_PORT),
+            EndpointSlice::for_service(SERVICE_NAMESPACE, "echo6", "s6")
+                .address_type("IPv6")
+                .port("tcp", "TCP", ECHO_PORT)
+                .ready_on("b1", b1_ip6, "node-b"),
+        )],
+    )
+    .unwrap();
+    start_agents(&mut tb);
+    let a1 = tb.pod("a1");
+
+    // Bytes sent are echoed back whole.
+    let exchange = |stream: &mut TcpStream, what: &[u8]| -> std::io::Result<Vec<u8>> {
+        stream.write_all(what)?;
+        let mut back = vec![0u8; what.len()];
+        stream.read_exact(&mut back)?;
+        Ok(back)
+    };
+    let mut stream = testbed::wait_until(
+        "a1 to reach the IPv6 echo service",
+        Duration::from_secs(20),
+        || match testbed::connect(&a1.ns, cip, SERVICE_PORT, WAIT)? {
+            testbed::ConnectOutcome::Connected(s, _) => Ok(Some(s)),
+            other => anyhow::bail!("{other:?}"),
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", tb.agent_logs()));
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_write_timeout(Some(WAIT)).unwrap();
+    assert_eq!(exchange(&mut stream, b"before\n").unwrap(), b"before\n");
+
+    // Node A's agent (the pod's node, whose conntrack6 entry translates the replies)
+    // stops and starts again on its pins.
+    let agent = tb.a.agent();
+    let status = agent.stop_keeping_pins().unwrap();
+    assert!(status.success(), "the agent exited with {status}");
+    agent.start_again().unwrap();
+    agent.wait_until_running().unwrap();
+
+    // The open connection goes on (its conntrack6 entry and the service were kept)...
+    assert_eq!(
+        exchange(&mut stream, b"after\n").unwrap_or_else(|e| panic!(
+            "the IPv6 connection did not survive the restart: {e}\n{}",
+            tb.agent_logs()
+        )),
+        b"after\n"
+    );
+    // ...and a new one is served.
+    let mut fresh = match testbed::connect(&a1.ns, cip, SERVICE_PORT, WAIT).unwrap() {
+        testbed::ConnectOutcome::Connected(s, _) => s,
+        other => panic!("a new connection after the restart: {other:?}"),
+    };
+    fresh.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(exchange(&mut fresh, b"new\n").unwrap(), b"new\n");
+    // The server counts after echoing: wait (bounded) for its count of all three.
+    let want = (b"before\n".len() + b"after\n".len() + b"new\n".len()) as u64;
+    testbed::wait_until("the echo server to count every byte", WAIT, || {
+        Ok((echo.echoed() == want).then_some(()))
+    })
+    .unwrap();
+    drop((stream, fresh));
 }
