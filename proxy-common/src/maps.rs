@@ -6,12 +6,14 @@ pub const SERVICES4: &str = "services4";
 pub const BACKEND_SLOTS4: &str = "backend_slots4";
 pub const CONNTRACK4: &str = "conntrack4";
 pub const SVC_META: &str = "svc_meta";
-pub const REPLY_FILTER: &str = "reply_filter";
+/// Shared by both families (an IPv6 backend sets `reply_filter::bit6`); the pin keeps
+/// its layout-4 name so that layout-4 pins are taken over (see [`LAYOUT_ADOPTS`]).
+pub const REPLY_FILTER: &str = "reply_filter4";
 pub const STATS: &str = "stats";
 
 /// The IPv6 maps: the same shapes with `[u8; 16]` addresses, and the same sizes as their
-/// IPv4 counterparts. `svc_meta`, `svc_counters`, `reply_filter`, `maglev`, `sched_rr`
-/// and `stats` serve both families.
+/// IPv4 counterparts. `svc_meta`, `svc_counters`, `reply_filter4`, `maglev4`, `sched_rr4`
+/// and `stats` serve both families (the last three keep the names they had in layout 4).
 pub const SERVICES6: &str = "services6";
 pub const BACKEND_SLOTS6: &str = "backend_slots6";
 pub const CONNTRACK6: &str = "conntrack6";
@@ -26,10 +28,12 @@ pub const SRC_RANGES6: &str = "src_ranges6";
 pub const DEFAULT_SERVICES: u32 = 65_536;
 pub const DEFAULT_BACKEND_SLOTS: u32 = 262_144;
 pub const DEFAULT_CONNTRACK: u32 = 262_144;
-pub const MAGLEV: &str = "maglev";
+/// Keyed by backend table, so shared by both families; layout-4 name kept, as above.
+pub const MAGLEV: &str = "maglev4";
 pub const BACKEND_CONNS4: &str = "backend_conns4";
 pub const AFFINITY4: &str = "affinity4";
-pub const SCHED_RR_POS: &str = "sched_rr";
+/// Indexed by svc_id, so shared by both families; layout-4 name kept, as above.
+pub const SCHED_RR_POS: &str = "sched_rr4";
 pub const COUNTED4: &str = "counted4";
 pub const MONITOR_CFG: &str = "monitor_cfg";
 pub const MONITOR_EVENTS: &str = "monitor_events";
@@ -95,12 +99,13 @@ pub const LINKS_DIR: &str = "links";
 /// `nat2_*` for SNAT (32 bytes), service scopes and flags, `BACKEND_LOCAL`, `node_cfg4`,
 /// `src_ranges4`, `stats` grew to 21 counters, `sock_rev4` (socket-level load balancing).
 ///
-/// 5: IPv6 and dual stack: the `*6` maps; `reply_filter`, `maglev` and `sched_rr` lost their
-/// `4` suffix (they serve both families).
+/// 5: IPv6 and dual stack: the `*6` maps (and `sock_rev6`) added; `reply_filter4`, `maglev4`
+/// and `sched_rr4` now serve both families under their old names; everything else as in 4,
+/// so pins of 4 are taken over (an upgrade keeps its services and connections).
 pub const LAYOUT_VERSION: u32 = 5;
 
 /// Older layout versions whose pins this version takes over in place: only when the change
 /// since was purely additive (new maps, every existing map unchanged), list the old version
 /// here; the agent then creates the new maps next to the old ones and records
 /// [`LAYOUT_VERSION`] in the folder, so an upgrade keeps services and connections.
-pub const LAYOUT_ADOPTS: &[u32] = &[];
+pub const LAYOUT_ADOPTS: &[u32] = &[4];

@@ -2,8 +2,8 @@
 //! scheduler and XDP code is written once, generic over [`Family`], and monomorphised for
 //! [`V4`] and [`V6`] (as `parse` is generic over tc and XDP contexts): each family has
 //! its own maps (`*4`, `*6`), key and value types and header rewrites, and both share the
-//! maps keyed by svc_id or backend table (`maglev`, `sched_rr`, `svc_counters`, `stats`,
-//! `reply_filter`).
+//! maps keyed by svc_id or backend table (`maglev4`, `sched_rr4`, `svc_counters`, `stats`,
+//! `reply_filter4`).
 //!
 //! Monitor events stay IPv4-only this session: [`V6`]'s reporters do nothing.
 //!
@@ -267,7 +267,7 @@ pub trait Family: 'static {
     fn node() -> Option<Node<Self::Addr>>;
     /// The client is inside one of the frontend's loadBalancerSourceRanges.
     fn source_allowed(svc_id: u32, client: Self::Addr) -> bool;
-    /// The backend's bit in `reply_filter`.
+    /// The backend's bit in `reply_filter4`.
     fn reply_bit(addr: Self::Addr, port: u16, proto: u8) -> u32;
     /// An address as the 4 bytes the shared hashes (`proxy_common::hash`) take.
     fn hash_word(addr: Self::Addr) -> [u8; 4];

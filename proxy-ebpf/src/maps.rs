@@ -38,7 +38,7 @@ pub static CONNTRACK4: LruHashMap<Ct4Key, Ct4Value, { DEFAULT_CONNTRACK as usize
 
 /// Maglev lookup tables: (backend table, 0..MAGLEV_SIZE) -> slot in that backend table.
 /// Built by the agent; not preallocated, so only the tables in use take memory.
-#[btf_map(name = "maglev")]
+#[btf_map(name = "maglev4")]
 pub static MAGLEV: HashMap<
     MaglevKey,
     u32,
@@ -75,7 +75,7 @@ pub static COUNTED4: HashMap<
 /// Round-robin position of each service on each CPU, indexed by svc_id (sized services + 1
 /// at load). Per CPU: the default BPF ISA has no atomic fetch-and-add, and per-CPU
 /// counters keep new connections from bouncing one cache line between CPUs.
-#[btf_map(name = "sched_rr")]
+#[btf_map(name = "sched_rr4")]
 pub static SCHED_RR_POS: PerCpuArray<u32, { DEFAULT_SERVICES as usize + 1 }> = PerCpuArray::new();
 
 /// Traffic of each service frontend on each CPU, indexed by svc_id (sized services + 1 at
@@ -93,7 +93,7 @@ pub static SVC_COUNTERS: PerCpuArray<SvcCounters, { DEFAULT_SERVICES as usize + 
 pub static SVC_META: HashMap<u32, SvcMeta, { DEFAULT_SERVICES as usize }> = HashMap::new();
 
 /// Bitmap over backend (addr, port, proto): a clear bit means "certainly not a reply".
-#[btf_map(name = "reply_filter")]
+#[btf_map(name = "reply_filter4")]
 pub static REPLY_FILTER: Array<u64, { WORDS as usize }> = Array::new();
 
 /// What the external view needs to know about this node (one entry, written by the agent).
@@ -106,8 +106,8 @@ pub static SRC_RANGES4: LpmTrie<SourceRange4Key, u8, { DEFAULT_SOURCE_RANGES as 
     LpmTrie::new();
 
 // The IPv6 twins of the maps above: same shapes and sizes, `[u8; 16]` addresses. Tables
-// and svc_ids are shared between the families, so `maglev`, `sched_rr`, `svc_counters`,
-// `svc_meta` and `reply_filter` have no twin.
+// and svc_ids are shared between the families, so `maglev4`, `sched_rr4`, `svc_counters`,
+// `svc_meta` and `reply_filter4` have no twin.
 
 /// IPv6 service frontends -> live backend table (in `backend_slots6`) and backend count.
 #[btf_map(name = "services6")]

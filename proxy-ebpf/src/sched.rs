@@ -2,10 +2,10 @@
 //! it), then the service's scheduler. Established connections never come here.
 //!
 //! Generic over the [`Family`]: the backend tables, counters and affinity entries are
-//! the family's (`*4`, `*6`); `sched_rr` and `maglev` are shared (keyed by svc_id, table).
+//! the family's (`*4`, `*6`); `sched_rr4` and `maglev4` are shared (keyed by svc_id, table).
 //!
 //! Every scheduler ends in one `backend_slots4`/`6` lookup of the chosen slot; before it,
-//! random/sh/dh do no lookup, rr one per-CPU array read and write, maglev one `maglev`
+//! random/sh/dh do no lookup, rr one per-CPU array read and write, maglev one `maglev4`
 //! lookup, and lc/sed/nq two lookups per backend compared (at most `SCHED_SCAN_MAX`).
 
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};

@@ -12,7 +12,7 @@
 //!    every run schedules, creates the connection and rewrites the packet. `tc_floor` (an
 //!    empty program) is shown for the floor of the measurement.
 //! 2. The Maglev table for 1,000 backends: build time in userspace, and the kernel memory
-//!    of one table in `maglev` (the map's `memlock` before and after writing it).
+//!    of one table in `maglev4` (the map's `memlock` before and after writing it).
 //!
 //! Prints a Markdown table. The thread is pinned to one CPU; run it on an idle machine.
 

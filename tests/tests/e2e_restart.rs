@@ -31,7 +31,7 @@ use nix::{
 use testbed::{
     Cluster, EchoServer, EndpointSlice, NetNs, Service,
     agent::{Agent, PinnedLinkInfo, pinned_links, run_cli, strip_ansi},
-    client::{ConnectOutcome, connect, http_get},
+    client::{ConnectOutcome, HttpConnection, connect, http_get},
     cluster::{HTTP_PORT, MYAPP_VIP},
     wait_until,
 };
@@ -736,6 +736,72 @@ fn detach_on_exit_takes_the_programs_off_and_keeps_the_maps() {
         agent.wait_until_running()?;
         let name = http_get(&cluster.client().ns, MYAPP_VIP, HTTP_PORT)?;
         ensure!(ALL.contains(&name.as_str()), "answered by {name:?}");
+        Ok(())
+    });
+}
+
+/// Layout 5 (IPv6) only added maps to layout 4, so an agent of 5 takes pins of 4 over in
+/// place: an upgrade from the agent before IPv6 keeps services and open connections.
+#[test]
+fn pins_of_layout_4_are_taken_over_with_their_services_and_connections() {
+    with_cluster(1, &[], |cluster| {
+        let agent = cluster.agent();
+        let dir = agent.bpffs().to_path_buf();
+        let mut conn = HttpConnection::open(&cluster.client().ns, MYAPP_VIP, HTTP_PORT)?;
+        let backend = conn.get()?;
+        stop_agent(agent)?;
+
+        // What a layout-4 agent leaves: every map but the IPv6 ones (all named `*6`, and
+        // no map of layout 4 is), and the version 4.
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.ends_with('6') {
+                std::fs::remove_file(dir.join(&name))?;
+                removed.push(name);
+            }
+        }
+        ensure!(
+            removed.iter().any(|n| n == proxy_common::maps::SERVICES6),
+            "no IPv6 map was pinned: {removed:?}"
+        );
+        set_layout_version(&dir, 4)?;
+        let services_before = dump(&dir, "services4")?;
+
+        agent.start_again()?;
+        agent.wait_until_running()?;
+        let log = strip_ansi(&agent.log());
+        ensure!(
+            log.contains("taking over pins of an older, compatible map layout"),
+            "the agent should say it takes the pins over:\n{log}"
+        );
+        for name in &removed {
+            ensure!(dir.join(name).exists(), "{name} was not pinned again");
+        }
+        // The layout array has no BTF: bpftool prints its value as bytes.
+        let layout = dump(&dir, "layout")?;
+        let version = proxy_common::maps::LAYOUT_VERSION;
+        let bytes: Vec<String> = version
+            .to_ne_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        ensure!(
+            layout.contains(&format!("value: {}", bytes.join(" "))),
+            "the folder should now be of version {version}: {layout}"
+        );
+        ensure!(
+            dump(&dir, "services4")? == services_before,
+            "services4 changed across the take-over"
+        );
+        // The connection opened under the old layout goes on, to the same backend.
+        for _ in 0..3 {
+            let name = conn.get()?;
+            ensure!(
+                name == backend,
+                "the kept connection went to {name}, it was at {backend}"
+            );
+        }
         Ok(())
     });
 }
