@@ -3,8 +3,12 @@
 //! Builds everything, makes a node namespace with one client pod and three backend pods
 //! (each answering HTTP with its name), writes the `myapp` manifests, starts the agent in
 //! the node namespace, sends requests to the ClusterIP and shows where they went and what
-//! the maps hold. Everything it made is removed at the end, also on failure or Ctrl-C, and
-//! leftovers of an earlier interrupted demo are removed first.
+//! the maps hold. Then external traffic: two nodes on a LAN, each with its agent and a pod,
+//! a dual-stack NodePort Service, and a client outside the cluster asking node A over IPv4
+//! and IPv6. Everything it made is removed at the end, also on failure or Ctrl-C, and
+//! leftovers of an earlier interrupted demo are removed first (the two-node part's names
+//! come from `testbed::unique_run_id`, which reaps those of dead runs). That part is the
+//! example `tests/examples/demo_external.rs`.
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -15,7 +19,7 @@ use testbed::{
     http_get, manifests, netns,
 };
 
-use crate::build::build;
+use crate::{build::build, cmd::Cmd};
 
 /// Run id of the demo: namespaces `bpdemo-node`, `bpdemo-c1`, `bpdemo-b1..3`.
 const RUN: &str = "demo";
@@ -181,6 +185,22 @@ pub fn demo(workspace: &Path) -> Result<()> {
     if failures > 0 {
         bail!("{failures} of {REQUESTS} requests failed");
     }
+    check_interrupted()?;
+    // The second part needs the agent's crates (XDP on the LAN peers), which xtask does not
+    // link: it runs as an example of the tests crate, on the binary and object just built.
+    Cmd::cargo(None)
+        .current_dir(workspace)
+        .env("BPFPROXY_BIN", &out.bpfproxy)
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "bpfproxy-tests",
+            "--example",
+            "demo_external",
+        ])
+        .run()?;
     println!("==> demo: done");
     Ok(())
 }
