@@ -26,15 +26,15 @@ use proxy_common::{
     reply_filter,
     service::{
         BACKEND_LOCAL, Backend6, BackendConns, BackendConns6Key, BackendSlotKey, MAGLEV_SIZE,
-        MaglevKey, NODE_F_FIB_FORWARD, NodeConfig6, SCHED_MAGLEV, SCHED_RANDOM, SCHED_RR, SCHED_SH,
-        SCOPE_CLUSTER_IP, SCOPE_EXTERNAL, SVC_F_DROP_EMPTY, SVC_F_NODE_PORT, SVC_F_SNAT,
+        MaglevKey, NODE_F_FIB_FORWARD, NodeConfig6, SCHED_LC, SCHED_MAGLEV, SCHED_RANDOM, SCHED_RR,
+        SCHED_SH, SCOPE_CLUSTER_IP, SCOPE_EXTERNAL, SVC_F_DROP_EMPTY, SVC_F_NODE_PORT, SVC_F_SNAT,
         SVC_F_SOURCE_RANGES, SourceRange6Key, Svc6Key, SvcValue,
     },
     stats,
 };
 use testbed::{
     datapath::{
-        ACK, CLIENT_MAC, DatapathHarness, ETH_LEN, MapSizes, NODE_MAC, PROG_TC_INGRESS,
+        ACK, CLIENT_MAC, DatapathHarness, ETH_LEN, FIN, MapSizes, NODE_MAC, PROG_TC_INGRESS,
         PROG_XDP_NODEPORT, SYN, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
         XDP_REDIRECT, XDP_TX, fold, tcp_frame,
     },
@@ -334,6 +334,9 @@ fn tcp6f(src: ([u8; 16], u16), dst: ([u8; 16], u16), flags: u8, payload: &[u8]) 
     }
     if flags & ACK != 0 {
         b = b.ack(1);
+    }
+    if flags & FIN != 0 {
+        b = b.fin();
     }
     let mut v = Vec::new();
     b.write(&mut v, payload).unwrap();
@@ -1133,4 +1136,62 @@ fn xdp_ipv6_fib_forwarding_sends_source_nated_packets_out_with_the_hop_limit_dec
     assert_eq!(d, [("xdp_snat_reply", 1)]);
     assert_checksum6("no neighbour", &run.out);
     assert_eq!(hop_limit(&run.out), 64, "the stack decrements it");
+}
+
+#[test]
+fn ipv6_least_connections_counts_in_backend_conns6_and_releases_on_fin() {
+    let mut h = load();
+    let mut m = maps6(&mut h);
+    let conns: HashMap<MapData, BackendConns6Key, BackendConns> =
+        HashMap::try_from(Map::HashMap(h.prog_map(PROG_TC_INGRESS, "backend_conns6"))).unwrap();
+    let counted: HashMap<MapData, Ct6Key, BackendConns6Key> =
+        HashMap::try_from(Map::HashMap(h.prog_map(PROG_TC_INGRESS, "counted6"))).unwrap();
+    let pods = [a6(0x244, 1, 0x31), a6(0x244, 1, 0x32)];
+    let table: Vec<Backend6> = pods.iter().map(|&p| backend6(p, 8080, 0)).collect();
+    add6(
+        &mut h,
+        &mut m,
+        1,
+        key6(VIP6, 80, PROTO_TCP, SCOPE_CLUSTER_IP),
+        0,
+        SCHED_LC,
+        0,
+        &table,
+    );
+    let fe = (VIP6, 80);
+    // Two connections: lc gives one to each backend.
+    let first = chosen(&mut h, &m, (CLIENT6, 6000), fe);
+    let second = chosen(&mut h, &m, (CLIENT6, 6001), fe);
+    assert_ne!(
+        first, second,
+        "lc: the idle backend gets the second connection"
+    );
+    let key = |addr: [u8; 16]| BackendConns6Key {
+        svc_id: 1,
+        addr,
+        port: 8080,
+        _pad: 0,
+    };
+    for b in [first, second] {
+        let c = conns.get(&key(b), 0).expect("counters");
+        assert_eq!((c.opened, c.closed), (1, 0));
+    }
+    let token = ct6((CLIENT6, 6000), fe, PROTO_TCP);
+    assert_eq!(
+        counted.get(&token, 0).unwrap(),
+        key(first),
+        "the connection's token"
+    );
+    // The first connection ends: its backend is free again and takes the next one.
+    let fin = tcp6f((CLIENT6, 6000), fe, ACK | FIN, b"");
+    let out = tc6(&mut h, "FIN", &fin, TC_ACT_OK, &["forward_established"]);
+    assert_rewritten6("FIN", &fin, &out, (CLIENT6, 6000), (first, 8080));
+    let c = conns.get(&key(first), 0).unwrap();
+    assert_eq!((c.opened, c.closed), (1, 1), "released once");
+    assert!(counted.get(&token, 0).is_err(), "token gone");
+    assert_eq!(
+        chosen(&mut h, &m, (CLIENT6, 6002), fe),
+        first,
+        "lc: back to the idle one"
+    );
 }
