@@ -895,3 +895,380 @@ fn fuzz_program(xdp: bool) {
         assert!(t.snat > 100);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// IPv6: service frames to IPv6 frontends (services6), replies from their backends, their
+// bit flips and truncations, extension headers and random bytes, through tc_ingress and
+// xdp_nodeport (local backends: DNAT only). The rules are those above, for IPv6: a verdict
+// for every frame; a frame that is not well-formed IPv6 with TCP/UDP right after the
+// header leaves unchanged; a rewrite changes only the NAT-ed address and port and the L4
+// checksum, to a backend of the frontend (or from a backend to its frontend), keeping the
+// checksum's residual; a frontend without backends gets an ICMPv6 port unreachable with a
+// valid checksum; services6 and backend_slots6 read back identical and conntrack6 holds
+// pairs.
+
+type Addr6 = ([u8; 16], u16);
+
+const fn v6(last: u8, net: u8) -> [u8; 16] {
+    [0xfd, 0, 0, net, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, last]
+}
+
+/// (frontend, protocol, backends).
+fn services6() -> Vec<(Addr6, u8, Vec<Addr6>)> {
+    vec![
+        (
+            (v6(10, 0x96), 80),
+            PROTO_TCP,
+            vec![(v6(7, 0x44), 8080), (v6(8, 0x44), 8080)],
+        ),
+        ((v6(53, 0x96), 53), PROTO_UDP, vec![(v6(9, 0x44), 5353)]),
+        ((v6(99, 0x96), 80), PROTO_TCP, vec![]),
+        ((v6(99, 0x96), 53), PROTO_UDP, vec![]),
+    ]
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Parsed6 {
+    src: Addr6,
+    dst: Addr6,
+    proto: u8,
+}
+
+/// Ethernet type IPv6, version 6, next header TCP or UDP, its whole header present.
+fn reference_parse6(f: &[u8]) -> Option<Parsed6> {
+    if f.len() < ETH_LEN + 40 || f[12..14] != [0x86, 0xdd] || f[ETH_LEN] >> 4 != 6 {
+        return None;
+    }
+    let proto = f[ETH_LEN + 6];
+    let need = match proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        _ => return None,
+    };
+    let l4 = &f[ETH_LEN + 40..];
+    if l4.len() < need {
+        return None;
+    }
+    let addr = |at: usize| -> [u8; 16] { f[ETH_LEN + at..ETH_LEN + at + 16].try_into().unwrap() };
+    let port = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
+    Some(Parsed6 {
+        src: (addr(8), port(0)),
+        dst: (addr(24), port(2)),
+        proto,
+    })
+}
+
+/// The residual of the L4 checksum over the IPv6 pseudo header and the segment.
+fn l4_residual6(f: &[u8], proto: u8) -> u16 {
+    let seg = &f[ETH_LEN + 40..];
+    let mut pseudo = Vec::with_capacity(40);
+    pseudo.extend_from_slice(&f[ETH_LEN + 8..ETH_LEN + 40]);
+    pseudo.extend_from_slice(&(seg.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, proto]);
+    norm(fold(seg, u32::from(fold(&pseudo, 0))))
+}
+
+struct Gen6 {
+    rng: fastrand::Rng,
+    services: Vec<(Addr6, u8, Vec<Addr6>)>,
+}
+
+impl Gen6 {
+    fn client(&mut self) -> Addr6 {
+        (v6(self.rng.u8(1..4), 0x51), 40000 + self.rng.u16(..16))
+    }
+
+    fn frame(&mut self, src: Addr6, dst: Addr6, proto: u8) -> Vec<u8> {
+        let payload: Vec<u8> = (0..self.rng.usize(..64)).map(|_| self.rng.u8(..)).collect();
+        let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC).ipv6(src.0, dst.0, 64);
+        let mut v = Vec::new();
+        if proto == PROTO_TCP {
+            let mut t = b.tcp(src.1, dst.1, self.rng.u32(..), 64240);
+            match self.rng.u8(..5) {
+                0 | 1 => t = t.syn(),
+                2 => t = t.ack(1),
+                3 => t = t.fin().ack(1),
+                _ => t = t.rst(),
+            }
+            t.write(&mut v, &payload).unwrap();
+        } else {
+            b.udp(src.1, dst.1).write(&mut v, &payload).unwrap();
+        }
+        v
+    }
+
+    /// To a frontend, or a reply from one of its backends to a client.
+    fn service_frame(&mut self) -> Vec<u8> {
+        let (fe, proto, backends) = self.services[self.rng.usize(..self.services.len())].clone();
+        let client = self.client();
+        if !backends.is_empty() && self.rng.u8(..3) == 0 {
+            let b = backends[self.rng.usize(..backends.len())];
+            self.frame(b, client, proto)
+        } else {
+            self.frame(client, fe, proto)
+        }
+    }
+
+    fn next(&mut self) -> (&'static str, Vec<u8>) {
+        match self.rng.u8(..8) {
+            0..=2 => ("IPv6 service", self.service_frame()),
+            3 | 4 => {
+                let mut v = self.service_frame();
+                for _ in 0..self.rng.usize(1..4) {
+                    let i = self.rng.usize(..v.len());
+                    v[i] ^= 1 << self.rng.u8(..8);
+                }
+                ("IPv6 bit flips", v)
+            }
+            5 => {
+                let v = self.service_frame();
+                let cut = self.rng.usize(ETH_LEN + 40..=v.len());
+                ("IPv6 truncated", v[..cut].to_vec())
+            }
+            6 => {
+                // A hop-by-hop options header before a frontend's TCP header.
+                let mut v = self.service_frame();
+                if v[ETH_LEN + 6] == PROTO_TCP || v[ETH_LEN + 6] == PROTO_UDP {
+                    let next = v[ETH_LEN + 6];
+                    v[ETH_LEN + 6] = 0;
+                    let ext = [next, 0, 1, 4, 0, 0, 0, 0];
+                    v.splice(ETH_LEN + 40..ETH_LEN + 40, ext);
+                    let plen = u16::from_be_bytes([v[ETH_LEN + 4], v[ETH_LEN + 5]]) + 8;
+                    v[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&plen.to_be_bytes());
+                }
+                ("IPv6 extension header", v)
+            }
+            _ => {
+                let mut v = vec![0u8; ETH_LEN + 40 + self.rng.usize(..40)];
+                v.iter_mut().for_each(|b| *b = self.rng.u8(..));
+                v[12] = 0x86;
+                v[13] = 0xdd;
+                ("IPv6 random", v)
+            }
+        }
+    }
+}
+
+#[test]
+fn ipv6_random_and_mutated_frames_get_a_verdict_and_keep_maps_sound() {
+    for xdp in [false, true] {
+        fuzz_ipv6(xdp);
+    }
+}
+
+fn fuzz_ipv6(xdp: bool) {
+    use aya::maps::{HashMap as BpfHashMap, Map};
+    use proxy_common::{
+        conntrack::{Ct6Key, Ct6Value},
+        service::{Backend6, SCOPE_CLUSTER_IP, Svc6Key},
+    };
+    let seed = seed();
+    let name = if xdp { "xdp_nodeport" } else { "tc_ingress" };
+    println!("packet_fuzz IPv6 {name} seed {seed} (replay with BPFPROXY_FUZZ_SEED={seed})");
+    let mut h = DatapathHarness::load(MapSizes {
+        services: 64,
+        backend_slots: 256,
+        conntrack: 65_536,
+    });
+    let mut services: BpfHashMap<_, Svc6Key, SvcValue> =
+        BpfHashMap::try_from(Map::HashMap(h.prog_map(PROG_TC_INGRESS, "services6"))).unwrap();
+    let mut slots: BpfHashMap<_, BackendSlotKey, Backend6> =
+        BpfHashMap::try_from(Map::HashMap(h.prog_map(PROG_TC_INGRESS, "backend_slots6"))).unwrap();
+    let ct: BpfHashMap<_, Ct6Key, Ct6Value> =
+        BpfHashMap::try_from(Map::LruHashMap(h.prog_map(PROG_TC_INGRESS, "conntrack6"))).unwrap();
+    let svcs = services6();
+    for (i, (fe, proto, backends)) in svcs.iter().enumerate() {
+        let id = i as u32 + 1;
+        for (slot, &(addr, port)) in backends.iter().enumerate() {
+            let (index, mask) = proxy_common::reply_filter::word_and_mask(
+                proxy_common::reply_filter::bit6(addr, port, *proto),
+            );
+            let word = h.state.reply_filter[index as usize] | mask;
+            h.apply(
+                vec![bpfproxy::planner::MapOp::SetReplyFilterWord { index, word }],
+                Vec::new(),
+            );
+            let b = Backend6 {
+                addr,
+                port,
+                flags: if xdp { BACKEND_LOCAL } else { 0 },
+                weight: 1,
+            };
+            let key = BackendSlotKey {
+                table: id * 2,
+                slot: slot as u32,
+            };
+            slots.insert(key, b, 0).unwrap();
+        }
+        let key = Svc6Key {
+            addr: fe.0,
+            port: fe.1,
+            proto: *proto,
+            scope: if xdp {
+                SCOPE_EXTERNAL
+            } else {
+                SCOPE_CLUSTER_IP
+            },
+        };
+        let value = SvcValue {
+            svc_id: id,
+            table: id * 2,
+            backend_count: backends.len() as u32,
+            scheduler: 0,
+            flags: if xdp { SVC_F_NODE_PORT | SVC_F_SNAT } else { 0 },
+            _pad: 0,
+            affinity_timeout_s: 0,
+        };
+        services.insert(key, value, 0).unwrap();
+    }
+    let read = |services: &BpfHashMap<_, Svc6Key, SvcValue>,
+                slots: &BpfHashMap<_, BackendSlotKey, Backend6>| {
+        let mut s: Vec<_> = services.iter().map(|r| r.unwrap()).collect();
+        s.sort_by_key(|(k, _)| (k.addr, k.port, k.proto, k.scope));
+        let mut b: Vec<_> = slots.iter().map(|r| r.unwrap()).collect();
+        b.sort_by_key(|(k, _)| (k.table, k.slot));
+        (s, b)
+    };
+    let programmed = read(&services, &slots);
+    let frontends: HashMap<(Addr6, u8), Vec<Addr6>> = svcs
+        .iter()
+        .map(|(fe, proto, b)| ((*fe, *proto), b.clone()))
+        .collect();
+    let frontend_of: HashMap<(Addr6, u8), Addr6> = svcs
+        .iter()
+        .flat_map(|(fe, proto, bs)| bs.iter().map(move |b| ((*b, *proto), *fe)))
+        .collect();
+    let mut g = Gen6 {
+        rng: fastrand::Rng::with_seed(seed),
+        services: svcs.clone(),
+    };
+    let n = runs() / 4;
+    let mut rewritten = 0u64;
+    for _ in 0..n {
+        let (kind, frame) = g.next();
+        let ctx = || format!("{name} {kind} frame {}", hex(&frame));
+        let parsed = reference_parse6(&frame);
+        let before = h.stats();
+        let run = if xdp {
+            h.try_run_xdp(PROG_XDP_NODEPORT, &frame, 1, None)
+        } else {
+            h.try_run_prog(PROG_TC_INGRESS, &frame, 1)
+        };
+        let run = match run {
+            Ok(run) => run,
+            Err(ProgramError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EINVAL) && too_short(&frame) =>
+            {
+                continue;
+            }
+            Err(e) => panic!("{}: BPF_PROG_TEST_RUN failed: {e:?}", ctx()),
+        };
+        let after = h.stats();
+        let bumped: u64 = (0..stats::COUNT as usize)
+            .map(|i| after[i] - before[i])
+            .sum();
+        assert_eq!(bumped, 1, "{}: one counter per packet", ctx());
+        let (ok, shot, reject) = if xdp {
+            (XDP_PASS, XDP_DROP, XDP_TX)
+        } else {
+            (TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT)
+        };
+        let out = &run.out;
+        if run.ret == reject {
+            let p = parsed.unwrap_or_else(|| panic!("{}: rejected a non-service frame", ctx()));
+            assert!(
+                frontends.get(&(p.dst, p.proto)).is_some_and(Vec::is_empty),
+                "{}: rejected, but not sent to a frontend without backends",
+                ctx()
+            );
+            let icmp = etherparse::Icmpv6Slice::from_slice(&out[ETH_LEN + 40..]).expect("ICMPv6");
+            assert!(
+                icmp.is_checksum_valid(p.dst.0, p.src.0),
+                "{}: ICMPv6 checksum",
+                ctx()
+            );
+            assert_eq!(out[ETH_LEN + 40], 1, "{}: destination unreachable", ctx());
+            assert_eq!(out[ETH_LEN + 41], 4, "{}: port unreachable", ctx());
+            continue;
+        }
+        if run.ret == shot {
+            assert!(
+                parsed.is_some(),
+                "{}: dropped a frame it does not handle",
+                ctx()
+            );
+            continue;
+        }
+        assert_eq!(run.ret, ok, "{}: return code", ctx());
+        if out == &frame {
+            if let Some(p) = parsed {
+                assert!(
+                    !frontends.contains_key(&(p.dst, p.proto)),
+                    "{}: a packet to a frontend passed unchanged",
+                    ctx()
+                );
+            }
+            continue;
+        }
+        let p = parsed.unwrap_or_else(|| panic!("{}: changed a frame it must not handle", ctx()));
+        let q = reference_parse6(out).expect("the output parses");
+        assert_eq!(out.len(), frame.len(), "{}: length changed", ctx());
+        rewritten += 1;
+        if let Some(backends) = frontends.get(&(p.dst, p.proto)) {
+            assert!(backends.contains(&q.dst), "{}: DNAT to {:?}", ctx(), q.dst);
+            assert_eq!(q.src, p.src, "{}: source kept", ctx());
+        } else {
+            assert!(!xdp, "{}: XDP translated a backend's packet", ctx());
+            let fe = frontend_of
+                .get(&(p.src, p.proto))
+                .unwrap_or_else(|| panic!("{}: rewrote a packet of no connection", ctx()));
+            assert_eq!(q.src, *fe, "{}: reply from the frontend", ctx());
+            assert_eq!(q.dst, p.dst, "{}: destination kept", ctx());
+        }
+        // Outside the addresses, ports and L4 checksum, nothing changed.
+        let csum_at = ETH_LEN + 40 + if p.proto == PROTO_TCP { 16 } else { 6 };
+        for i in 0..frame.len() {
+            let nat = (ETH_LEN + 8..ETH_LEN + 40).contains(&i)
+                || (ETH_LEN + 40..ETH_LEN + 44).contains(&i)
+                || (csum_at..csum_at + 2).contains(&i);
+            if !nat {
+                assert_eq!(out[i], frame[i], "{}: byte {i} changed", ctx());
+            }
+        }
+        assert_eq!(
+            l4_residual6(out, p.proto),
+            l4_residual6(&frame, p.proto),
+            "{}: L4 checksum residual",
+            ctx()
+        );
+    }
+    assert!(
+        rewritten > n / 20,
+        "{name}: only {rewritten} of {n} frames translated"
+    );
+    assert_eq!(
+        read(&services, &slots),
+        programmed,
+        "services6/backend_slots6 changed"
+    );
+    let entries: Vec<(Ct6Key, Ct6Value)> = ct.iter().map(|r| r.unwrap()).collect();
+    for (k, v) in &entries {
+        if v.dir == CT_DIR_FORWARD {
+            let backend = (v.nat_addr, v.nat_port);
+            let rev = Ct6Key {
+                saddr: backend.0,
+                daddr: k.saddr,
+                sport: backend.1,
+                dport: k.sport,
+                proto: k.proto,
+                _pad: [0; 3],
+            };
+            assert!(
+                entries
+                    .iter()
+                    .any(|(rk, rv)| *rk == rev && rv.dir == CT_DIR_REPLY),
+                "{name}: forward entry {k:?} without its reply entry"
+            );
+        }
+    }
+}
