@@ -51,6 +51,9 @@ pub const SRC_RANGES4: &str = "src_ranges4";
 /// Reverse map of the socket hooks (`sock::SockRev4Key` -> `sock::SockRev4Value`, LRU):
 /// which frontend a node process's socket asked for, by the backend it was sent to.
 pub const SOCK_REV4: &str = "sock_rev4";
+/// The IPv6 twin of `sock_rev4` (`sock::SockRev6Key` -> `sock::SockRev6Value`, LRU, as
+/// many entries: `DEFAULT_SOCK_REV`).
+pub const SOCK_REV6: &str = "sock_rev6";
 /// Capacity of `sock_rev4`: sockets of node processes (and UDP backends per socket) that
 /// reached a service. LRU: a socket idle longest loses its entry first (its getpeername
 /// then shows the backend).

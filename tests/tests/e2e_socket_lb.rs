@@ -7,13 +7,29 @@
 //! getpeername() and the source of UDP replies showing the ClusterIP, a service without
 //! endpoints refusing at once, a process outside the cgroup untouched, the `sock_lb`
 //! counter, the hooks kept across an agent restart and removed by `bpfproxy cleanup`.
+//!
+//! IPv6 (the connect6/sendmsg6/recvmsg6/getpeername6 hooks) on the two-node testbed
+//! (`testbed::two_node`, which has IPv6): a process in a test cgroup on node A runs
+//! `testbed-probe` against an IPv6 ClusterIP whose backends are on node B, and against the
+//! IPv4-mapped form of a dual-stack Service's IPv4 ClusterIP.
 
-use std::{path::Path, process::Command, sync::Mutex};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    process::Command,
+    sync::Mutex,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use testbed::{
     cgroup::{TestCgroup, sock_client},
+    client::{Asked, ask_tcp},
     cluster::{Cluster, DNS_PORT, HTTP_PORT, MYAPP_VIP},
+    two_node::{
+        NODE_A_IP, NODE_A_IP6, NodeProbe, SERVICE_PORT, TwoNode, Which, peer_service, peer_service6,
+    },
 };
 
 /// One agent at a time: the stats and hook counts read here are this test's alone anyway,
@@ -21,6 +37,7 @@ use testbed::{
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_testbed-sock-client");
+const PROBE: &str = env!("CARGO_BIN_EXE_testbed-probe");
 const ECONNREFUSED: i64 = 111;
 const ENETUNREACH: i64 = 101;
 const EPERM: i64 = 1;
@@ -141,6 +158,36 @@ fn node_processes_reach_a_cluster_ip_over_tcp_and_udp() {
     });
 }
 
+/// The socket hooks, by their pin (and bpftool attach type) names.
+const ALL_HOOKS: [&str; 8] = [
+    "connect4",
+    "getpeername4",
+    "recvmsg4",
+    "sendmsg4",
+    "connect6",
+    "getpeername6",
+    "recvmsg6",
+    "sendmsg6",
+];
+
+/// The same hooks as bpftool names their attach types (libbpf's names), sorted.
+const ATTACH_TYPES: [&str; 8] = [
+    "cgroup_inet4_connect",
+    "cgroup_inet4_getpeername",
+    "cgroup_inet6_connect",
+    "cgroup_inet6_getpeername",
+    "cgroup_udp4_recvmsg",
+    "cgroup_udp4_sendmsg",
+    "cgroup_udp6_recvmsg",
+    "cgroup_udp6_sendmsg",
+];
+
+fn sorted(names: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
 /// The ids bpftool reports for the link pinned at `pin`: (link id, program id).
 fn pinned_link(pin: &Path) -> Result<(u64, u64)> {
     let out = Command::new("bpftool")
@@ -162,9 +209,13 @@ fn pinned_link(pin: &Path) -> Result<(u64, u64)> {
 
 /// The programs attached to a cgroup, by attach type, as bpftool lists them.
 fn cgroup_programs(cgroup: &TestCgroup) -> Result<Vec<String>> {
+    cgroup_programs_at(cgroup.path())
+}
+
+fn cgroup_programs_at(cgroup: &Path) -> Result<Vec<String>> {
     let out = Command::new("bpftool")
         .args(["-j", "cgroup", "show"])
-        .arg(cgroup.path())
+        .arg(cgroup)
         .output()
         .context("running bpftool")?;
     ensure!(
@@ -186,11 +237,11 @@ fn cgroup_programs(cgroup: &TestCgroup) -> Result<Vec<String>> {
 #[test]
 fn the_hooks_survive_a_restart_and_cleanup_removes_them() {
     with_socket_lb(|cluster, cgroup| {
-        let hooks = ["connect4", "getpeername4", "recvmsg4", "sendmsg4"];
+        let hooks = ALL_HOOKS;
         let attached = cgroup_programs(cgroup)?;
         ensure!(
-            attached.len() == 4,
-            "expected the four socket hooks on the test cgroup, bpftool shows {attached:?}"
+            attached == sorted(&ATTACH_TYPES),
+            "expected the eight socket hooks on the test cgroup, bpftool shows {attached:?}"
         );
         let pins = cluster.agent().bpffs().join("links/cgroup");
         let before: Vec<(u64, u64)> = hooks
@@ -215,7 +266,7 @@ fn the_hooks_survive_a_restart_and_cleanup_removes_them() {
             ensure!(prog2 != *prog, "{hook}: program {prog} not replaced");
         }
         ensure!(
-            cgroup_programs(cgroup)?.len() == 4,
+            cgroup_programs(cgroup)?.len() == hooks.len(),
             "hooks after the restart"
         );
         let v = from_node(cluster, Some(cgroup), "udp", DNS_PORT)?;
@@ -283,7 +334,7 @@ fn detach_on_exit_takes_the_hooks_off() {
         cluster.agent().start_again_with(&["--detach-on-exit"])?;
         cluster.agent().wait_until_running()?;
         ensure!(
-            cgroup_programs(cgroup)?.len() == 4,
+            cgroup_programs(cgroup)?.len() == ALL_HOOKS.len(),
             "hooks taken over by the second agent"
         );
         cluster.agent().stop_keeping_pins()?;
@@ -452,4 +503,209 @@ fn node_processes_reach_load_balancer_and_external_ips() {
     if let Err(e) = body(&mut cluster) {
         panic!("{e:?}");
     }
+}
+
+/// A dual-stack Service's IPv6 ClusterIP and its IPv4 one (in the testbed's ranges).
+const CIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x70);
+const CIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 70);
+/// An IPv6-only Service without endpoints.
+const EMPTY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x71);
+/// How long one probe waits for an answer.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+/// The two-node testbed with the services of the IPv6 tests, the agent of node A with
+/// socket-level load balancing on a test cgroup, and a probe running in that cgroup.
+fn with_socket_lb6(
+    pods_per_node: usize,
+    backends: &[&str],
+    body: impl FnOnce(&TwoNode, &dyn Fn(&str, IpAddr) -> Result<Asked>, &Path) -> Result<()>,
+) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut tb = TwoNode::new(pods_per_node).expect("building the two-node testbed");
+    tb.write_services_slices(
+        "services.yaml",
+        &[
+            (
+                peer_service("ds", "ClusterIP", CIP4, None).dual_stack(CIP6, "RequireDualStack"),
+                vec![
+                    tb.peer_slice("ds", backends),
+                    tb.peer_slice6("ds", backends),
+                ],
+            ),
+            (
+                peer_service6("empty6", "ClusterIP", EMPTY6, None),
+                vec![tb.peer_slice6("empty6", &[])],
+            ),
+        ],
+    )
+    .expect("writing the services");
+    let cgroup = tb.make_cgroup(Which::A).expect("creating the test cgroup");
+    let cgroup_arg = cgroup.to_string_lossy().into_owned();
+    tb.start_pod_agent(Which::A, &["--socket-lb-cgroup", &cgroup_arg])
+        .expect("agent on node A");
+    let probe = NodeProbe {
+        bin: Path::new(PROBE),
+        cgroup: &cgroup,
+    };
+    let ask = |proto: &str, addr: IpAddr| {
+        tb.ask_from_node(Which::A, &probe, proto, addr, SERVICE_PORT, PROBE_WAIT)
+    };
+    let run = || -> Result<()> {
+        // The first answer: the agent has written the IPv6 frontend.
+        testbed::wait_until(
+            "a node A process to reach the IPv6 ClusterIP",
+            Duration::from_secs(20),
+            || match ask("tcp", CIP6.into())? {
+                a @ Asked::Answer { .. } => Ok(Some(a)),
+                other => bail!("last outcome: {other:?}"),
+            },
+        )?;
+        body(&tb, &ask, &cgroup)
+    };
+    if let Err(e) = run() {
+        panic!("{e:?}\n{}", tb.agent_logs());
+    }
+}
+
+/// The backend's name and the address it saw, of an answer.
+fn reply(asked: &Asked) -> Result<(String, SocketAddr)> {
+    asked
+        .reply()
+        .with_context(|| format!("expected an answer, got {asked:?}"))
+}
+
+#[test]
+fn node_processes_reach_an_ipv6_cluster_ip_over_tcp_and_udp() {
+    let backends = ["b1", "b2"];
+    with_socket_lb6(2, &backends, |tb, ask, _cgroup| {
+        let frontend = SocketAddr::from((CIP6, SERVICE_PORT));
+        let sock_lb = tb.a.stat("sock_lb")?;
+        let tcp_calls = 12;
+        let mut seen = BTreeSet::new();
+        for _ in 0..tcp_calls {
+            let asked = ask("tcp", CIP6.into())?;
+            let (name, peer) = reply(&asked)?;
+            ensure!(backends.contains(&name.as_str()), "{asked:?}");
+            // The backend on node B saw node A's IPv6 address: nothing translated it.
+            ensure!(peer.ip() == IpAddr::from(NODE_A_IP6), "{asked:?}");
+            // getpeername() shows the ClusterIP the process asked for, not the backend.
+            ensure!(asked.from() == Some(frontend), "{asked:?}");
+            seen.insert(name);
+        }
+        ensure!(
+            seen.len() == 2,
+            "{tcp_calls} connections all went to {seen:?} (random over two backends)"
+        );
+
+        // Unconnected UDP (sendmsg6): the reply comes from the ClusterIP (recvmsg6).
+        let asked = ask("udp", CIP6.into())?;
+        let (name, peer) = reply(&asked)?;
+        ensure!(backends.contains(&name.as_str()), "{asked:?}");
+        ensure!(peer.ip() == IpAddr::from(NODE_A_IP6), "{asked:?}");
+        ensure!(
+            asked.from() == Some(frontend),
+            "UDP reply source: {asked:?}"
+        );
+
+        // A dual-stack socket naming the IPv4 ClusterIP as ::ffff:a.b.c.d is served from
+        // the IPv4 maps: the backend sees node A's IPv4 address, and the socket sees the
+        // mapped ClusterIP (getpeername6 and recvmsg6 of a mapped address).
+        let mapped = CIP4.to_ipv6_mapped();
+        let mapped_frontend = SocketAddr::from((mapped, SERVICE_PORT));
+        for proto in ["tcp", "udp"] {
+            let asked = ask(proto, mapped.into())?;
+            let (name, peer) = reply(&asked)?;
+            ensure!(backends.contains(&name.as_str()), "{proto}: {asked:?}");
+            ensure!(peer.ip() == IpAddr::from(NODE_A_IP), "{proto}: {asked:?}");
+            ensure!(asked.from() == Some(mapped_frontend), "{proto}: {asked:?}");
+        }
+
+        // One count per rewritten connect()/sendmsg().
+        let rewritten = tcp_calls + 3;
+        ensure!(
+            tb.a.stat("sock_lb")? == sock_lb + rewritten,
+            "sock_lb: {} then {}",
+            sock_lb,
+            tb.a.stat("sock_lb")?
+        );
+
+        // A process outside the cgroup (a thread of this test in node A's namespace) is not
+        // rewritten: nothing on the node answers the ClusterIP.
+        let asked = ask_tcp(&tb.a.ns, CIP6, SERVICE_PORT, Duration::from_millis(500))?;
+        ensure!(asked.reply().is_none(), "outside the cgroup: {asked:?}");
+        ensure!(
+            tb.a.stat("sock_lb")? == sock_lb + rewritten,
+            "sock_lb after the call from outside the cgroup"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn an_ipv6_service_without_endpoints_refuses_node_processes_at_once() {
+    with_socket_lb6(1, &["b1"], |tb, ask, _cgroup| {
+        let before = tb.a.stat("reject_no_backend")?;
+        for proto in ["tcp", "udp"] {
+            let asked = ask(proto, EMPTY6.into())?;
+            // Refused by connect()/sendto() itself: a dropped call would time out instead.
+            ensure!(
+                matches!(asked, Asked::Refused),
+                "{proto} to the IPv6 service without endpoints: {asked:?}"
+            );
+        }
+        ensure!(
+            tb.a.stat("reject_no_backend")? == before + 2,
+            "reject_no_backend"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn the_ipv6_hooks_are_pinned_and_cleanup_removes_them() {
+    with_socket_lb6(1, &["b1"], |tb, ask, cgroup| {
+        let agent = tb.a.agent();
+        let pins = agent.bpffs().join("links/cgroup");
+        let mut listed: Vec<String> = std::fs::read_dir(&pins)
+            .with_context(|| format!("listing {}", pins.display()))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        listed.sort();
+        ensure!(listed == sorted(&ALL_HOOKS), "pins: {listed:?}");
+        for hook in ["connect6", "sendmsg6", "recvmsg6", "getpeername6"] {
+            pinned_link(&pins.join(hook))?;
+        }
+        ensure!(
+            cgroup_programs_at(cgroup)? == sorted(&ATTACH_TYPES),
+            "bpftool cgroup show: {:?}",
+            cgroup_programs_at(cgroup)?
+        );
+
+        // The agent is gone: the pinned hooks keep serving the IPv6 ClusterIP.
+        agent.stop_keeping_pins()?;
+        let asked = ask("tcp", CIP6.into())?;
+        ensure!(reply(&asked)?.0 == "b1", "no agent: {asked:?}");
+        ensure!(
+            asked.from() == Some(SocketAddr::from((CIP6, SERVICE_PORT))),
+            "no agent: {asked:?}"
+        );
+
+        let out = agent.cli(&["cleanup"])?;
+        for hook in ALL_HOOKS {
+            ensure!(
+                out.contains(&format!("cgroup {hook}")),
+                "cleanup did not report {hook}: {out}"
+            );
+        }
+        ensure!(
+            cgroup_programs_at(cgroup)?.is_empty(),
+            "hooks left after cleanup"
+        );
+        ensure!(!pins.exists(), "{} left after cleanup", pins.display());
+        // Not rewritten any more: nothing answers the ClusterIP.
+        let asked = ask("tcp", CIP6.into())?;
+        ensure!(asked.reply().is_none(), "after cleanup: {asked:?}");
+        Ok(())
+    });
 }

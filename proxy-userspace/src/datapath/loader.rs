@@ -25,7 +25,7 @@ use proxy_common::{
         BackendConns6Key, BackendConnsKey, BackendSlotKey, MaglevKey, NodeConfig4, NodeConfig6,
         SourceRange4Key, SourceRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
     },
-    sock::{SockRev4Key, SockRev4Value},
+    sock::{SockRev4Key, SockRev4Value, SockRev6Key, SockRev6Value},
     stats::SvcCounters,
 };
 
@@ -79,7 +79,7 @@ pub struct LoadOptions {
 }
 
 /// Expected shape of each pinned map: (name, type, key size, value size).
-fn map_shapes() -> [(&'static str, MapType, usize, usize); 25] {
+fn map_shapes() -> [(&'static str, MapType, usize, usize); 26] {
     use std::mem::size_of;
     [
         (
@@ -180,6 +180,12 @@ fn map_shapes() -> [(&'static str, MapType, usize, usize); 25] {
             MapType::LruHash,
             size_of::<SockRev4Key>(),
             size_of::<SockRev4Value>(),
+        ),
+        (
+            maps::SOCK_REV6,
+            MapType::LruHash,
+            size_of::<SockRev6Key>(),
+            size_of::<SockRev6Value>(),
         ),
         (
             maps::SERVICES6,

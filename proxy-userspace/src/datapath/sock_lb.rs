@@ -32,8 +32,9 @@ pub struct Hook {
     attach_type: bpf_attach_type,
 }
 
-/// The four programs and where they attach.
-pub const HOOKS: [Hook; 4] = [
+/// The programs and where they attach: IPv4, then IPv6 (whose connect6 also serves an
+/// IPv4-mapped destination from the IPv4 maps).
+pub const HOOKS: [Hook; 8] = [
     Hook {
         program: "sock_connect4",
         pin: "connect4",
@@ -53,6 +54,26 @@ pub const HOOKS: [Hook; 4] = [
         program: "sock_getpeername4",
         pin: "getpeername4",
         attach_type: bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
+    },
+    Hook {
+        program: "sock_connect6",
+        pin: "connect6",
+        attach_type: bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
+    },
+    Hook {
+        program: "sock_sendmsg6",
+        pin: "sendmsg6",
+        attach_type: bpf_attach_type::BPF_CGROUP_UDP6_SENDMSG,
+    },
+    Hook {
+        program: "sock_recvmsg6",
+        pin: "recvmsg6",
+        attach_type: bpf_attach_type::BPF_CGROUP_UDP6_RECVMSG,
+    },
+    Hook {
+        program: "sock_getpeername6",
+        pin: "getpeername6",
+        attach_type: bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
     },
 ];
 
@@ -181,7 +202,7 @@ impl SocketLb {
                 }
             }
         }
-        tracing::info!(cgroup = %cgroup.display(), pinned = this.links.iter().all(|l| l.pin.is_some()), "socket-level load balancing attached (connect4, sendmsg4, recvmsg4, getpeername4)");
+        tracing::info!(cgroup = %cgroup.display(), pinned = this.links.iter().all(|l| l.pin.is_some()), "socket-level load balancing attached (connect, sendmsg, recvmsg, getpeername; IPv4 and IPv6)");
         Ok(this)
     }
 
