@@ -709,3 +709,73 @@ fn the_ipv6_hooks_are_pinned_and_cleanup_removes_them() {
         Ok(())
     });
 }
+
+/// loadBalancerSourceRanges on the IPv6 socket path, as configured by a user: a node
+/// process's source is the node's IPv6 address (the agent's `node_cfg6`, from
+/// `--node-interfaces`), so an IPv6 LoadBalancer IP whose ranges hold the node's LAN
+/// admits it, and one whose ranges do not fails connect() at once with EPERM.
+#[test]
+fn ipv6_source_ranges_refuse_node_processes_outside_them() {
+    const LB_IN: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 0x10);
+    const LB_OUT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 0x11);
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut tb = TwoNode::new(1).expect("building the two-node testbed");
+    let cip = |last: u16| Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, last);
+    tb.write_services_slices(
+        "services.yaml",
+        &[
+            (
+                peer_service6("inrange6", "LoadBalancer", cip(0x72), Some(30091))
+                    .lb_ingress(LB_IN)
+                    .source_range("fd00:251::/64"),
+                vec![tb.peer_slice6("inrange6", &["b1"])],
+            ),
+            (
+                peer_service6("outrange6", "LoadBalancer", cip(0x73), Some(30092))
+                    .lb_ingress(LB_OUT)
+                    .source_range("fd00:999::/64"),
+                vec![tb.peer_slice6("outrange6", &["b1"])],
+            ),
+        ],
+    )
+    .expect("writing the services");
+    let cgroup = tb.make_cgroup(Which::A).expect("creating the test cgroup");
+    let cgroup_arg = cgroup.to_string_lossy().into_owned();
+    tb.start_agent(Which::A, &["--socket-lb-cgroup", &cgroup_arg])
+        .expect("agent on node A");
+    let probe = NodeProbe {
+        bin: Path::new(PROBE),
+        cgroup: &cgroup,
+    };
+    let ask =
+        |addr: Ipv6Addr| tb.ask_from_node(Which::A, &probe, "tcp", addr, SERVICE_PORT, PROBE_WAIT);
+    let run = || -> Result<()> {
+        let asked = testbed::wait_until(
+            "a node A process to reach the IPv6 LB IP inside its source ranges",
+            Duration::from_secs(20),
+            || match ask(LB_IN)? {
+                a @ Asked::Answer { .. } => Ok(Some(a)),
+                other => bail!("last outcome: {other:?}"),
+            },
+        )?;
+        ensure!(reply(&asked)?.0 == "b1", "{asked:?}");
+        ensure!(
+            asked.from() == Some(SocketAddr::from((LB_IN, SERVICE_PORT))),
+            "{asked:?}"
+        );
+        let before = tb.a.stat("drop_source_range")?;
+        let asked = ask(LB_OUT)?;
+        ensure!(
+            matches!(&asked, Asked::Failed(e) if e.contains("Operation not permitted")),
+            "outside the source ranges: expected EPERM, got {asked:?}"
+        );
+        ensure!(
+            tb.a.stat("drop_source_range")? == before + 1,
+            "drop_source_range"
+        );
+        Ok(())
+    };
+    if let Err(e) = run() {
+        panic!("{e:?}\n{}", tb.agent_logs());
+    }
+}
