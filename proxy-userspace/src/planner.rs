@@ -1424,6 +1424,31 @@ mod tests {
         backend_slots: 262_144,
     };
 
+    /// `fd00:<group>::<last>`.
+    fn v6(group: u16, last: u16) -> std::net::IpAddr {
+        std::net::Ipv6Addr::new(0xfd00, group, 0, 0, 0, 0, 0, last).into()
+    }
+
+    /// An IPv6 ClusterIP frontend `[fd00:96::<last>]:port`.
+    fn frontend6(last: u8, port: u16, protocol: Protocol) -> Frontend {
+        Frontend::cluster(v6(0x96, u16::from(last)), port, protocol)
+    }
+
+    /// IPv6 endpoints `[fd00:244::<last>]:8080`, sorted.
+    fn eps6(lasts: &[u8]) -> Vec<Endpoint> {
+        let mut v: Vec<Endpoint> = lasts
+            .iter()
+            .map(|&l| Endpoint {
+                addr: v6(0x244, u16::from(l)),
+                port: 8080,
+                terminating: false,
+                local: false,
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     fn frontend(last: u8, port: u16, protocol: Protocol) -> Frontend {
         Frontend::cluster(Ipv4Addr::new(10, 96, 0, last), port, protocol)
     }
@@ -2363,16 +2388,23 @@ mod tests {
         }
     }
 
+    /// Services on frontends `10.96.0.0..=10.96.0.8` and `fd00:96::9..=fd00:96::b` (IPv6
+    /// ones with IPv6 endpoints and ranges only, as the model guarantees).
     fn random_desired(rng: &mut Lcg) -> DesiredState {
         let mut services = Vec::new();
         for last in 0..12u8 {
             if rng.next(3) == 0 {
                 continue;
             }
+            let ipv6 = last >= 9;
             let protocol = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp][rng.next(3) as usize];
             let mut endpoints: Vec<Endpoint> = (0..rng.next(6))
                 .map(|_| Endpoint {
-                    addr: Ipv4Addr::new(10, 244, 0, rng.next(8) as u8).into(),
+                    addr: if ipv6 {
+                        v6(0x244, rng.next(8) as u16)
+                    } else {
+                        Ipv4Addr::new(10, 244, 0, rng.next(8) as u8).into()
+                    },
                     port: 8080 + rng.next(2) as u16,
                     terminating: rng.next(4) == 0,
                     local: rng.next(2) == 0,
@@ -2380,11 +2412,12 @@ mod tests {
                 .collect();
             endpoints.sort();
             endpoints.dedup_by_key(|e| (e.addr, e.port));
-            let mut s = service(
-                &format!("s{}", rng.next(3)),
-                frontend(last, 80, protocol),
-                endpoints,
-            );
+            let f = if ipv6 {
+                frontend6(last, 80, protocol)
+            } else {
+                frontend(last, 80, protocol)
+            };
+            let mut s = service(&format!("s{}", rng.next(3)), f, endpoints);
             s.affinity_timeout_s = [0, 60, 10_800][rng.next(3) as usize];
             // External views, kinds, policy flags and source ranges from small pools.
             if rng.next(3) == 0 {
@@ -2402,7 +2435,11 @@ mod tests {
                 s.source_ranges = (0..rng.next(3))
                     .map(|_| {
                         let len = [8, 16, 24][rng.next(3) as usize];
-                        IpRange::new(Ipv4Addr::new(10, rng.next(2) as u8, 0, 0), len).unwrap()
+                        if ipv6 {
+                            IpRange::new(v6(0x203, rng.next(2) as u16), 32 + len).unwrap()
+                        } else {
+                            IpRange::new(Ipv4Addr::new(10, rng.next(2) as u8, 0, 0), len).unwrap()
+                        }
                     })
                     .collect();
                 s.source_ranges.sort();
@@ -2448,6 +2485,9 @@ mod tests {
                 assert_eq!(got.value.flags, s.flags);
                 assert!(got.source_ranges.iter().eq(s.source_ranges.iter()));
                 assert!(tables_of(got.value.svc_id).contains(&got.value.table));
+                // Never a backend or range of the other family.
+                assert!(got.backends.iter().all(|b| b.family() == f.family()));
+                assert!(got.source_ranges.iter().all(|r| r.family() == f.family()));
             }
             let ids: BTreeSet<u32> = state.services.values().map(|s| s.value.svc_id).collect();
             assert_eq!(ids.len(), state.services.len(), "ids are unique");
@@ -2804,5 +2844,277 @@ mod tests {
         assert_eq!(plan_node_config(&want, &state), None);
         let other = node_config(Some(Ipv4Addr::new(192, 168, 1, 10)), 61000..=65535, false);
         assert!(plan_node_config(&other, &state).is_some());
+    }
+
+    #[test]
+    fn an_ipv6_service_is_planned_like_an_ipv4_one_into_its_family_maps() {
+        let f = frontend6(10, 80, Protocol::Tcp);
+        let e = eps6(&[1, 2]);
+        let d = desired([service("web6", f, e.clone())]);
+        let mut state = MapState::default();
+        let p = step(&mut state, &d);
+        let name = d.services[&f].name.clone();
+        assert_eq!(
+            p.steps[0].ops,
+            [
+                MapOp::ResetCounters { svc_id: 1 },
+                MapOp::PutMeta {
+                    svc_id: 1,
+                    meta: meta_from_name(&name)
+                },
+                put_backend(2, 0, &e[0]),
+                put_backend(2, 1, &e[1]),
+                MapOp::PutService {
+                    key: f.key(),
+                    value: svc_value(1, 2, 2)
+                },
+            ]
+        );
+        // The key and the slots are IPv6 ones: services6 and backend_slots6.
+        assert_eq!(f.key().family(), Family::V6);
+        let key6 = f.key().v6().expect("a services6 key");
+        assert_eq!(key6.addr[..2], [0xfd, 0x00]);
+        assert_eq!((key6.port, key6.proto), (80, PROTO_TCP));
+        let slot0 = backend_from_endpoint(&e[0]);
+        assert_eq!(slot0.v4(), None);
+        assert_eq!(slot0.v6().unwrap().addr, v6_octets(&e[0]));
+        // The reply filter gets the IPv6 bits (bit6), before the service is published.
+        let want: Vec<u64> = {
+            let mut w = vec![0u64; reply_filter::WORDS as usize];
+            for ep in &e {
+                let (i, m) =
+                    reply_filter::word_and_mask(reply_filter::bit6(v6_octets(ep), 8080, PROTO_TCP));
+                w[i as usize] |= m;
+            }
+            w
+        };
+        assert_eq!(state.reply_filter, want);
+        assert!(!p.prologue.is_empty() && p.epilogue.is_empty());
+        assert_eq!(p.steps[0].name.to_string(), "default/web6:http/TCP");
+        assert!(plan(&d, &state, BIG).0.is_empty());
+    }
+
+    fn v6_octets(e: &Endpoint) -> [u8; 16] {
+        match e.addr {
+            std::net::IpAddr::V6(a) => a.octets(),
+            std::net::IpAddr::V4(_) => panic!("an IPv4 endpoint"),
+        }
+    }
+
+    #[test]
+    fn a_dual_stack_pair_gets_two_ids_and_tables_in_each_family() {
+        let (f4, f6) = (
+            frontend(10, 80, Protocol::Tcp),
+            frontend6(10, 80, Protocol::Tcp),
+        );
+        let d = desired([
+            service("web", f4, eps(&[1, 2])),
+            service("web", f6, eps6(&[1, 2, 3])),
+        ]);
+        let mut state = MapState::default();
+        let p = step(&mut state, &d);
+        assert_eq!(p.steps.len(), 2);
+        // Frontend order: the IPv4 one first.
+        let (s4, s6) = (&state.services[&f4.key()], &state.services[&f6.key()]);
+        assert_eq!((s4.value.svc_id, s4.value.table), (1, 2));
+        assert_eq!((s6.value.svc_id, s6.value.table), (2, 4));
+        // Each step's slots are of its own family (backend_slots4 vs backend_slots6).
+        for (step, family, table) in [(&p.steps[0], Family::V4, 2), (&p.steps[1], Family::V6, 4)] {
+            let puts: Vec<&Backend> = step
+                .ops
+                .iter()
+                .filter_map(|o| match o {
+                    MapOp::PutBackend { key, value } => {
+                        assert_eq!(key.table, table);
+                        Some(value)
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert!(!puts.is_empty());
+            assert!(puts.iter().all(|b| b.family() == family), "{puts:?}");
+        }
+        assert_eq!(state.counts_by_family().services, [1, 1]);
+        assert_eq!(state.counts_by_family().slots, [2, 3]);
+        // Removing the IPv6 one deletes its IPv6 slots only.
+        let p = step(&mut state, &desired([service("web", f4, eps(&[1, 2]))]));
+        assert_eq!(
+            p.steps[0].ops[..4],
+            [
+                MapOp::DeleteService { key: f6.key() },
+                MapOp::DeleteBackend {
+                    key: slot(4, 0),
+                    family: Family::V6
+                },
+                MapOp::DeleteBackend {
+                    key: slot(4, 1),
+                    family: Family::V6
+                },
+                MapOp::DeleteBackend {
+                    key: slot(4, 2),
+                    family: Family::V6
+                },
+            ]
+        );
+        assert_eq!(state.counts_by_family().slots, [2, 0]);
+    }
+
+    #[test]
+    fn an_ipv6_backend_change_fills_the_other_table_then_switches_then_frees_the_old() {
+        let f = frontend6(53, 53, Protocol::Udp);
+        let mut state = MapState::default();
+        step(&mut state, &desired([service("dns6", f, eps6(&[1, 2]))]));
+        let e = eps6(&[2, 3]);
+        let p = step(&mut state, &desired([service("dns6", f, e.clone())]));
+        let gone: Vec<Backend> = eps6(&[1]).iter().map(backend_from_endpoint).collect();
+        assert_eq!(
+            p.steps[0].ops,
+            [
+                put_backend(3, 0, &e[0]),
+                put_backend(3, 1, &e[1]),
+                MapOp::PutService {
+                    key: f.key(),
+                    value: svc_value(1, 3, 2),
+                },
+                MapOp::DeleteBackend {
+                    key: slot(2, 0),
+                    family: Family::V6
+                },
+                MapOp::DeleteBackend {
+                    key: slot(2, 1),
+                    family: Family::V6
+                },
+                // UDP: the leaving backend's conntrack6 entries go, after the switch.
+                MapOp::PurgeUdpConntrack {
+                    frontend: f.key(),
+                    backends: gone
+                },
+            ]
+        );
+        assert_eq!(state.services[&f.key()].value.table, 3);
+        assert!(state.spare_slots.is_empty());
+        assert_eq!(state.reply_filter, filter_words(&state));
+    }
+
+    fn range6(group: u16, len: u8) -> IpRange {
+        IpRange::new(v6(0x203, group), len).unwrap()
+    }
+
+    #[test]
+    fn ipv6_source_ranges_are_planned_like_ipv4_ones() {
+        let mut f = frontend6(20, 80, Protocol::Tcp);
+        f.scope = crate::model::Scope::External;
+        let lb = |ranges: &[IpRange]| DesiredService {
+            kind: FrontendKind::LoadBalancer,
+            flags: SVC_F_LOAD_BALANCER | SVC_F_SOURCE_RANGES,
+            source_ranges: ranges.to_vec(),
+            ..service("lb6", f, eps6(&[1]))
+        };
+        let mut state = MapState::default();
+        let p = step(&mut state, &desired([lb(&[range6(1, 48), range6(2, 64)])]));
+        let ops = &p.steps[0].ops;
+        let publish = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::PutService { .. }))
+            .unwrap();
+        let ranges: Vec<(usize, IpRange)> = ops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| match o {
+                MapOp::PutSourceRange { svc_id: 1, range } => Some((i, *range)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            ranges.iter().map(|r| r.1).collect::<Vec<_>>(),
+            [range6(1, 48), range6(2, 64)]
+        );
+        assert!(
+            ranges
+                .iter()
+                .all(|(i, r)| *i < publish && r.family() == Family::V6)
+        );
+        assert_eq!(state.counts_by_family().ranges, [0, 2]);
+        // One swapped: the new one before, the old one after.
+        let p = step(&mut state, &desired([lb(&[range6(1, 48), range6(3, 40)])]));
+        assert_eq!(
+            p.steps[0].ops,
+            [
+                MapOp::PutSourceRange {
+                    svc_id: 1,
+                    range: range6(3, 40)
+                },
+                MapOp::DeleteSourceRange {
+                    svc_id: 1,
+                    range: range6(2, 64)
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn each_family_fills_its_own_maps() {
+        let cap = Capacity {
+            services: 2,
+            backend_slots: 3,
+        };
+        let mut state = MapState::default();
+        // Two services and three slots in each family: both families fit side by side.
+        let d = desired([
+            service("a", frontend(1, 80, Protocol::Tcp), eps(&[1, 2])),
+            service("b", frontend(2, 80, Protocol::Tcp), eps(&[1])),
+            service("a", frontend6(1, 80, Protocol::Tcp), eps6(&[1, 2])),
+            service("b", frontend6(2, 80, Protocol::Tcp), eps6(&[1])),
+        ]);
+        let (p, errors) = plan(&d, &state, cap);
+        assert!(errors.is_empty(), "{errors:?}");
+        apply_plan(&mut state, &p);
+        assert_eq!(state.services.len(), 4);
+        // A third IPv6 service: services6 is full, services4 is not involved.
+        let mut more = d.clone();
+        let c6 = service("c", frontend6(3, 80, Protocol::Tcp), eps6(&[1]));
+        more.services.insert(c6.frontend, c6);
+        let (_, errors) = plan(&more, &state, cap);
+        assert_eq!(
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["default/c:http/TCP: services6 is full (2 entries)"]
+        );
+        // Growing an IPv6 service past its slots: backend_slots6 is full.
+        let mut grow = d.clone();
+        grow.services
+            .get_mut(&frontend6(2, 80, Protocol::Tcp))
+            .unwrap()
+            .endpoints = eps6(&[1, 2, 3]);
+        let (p, errors) = plan(&grow, &state, cap);
+        assert_eq!(
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["default/b:http/TCP: backend_slots6 is full (3 entries)"]
+        );
+        assert!(p.steps.is_empty());
+    }
+
+    #[test]
+    fn the_ipv6_node_config_is_written_when_it_differs() {
+        let addr: std::net::Ipv6Addr = "fd00:251::1".parse().unwrap();
+        let want = node_config6(Some(addr), 61000..=65535, true);
+        assert_eq!(
+            want,
+            NodeConfig6 {
+                snat_addr: addr.octets(),
+                snat_port_min: 61000,
+                snat_port_max: 65535,
+                flags: NODE_F_FIB_FORWARD,
+            }
+        );
+        // No IPv6 SNAT address: `::`.
+        assert_eq!(node_config6(None, 1..=2, false).snat_addr, [0; 16]);
+        let mut state = MapState::default();
+        let op = plan_node_config6(&want, &state).expect("nothing written yet");
+        assert_eq!(op, MapOp::PutNodeConfig6 { value: want });
+        state.apply(&op);
+        assert_eq!(plan_node_config6(&want, &state), None);
+        // The IPv4 one is separate.
+        assert_eq!(state.node_config, None);
+        assert!(plan_node_config6(&node_config6(None, 61000..=65535, true), &state).is_some());
     }
 }

@@ -755,12 +755,48 @@ impl KernelMaps {
                 reply_filter::word_and_mask(reply_filter::bit(key.saddr, key.sport, key.proto));
             words[word as usize] |= mask;
         }
+        // The same for IPv6 connections (their bits are `bit6`, in the same filter).
+        for (key, value) in self.conntrack6.iter().filter_map(Result::ok) {
+            if value.dir != CT_DIR_REPLY {
+                continue;
+            }
+            if value.flags & CT_FLAG_CLOSING != 0 {
+                let (client, client_port) = if value.flags & CT_FLAG_SNAT != 0 {
+                    (value.nat2_addr, value.nat2_port)
+                } else {
+                    (key.daddr, key.dport)
+                };
+                let forward = Ct6Key {
+                    saddr: client,
+                    daddr: value.nat_addr,
+                    sport: client_port,
+                    dport: value.nat_port,
+                    proto: key.proto,
+                    _pad: [0; 3],
+                };
+                let forward_closing = self
+                    .conntrack6
+                    .get(&forward, 0)
+                    .map_or(true, |f| f.flags & CT_FLAG_CLOSING != 0);
+                if forward_closing {
+                    continue;
+                }
+            }
+            let (word, mask) =
+                reply_filter::word_and_mask(reply_filter::bit6(key.saddr, key.sport, key.proto));
+            words[word as usize] |= mask;
+        }
         words
     }
 
     /// Every conntrack entry.
     pub fn conntrack_entries(&self) -> Vec<(Ct4Key, Ct4Value)> {
         self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Every `conntrack6` entry.
+    pub fn conntrack_entries6(&self) -> Vec<(Ct6Key, Ct6Value)> {
+        self.conntrack6.iter().filter_map(Result::ok).collect()
     }
 
     /// The datapath counters, summed over CPUs, by name.

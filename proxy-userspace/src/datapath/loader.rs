@@ -411,6 +411,40 @@ impl Datapath {
                 report.removed += 1;
             }
         }
+        // The same for IPv6 connections (`counted6`, `conntrack6`, `backend_conns6`).
+        let tokens: Vec<(Ct6Key, BackendConns6Key)> =
+            self.maps.counted6.iter().filter_map(Result::ok).collect();
+        let mut held: BTreeSet<BackendConns6Key> = BTreeSet::new();
+        for (tuple, backend) in tokens {
+            if self.maps.conntrack6.get(&tuple, 0).is_ok() {
+                held.insert(backend);
+                continue;
+            }
+            if self.maps.counted6.remove(&tuple).is_ok() {
+                self.release_connections6(&backend, 1)?;
+                report.released += 1;
+            }
+        }
+        let live: BTreeSet<BackendConns6Key> = state
+            .services
+            .values()
+            .flat_map(|s| {
+                s.backends.iter().filter_map(|b| {
+                    Some(BackendConns6Key {
+                        svc_id: s.value.svc_id,
+                        addr: b.v6()?.addr,
+                        port: b.port,
+                        _pad: 0,
+                    })
+                })
+            })
+            .collect();
+        for (key, counts) in self.maps.connection_counts6() {
+            if counts.active() == 0 && !held.contains(&key) && !live.contains(&key) {
+                let _ = self.maps.backend_conns6.remove(&key);
+                report.removed += 1;
+            }
+        }
         Ok(report)
     }
 
@@ -421,8 +455,23 @@ impl Datapath {
         key: &BackendConnsKey,
         n: u64,
     ) -> Result<(), DatapathError> {
+        self.run_conns_release(pod_bytes(key), n)
+    }
+
+    /// Adds `n` to an IPv6 backend's `closed` counter (`backend_conns6`): the program
+    /// tells the IPv6 frame (14 bytes, `BackendConns6Key`, u64) from the IPv4 one by its
+    /// length.
+    pub fn release_connections6(
+        &mut self,
+        key: &BackendConns6Key,
+        n: u64,
+    ) -> Result<(), DatapathError> {
+        self.run_conns_release(pod_bytes(key), n)
+    }
+
+    fn run_conns_release(&mut self, key: &[u8], n: u64) -> Result<(), DatapathError> {
         let mut frame = vec![0u8; 14];
-        frame.extend_from_slice(bytemuck_bytes(key));
+        frame.extend_from_slice(key);
         frame.extend_from_slice(&n.to_ne_bytes());
         let prog = self.program_mut(PROG_CONNS_RELEASE)?;
         let opts = TestRunOptions {
@@ -447,16 +496,11 @@ pub struct CollectReport {
     pub removed: usize,
 }
 
-/// The bytes of a key (repr(C), no implicit padding).
-fn bytemuck_bytes(key: &BackendConnsKey) -> &[u8] {
-    // SAFETY: BackendConnsKey is repr(C) with every byte covered by a field (asserted in
-    // proxy-common), so all its bytes are initialised.
-    unsafe {
-        std::slice::from_raw_parts(
-            (key as *const BackendConnsKey).cast::<u8>(),
-            std::mem::size_of::<BackendConnsKey>(),
-        )
-    }
+/// The bytes of a map key (repr(C), no implicit padding).
+fn pod_bytes<T: aya::Pod>(key: &T) -> &[u8] {
+    // SAFETY: the Pod keys of proxy-common are repr(C) with every byte covered by a field
+    // (asserted there), so all their bytes are initialised.
+    unsafe { std::slice::from_raw_parts((key as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
 fn classifier<'a>(
