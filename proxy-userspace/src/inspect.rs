@@ -1,10 +1,7 @@
 //! What the CLI prints: the services and connections the kernel actually holds, read from
 //! the pinned maps (no agent needed).
 
-use std::{
-    fmt::Write as _,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{fmt::Write as _, net::IpAddr};
 
 use proxy_common::conntrack::CT_DIR_FORWARD;
 use serde::Serialize;
@@ -56,11 +53,11 @@ pub struct BackendRow {
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct ConnectionRow {
     pub protocol: String,
-    pub client_ip: Ipv4Addr,
+    pub client_ip: IpAddr,
     pub client_port: u16,
-    pub service_ip: Ipv4Addr,
+    pub service_ip: IpAddr,
     pub service_port: u16,
-    pub backend_ip: Ipv4Addr,
+    pub backend_ip: IpAddr,
     pub backend_port: u16,
     pub closing: bool,
     pub svc_id: u32,
@@ -157,24 +154,41 @@ pub fn services(maps: &KernelMaps) -> Result<Vec<ServiceRow>, DatapathError> {
     Ok(rows)
 }
 
-/// Connections, one row each (the forward entry; its reply twin says the same backwards).
+/// Connections of both families, one row each (the forward entry; its reply twin says the
+/// same backwards).
 pub fn connections(maps: &KernelMaps) -> Vec<ConnectionRow> {
-    let mut rows: Vec<ConnectionRow> = maps
+    let closing = |flags: u8| flags & proxy_common::conntrack::CT_FLAG_CLOSING != 0;
+    let rows4 = maps
         .conntrack_entries()
         .into_iter()
         .filter(|(_, v)| v.dir == CT_DIR_FORWARD)
         .map(|(k, v)| ConnectionRow {
             protocol: protocol_name(k.proto),
-            client_ip: Ipv4Addr::from(k.saddr),
+            client_ip: IpAddr::from(k.saddr),
             client_port: k.sport,
-            service_ip: Ipv4Addr::from(k.daddr),
+            service_ip: IpAddr::from(k.daddr),
             service_port: k.dport,
-            backend_ip: Ipv4Addr::from(v.nat_addr),
+            backend_ip: IpAddr::from(v.nat_addr),
             backend_port: v.nat_port,
-            closing: v.flags & proxy_common::conntrack::CT_FLAG_CLOSING != 0,
+            closing: closing(v.flags),
             svc_id: v.svc_id,
-        })
-        .collect();
+        });
+    let rows6 = maps
+        .conntrack_entries6()
+        .into_iter()
+        .filter(|(_, v)| v.dir == CT_DIR_FORWARD)
+        .map(|(k, v)| ConnectionRow {
+            protocol: protocol_name(k.proto),
+            client_ip: IpAddr::from(k.saddr),
+            client_port: k.sport,
+            service_ip: IpAddr::from(k.daddr),
+            service_port: k.dport,
+            backend_ip: IpAddr::from(v.nat_addr),
+            backend_port: v.nat_port,
+            closing: closing(v.flags),
+            svc_id: v.svc_id,
+        });
+    let mut rows: Vec<ConnectionRow> = rows4.chain(rows6).collect();
     rows.sort_by_key(|r| (r.service_ip, r.service_port, r.client_ip, r.client_port));
     rows
 }
@@ -254,9 +268,9 @@ pub fn connections_table(rows: &[ConnectionRow]) -> String {
             out,
             "{:<6} {:<22} {:<22} {:<22} {}",
             r.protocol,
-            format!("{}:{}", r.client_ip, r.client_port),
-            format!("{}:{}", r.service_ip, r.service_port),
-            format!("{}:{}", r.backend_ip, r.backend_port),
+            host_port(r.client_ip, r.client_port),
+            host_port(r.service_ip, r.service_port),
+            host_port(r.backend_ip, r.backend_port),
             if r.closing { "closing" } else { "open" }
         );
     }
@@ -265,6 +279,8 @@ pub fn connections_table(rows: &[ConnectionRow]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -305,5 +321,58 @@ mod tests {
             assert!(line.contains(part), "{part:?} missing in {line:?}");
         }
         assert!(table.lines().next().unwrap().contains("SCOPE"));
+    }
+
+    #[test]
+    fn ipv6_rows_print_bracketed_in_the_same_tables() {
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let row = ServiceRow {
+            namespace: "default".into(),
+            name: "web".into(),
+            port_name: String::new(),
+            ip: v6("fd00:96::10"),
+            port: 80,
+            protocol: "TCP".into(),
+            scope: "cluster".into(),
+            kind: "ClusterIP".into(),
+            flags: Vec::new(),
+            source_ranges: vec!["fd00:203::/48".into()],
+            svc_id: 2,
+            scheduler: "random".into(),
+            affinity_timeout_s: 0,
+            backends: vec![BackendRow {
+                ip: v6("fd00:244:1::11"),
+                port: 8080,
+                terminating: false,
+                local: false,
+                weight: 1,
+                active_connections: 0,
+            }],
+        };
+        let table = services_table(&[row]);
+        let line = table.lines().nth(1).unwrap();
+        for part in ["[fd00:96::10]:80", "[fd00:244:1::11]:8080", "fd00:203::/48"] {
+            assert!(line.contains(part), "{part:?} missing in {line:?}");
+        }
+        let conns = connections_table(&[ConnectionRow {
+            protocol: "TCP".into(),
+            client_ip: v6("fd00:251::100"),
+            client_port: 40000,
+            service_ip: v6("fd00:96::10"),
+            service_port: 80,
+            backend_ip: v6("fd00:244:1::11"),
+            backend_port: 8080,
+            closing: false,
+            svc_id: 2,
+        }]);
+        let line = conns.lines().nth(1).unwrap();
+        for part in [
+            "[fd00:251::100]:40000",
+            "[fd00:96::10]:80",
+            "[fd00:244:1::11]:8080",
+            "open",
+        ] {
+            assert!(line.contains(part), "{part:?} missing in {line:?}");
+        }
     }
 }

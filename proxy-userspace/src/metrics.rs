@@ -269,7 +269,7 @@ pub fn encode_snapshot(snap: &Snapshot, mut enc: DescriptorEncoder) -> fmt::Resu
     if let Some(entries) = snap.conntrack_entries {
         let family = enc.encode_descriptor(
             "conntrack_entries",
-            "Entries in the conntrack map (two per tracked connection)",
+            "Entries in the conntrack maps, conntrack4 and conntrack6 (two per tracked connection)",
             None,
             MetricType::Gauge,
         )?;
@@ -312,12 +312,16 @@ pub fn encode_snapshot(snap: &Snapshot, mut enc: DescriptorEncoder) -> fmt::Resu
 const COUNT_CACHE: Duration = Duration::from_secs(10);
 
 /// Maps the kernel writes, whose entries are counted by walking their keys (the maps the
-/// agent writes are counted from `services4`).
-const COUNTED_MAPS: [&str; 4] = [
+/// agent writes are counted from `services4` and `services6`).
+const COUNTED_MAPS: [&str; 8] = [
     maps::CONNTRACK4,
     maps::AFFINITY4,
     maps::COUNTED4,
     maps::BACKEND_CONNS4,
+    maps::CONNTRACK6,
+    maps::AFFINITY6,
+    maps::COUNTED6,
+    maps::BACKEND_CONNS6,
 ];
 
 /// Entries of each counted map.
@@ -375,10 +379,23 @@ impl DatapathCollector {
     pub fn snapshot(&self) -> Snapshot {
         let mut by_labels: BTreeMap<(String, String, String, String), SvcCounters> =
             BTreeMap::new();
-        let (mut services, mut slots, mut maglev_tables) = (0u64, 0u64, 0u64);
-        for (key, value) in self.maps.services.iter().filter_map(Result::ok) {
-            services += 1;
-            slots += u64::from(value.backend_count);
+        let (mut services, mut slots, mut maglev_tables) = ([0u64; 2], [0u64; 2], 0u64);
+        // Both families' services, as (family index, protocol number, value).
+        let entries4 = self
+            .maps
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (0, k.proto, v));
+        let entries6 = self
+            .maps
+            .services6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (1, k.proto, v));
+        for (family, proto, value) in entries4.chain(entries6) {
+            services[family] += 1;
+            slots[family] += u64::from(value.backend_count);
             if value.scheduler == SCHED_MAGLEV && value.backend_count > 0 {
                 maglev_tables += 1;
             }
@@ -388,8 +405,8 @@ impl DatapathCollector {
                 .get(&value.svc_id, 0)
                 .map(|m| meta_to_name(&m))
                 .unwrap_or_default();
-            let protocol = Protocol::from_number(key.proto)
-                .map_or_else(|| key.proto.to_string(), |p| p.to_string());
+            let protocol =
+                Protocol::from_number(proto).map_or_else(|| proto.to_string(), |p| p.to_string());
             let counters = self
                 .maps
                 .svc_counters
@@ -404,8 +421,11 @@ impl DatapathCollector {
         let counted = self.counted_entries();
         let entries = |map: &str| -> u64 {
             match map {
-                maps::SERVICES4 | maps::SVC_META => services,
-                maps::BACKEND_SLOTS4 => slots,
+                maps::SERVICES4 => services[0],
+                maps::SERVICES6 => services[1],
+                maps::SVC_META => services[0] + services[1],
+                maps::BACKEND_SLOTS4 => slots[0],
+                maps::BACKEND_SLOTS6 => slots[1],
                 maps::MAGLEV => maglev_tables * u64::from(MAGLEV_SIZE),
                 other => counted
                     .iter()
@@ -427,7 +447,7 @@ impl DatapathCollector {
                     },
                 )
                 .collect(),
-            conntrack_entries: Some(entries(maps::CONNTRACK4)),
+            conntrack_entries: Some(entries(maps::CONNTRACK4) + entries(maps::CONNTRACK6)),
             maps: self
                 .capacities
                 .iter()
@@ -472,6 +492,10 @@ impl DatapathCollector {
             maps::CONNTRACK4 => self.maps.conntrack.keys().count(),
             maps::AFFINITY4 => self.maps.affinity.keys().count(),
             maps::COUNTED4 => self.maps.counted.keys().count(),
+            maps::CONNTRACK6 => self.maps.conntrack6.keys().count(),
+            maps::AFFINITY6 => self.maps.affinity6.keys().count(),
+            maps::COUNTED6 => self.maps.counted6.keys().count(),
+            maps::BACKEND_CONNS6 => self.maps.backend_conns6.keys().count(),
             _ => self.maps.backend_conns.keys().count(),
         }) as u64
     }
