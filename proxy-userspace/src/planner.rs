@@ -1233,13 +1233,25 @@ impl<'a> Planner<'a> {
             Family::V4 => [maps::SERVICES4, maps::BACKEND_SLOTS4, maps::SRC_RANGES4],
             Family::V6 => [maps::SERVICES6, maps::BACKEND_SLOTS6, maps::SRC_RANGES6],
         };
-        if new_service && self.counts.services[f] >= self.capacity.services as usize {
-            return Err(PlanError::Full {
-                name: svc.name.clone(),
-                frontend: svc.frontend,
-                map: services_map,
-                size: self.capacity.services,
-            });
+        if new_service {
+            // Its family's map, and the svc_ids both families share (`svc_meta`,
+            // `svc_counters`, `sched_rr` hold `capacity.services` ids over both).
+            let total = self.counts.services[0] + self.counts.services[1];
+            let full = if self.counts.services[f] >= self.capacity.services as usize {
+                Some(services_map)
+            } else if total >= self.capacity.services as usize {
+                Some(maps::SVC_META)
+            } else {
+                None
+            };
+            if let Some(map) = full {
+                return Err(PlanError::Full {
+                    name: svc.name.clone(),
+                    frontend: svc.frontend,
+                    map,
+                    size: self.capacity.services,
+                });
+            }
         }
         // Slots and ranges by the family of each op (a reused id may clear leftovers of
         // the other family).
@@ -3055,11 +3067,12 @@ mod tests {
     #[test]
     fn each_family_fills_its_own_maps() {
         let cap = Capacity {
-            services: 2,
+            services: 4,
             backend_slots: 3,
         };
         let mut state = MapState::default();
-        // Two services and three slots in each family: both families fit side by side.
+        // Three slots in each family: both fit side by side (backend_slots4 and
+        // backend_slots6 are separate maps), four services use the four ids.
         let d = desired([
             service("a", frontend(1, 80, Protocol::Tcp), eps(&[1, 2])),
             service("b", frontend(2, 80, Protocol::Tcp), eps(&[1])),
@@ -3069,17 +3082,20 @@ mod tests {
         let (p, errors) = plan(&d, &state, cap);
         assert!(errors.is_empty(), "{errors:?}");
         apply_plan(&mut state, &p);
-        assert_eq!(state.services.len(), 4);
-        // A third IPv6 service: services6 is full, services4 is not involved.
+        assert_eq!(state.counts_by_family().services, [2, 2]);
+        assert_eq!(state.counts_by_family().slots, [3, 3]);
+        // The svc_ids are shared by both families (svc_meta, svc_counters, sched_rr hold
+        // `services` ids): a fifth service is refused though services6 has room.
         let mut more = d.clone();
         let c6 = service("c", frontend6(3, 80, Protocol::Tcp), eps6(&[1]));
         more.services.insert(c6.frontend, c6);
         let (_, errors) = plan(&more, &state, cap);
         assert_eq!(
             errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            ["default/c:http/TCP: services6 is full (2 entries)"]
+            ["default/c:http/TCP: svc_meta is full (4 entries)"]
         );
-        // Growing an IPv6 service past its slots: backend_slots6 is full.
+        // Growing an IPv6 service past its slots: backend_slots6 is full, backend_slots4
+        // is not involved.
         let mut grow = d.clone();
         grow.services
             .get_mut(&frontend6(2, 80, Protocol::Tcp))
@@ -3091,6 +3107,21 @@ mod tests {
             ["default/b:http/TCP: backend_slots6 is full (3 entries)"]
         );
         assert!(p.steps.is_empty());
+        // An IPv6-only state: services6 fills first.
+        let two = Capacity {
+            services: 2,
+            backend_slots: 10,
+        };
+        let d6 = desired([
+            service("a", frontend6(1, 80, Protocol::Tcp), eps6(&[1])),
+            service("b", frontend6(2, 80, Protocol::Tcp), eps6(&[1])),
+            service("c", frontend6(3, 80, Protocol::Tcp), eps6(&[1])),
+        ]);
+        let (_, errors) = plan(&d6, &MapState::default(), two);
+        assert_eq!(
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["default/c:http/TCP: services6 is full (2 entries)"]
+        );
     }
 
     #[test]

@@ -201,6 +201,7 @@ impl KernelMaps {
     pub fn read_state(&self) -> Result<MapState, DatapathError> {
         let mut state = MapState::default();
         let mut ranges = self.source_ranges()?;
+        let mut spare: BTreeMap<u32, BTreeSet<IpRange>> = BTreeMap::new();
         let mut entries: Vec<(SvcKey, SvcValue)> = Vec::new();
         for entry in self.services.iter() {
             let (key, value) = entry.map_err(map_err(maps::SERVICES4))?;
@@ -223,16 +224,27 @@ impl KernelMaps {
                 };
                 backends.push(self.backend(&slot, key.family())?);
             }
+            // Only ranges of the service's family are its own; others under its id are
+            // leftovers (spare), for the other family's trie.
+            let (source_ranges, others): (BTreeSet<IpRange>, BTreeSet<IpRange>) = ranges
+                .remove(&value.svc_id)
+                .unwrap_or_default()
+                .into_iter()
+                .partition(|r| r.family() == key.family());
+            if !others.is_empty() {
+                spare.insert(value.svc_id, others);
+            }
             state.services.insert(
                 key,
                 ProgrammedService {
                     value,
                     backends,
                     meta,
-                    source_ranges: ranges.remove(&value.svc_id).unwrap_or_default(),
+                    source_ranges,
                 },
             );
         }
+        ranges.extend(spare);
         state.spare_ranges = ranges;
         state.node_config = Some(self.node_cfg.get(&0, 0).map_err(map_err(maps::NODE_CFG4))?);
         state.node_config6 = Some(
