@@ -678,3 +678,53 @@ fn an_ipv6_connection_and_service_survive_an_agent_restart() {
     .unwrap();
     drop((stream, fresh));
 }
+
+#[test]
+fn ipv6_connections_are_listed_by_bpfproxy_conntrack() {
+    let cip = cluster_ip6(0x30);
+    let mut tb = two_nodes(1);
+    tb.write_services(
+        "services.yaml",
+        &[(
+            peer_service6("ct6", "ClusterIP", cip, None),
+            tb.peer_slice6("ct6", &["b1"]),
+        )],
+    )
+    .unwrap();
+    start_agents(&mut tb);
+    let a1 = tb.pod("a1");
+    tb.wait_for_answer(&a1.ns, "tcp", cip, SERVICE_PORT, "b1")
+        .unwrap();
+
+    // An open connection from a1 to the IPv6 ClusterIP (kept open: the server waits for
+    // a line) is listed on node A with its client, service and backend.
+    let stream = match testbed::connect(&a1.ns, cip, SERVICE_PORT, WAIT).unwrap() {
+        testbed::ConnectOutcome::Connected(s, _) => s,
+        other => panic!("connecting to [{cip}]:{SERVICE_PORT}: {other:?}"),
+    };
+    let local = stream.local_addr().unwrap();
+    let json = tb.a.agent().cli(&["conntrack", "-o", "json"]).unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r["client_port"].as_u64() == Some(u64::from(local.port())))
+        .unwrap_or_else(|| panic!("no connection from {local} in {json}"));
+    let ip = |field: &str| -> IpAddr {
+        row[field]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{field} in {row}"))
+    };
+    assert_eq!(ip("client_ip"), local.ip(), "{row}");
+    assert_eq!(ip("service_ip"), IpAddr::V6(cip), "{row}");
+    assert_eq!(row["service_port"], SERVICE_PORT, "{row}");
+    assert_eq!(ip("backend_ip"), IpAddr::V6(tb.pod("b1").ip6()), "{row}");
+    assert_eq!(row["backend_port"], testbed::two_node::PEER_PORT, "{row}");
+    // The table shows the IPv6 addresses as [addr]:port.
+    let table = tb.a.agent().cli(&["conntrack"]).unwrap();
+    assert!(
+        table.contains(&format!("[{cip}]:{SERVICE_PORT}")),
+        "{table}"
+    );
+    drop(stream);
+}
