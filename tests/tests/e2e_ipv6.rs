@@ -728,3 +728,50 @@ fn ipv6_connections_are_listed_by_bpfproxy_conntrack() {
     );
     drop(stream);
 }
+
+#[test]
+fn idle_ipv6_udp_conntrack_entries_expire() {
+    let cip = cluster_ip6(0x31);
+    let mut tb = two_nodes(1);
+    tb.write_services(
+        "services.yaml",
+        &[(
+            peer_service6("gc6", "ClusterIP", cip, None),
+            tb.peer_slice6("gc6", &["b1"]),
+        )],
+    )
+    .unwrap();
+    // A 2 s UDP timeout, collected every second.
+    let short = ["--ct-udp-timeout", "2", "--ct-gc-interval", "1"];
+    tb.start_agent(Which::A, &short).expect("agent on node A");
+    tb.start_agent(Which::B, &short).expect("agent on node B");
+    let a1 = tb.pod("a1");
+    tb.wait_for_answer(&a1.ns, "udp", cip, SERVICE_PORT, "b1")
+        .unwrap();
+
+    // The UDP flows a1 opened are tracked in conntrack6 on node A (only UDP was sent)...
+    let entries = || -> usize {
+        let dump = tb.a.agent().bpftool_dump("conntrack6").unwrap();
+        dump.matches("\"key\"").count()
+    };
+    assert!(
+        entries() >= 2,
+        "{}",
+        tb.a.agent().bpftool_dump("conntrack6").unwrap()
+    );
+    // ...and removed once idle past the timeout (bounded wait: timeout + a few passes).
+    testbed::wait_until(
+        "node A's idle IPv6 UDP conntrack entries to expire",
+        Duration::from_secs(15),
+        || Ok((entries() == 0).then_some(())),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\nconntrack6:\n{}",
+            tb.a.agent().bpftool_dump("conntrack6").unwrap()
+        )
+    });
+    // The service still answers afterwards, as a new flow.
+    let asked = ask_udp(&a1.ns, cip, SERVICE_PORT, WAIT).unwrap();
+    assert_eq!(reply(&asked, "udp after expiry", &tb).0, "b1");
+}
