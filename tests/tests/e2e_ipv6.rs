@@ -775,3 +775,102 @@ fn idle_ipv6_udp_conntrack_entries_expire() {
     let asked = ask_udp(&a1.ns, cip, SERVICE_PORT, WAIT).unwrap();
     assert_eq!(reply(&asked, "udp after expiry", &tb).0, "b1");
 }
+
+#[test]
+fn an_open_ipv6_connection_outlives_the_removal_of_its_backend() {
+    const ECHO_PORT: u16 = 9000;
+    let cip = cluster_ip6(0x81);
+    let mut tb = two_nodes(2);
+    let echo_b1 =
+        EchoServer::start_on(&tb.pod("b1").ns, Ipv6Addr::UNSPECIFIED.into(), ECHO_PORT).unwrap();
+    let echo_a2 =
+        EchoServer::start_on(&tb.pod("a2").ns, Ipv6Addr::UNSPECIFIED.into(), ECHO_PORT).unwrap();
+    let write = |tb: &TwoNode, pods: &[&str]| {
+        let mut slice = EndpointSlice::for_service(SERVICE_NAMESPACE, "churn6", "s6")
+            .address_type("IPv6")
+            .port("tcp", "TCP", ECHO_PORT);
+        for pod in pods {
+            slice = slice.ready_on(pod, tb.pod(pod).ip6(), &tb.node_of(pod).name);
+        }
+        tb.write_services(
+            "services.yaml",
+            &[(
+                Service::cluster_ip(SERVICE_NAMESPACE, "churn6", cip)
+                    .ip_family_policy("SingleStack")
+                    .port("tcp", "TCP", SERVICE_PORT, ECHO_PORT),
+                slice,
+            )],
+        )
+        .unwrap();
+    };
+    write(&tb, &["b1"]);
+    start_agents(&mut tb);
+    let a1 = tb.pod("a1");
+    let exchange = |stream: &mut TcpStream, what: &[u8]| -> std::io::Result<Vec<u8>> {
+        stream.write_all(what)?;
+        let mut back = vec![0u8; what.len()];
+        stream.read_exact(&mut back)?;
+        Ok(back)
+    };
+    let connect = || -> TcpStream {
+        let s = testbed::wait_until("a1 to reach churn6", Duration::from_secs(20), || {
+            match testbed::connect(&a1.ns, cip, SERVICE_PORT, WAIT)? {
+                testbed::ConnectOutcome::Connected(s, _) => Ok(Some(s)),
+                other => anyhow::bail!("{other:?}"),
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", tb.agent_logs()));
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.set_write_timeout(Some(WAIT)).unwrap();
+        s
+    };
+
+    // A connection to b1, the only backend (on node B: its replies are translated back
+    // on node A's uplink).
+    let mut old = connect();
+    assert_eq!(exchange(&mut old, b"to b1\n").unwrap(), b"to b1\n");
+    testbed::wait_until("b1 to count its echo", WAIT, || {
+        Ok((echo_b1.echoed() == 6).then_some(()))
+    })
+    .unwrap();
+
+    // b1 leaves the service (a rolling update: the pod still runs); a2 replaces it.
+    write(&tb, &["a2"]);
+    let want = [tb.pod("a2").ip6().to_string()];
+    tb.a.agent()
+        .wait_for_services("churn6 served by a2 only on node A", |all| {
+            all.iter().any(|s| {
+                s.name == "churn6"
+                    && s.backend_ips()
+                        .iter()
+                        .map(|ip| ip.trim_matches(|c| c == '[' || c == ']'))
+                        .eq(want.iter().map(String::as_str))
+            })
+        })
+        .unwrap();
+
+    // The open connection keeps talking to b1, as with kube-proxy (its conntrack entry
+    // stays, and so must the translation of b1's replies)...
+    assert_eq!(
+        exchange(&mut old, b"still b1\n").unwrap_or_else(|e| panic!(
+            "the open connection to the removed backend broke: {e}\n{}",
+            tb.a.agent().bpftool_dump("conntrack6").unwrap_or_default()
+        )),
+        b"still b1\n"
+    );
+    // ...while a new connection goes to a2.
+    let mut new = connect();
+    assert_eq!(exchange(&mut new, b"to a2\n").unwrap(), b"to a2\n");
+    let want_b1 = (b"to b1\n".len() + b"still b1\n".len()) as u64;
+    testbed::wait_until("the echo servers to count", WAIT, || {
+        Ok((echo_b1.echoed() == want_b1 && echo_a2.echoed() == 6).then_some(()))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: b1 echoed {}, a2 {}",
+            echo_b1.echoed(),
+            echo_a2.echoed()
+        )
+    });
+    drop((old, new));
+}
