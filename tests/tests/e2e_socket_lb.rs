@@ -580,9 +580,12 @@ fn node_processes_reach_an_ipv6_cluster_ip_over_tcp_and_udp() {
     with_socket_lb6(2, &backends, |tb, ask, _cgroup| {
         let frontend = SocketAddr::from((CIP6, SERVICE_PORT));
         let sock_lb = tb.a.stat("sock_lb")?;
-        let tcp_calls = 12;
+        // Random over two backends: ask until both answered, at most 40 times (all 40 to
+        // one backend by chance: 2^-39).
+        let mut tcp_calls = 0;
         let mut seen = BTreeSet::new();
-        for _ in 0..tcp_calls {
+        while seen.len() < 2 && tcp_calls < 40 {
+            tcp_calls += 1;
             let asked = ask("tcp", CIP6.into())?;
             let (name, peer) = reply(&asked)?;
             ensure!(backends.contains(&name.as_str()), "{asked:?}");
